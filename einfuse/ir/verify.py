@@ -1,0 +1,164 @@
+"""The verifier: a cascade that passes it can be interpreted and emitted without surprises.
+
+Passes are checked valid-in, valid-out in tests and debug mode. Every error names the
+Einsum (and, for parsed text, its line and column).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import sympy
+
+from einfuse.ir.cascade import Cascade, Einsum
+from einfuse.ir.errors import VerifyError
+from einfuse.ir.expr import (
+    OPS,
+    REDUCE_IDENTITY,
+    Access,
+    Const,
+    Op,
+    Var,
+    accesses,
+    arity,
+    is_index_expr,
+    rank_vars,
+    shifted_rank,
+    size_refs,
+)
+
+
+def verify(c: Cascade) -> Cascade:
+    """Raise VerifyError on the first problem; return the cascade so calls chain."""
+    defined: dict[str, int] = {t.name: len(t.ranks) for t in c.inputs}
+    if len(defined) != len(c.inputs):
+        dup = next(t for t in c.inputs if sum(u.name == t.name for u in c.inputs) > 1)
+        raise VerifyError(f"input {dup.name} declared twice", dup.loc, where=dup.name)
+    known_ranks = set(c.all_ranks())
+    for r, s in c.sizes:
+        if isinstance(s, int) and s <= 0:
+            raise VerifyError(f"rank {r} has size {s}; sizes must be positive", where="ranks")
+    for e in c.einsums:
+        _check_einsum(c, e, defined, known_ranks)
+        defined[e.output] = len(e.indices)
+    for p in c.partitions:
+        if sympy.simplify(sympy.sympify(c.size(p.inner)) - sympy.sympify(p.tile)) != 0:
+            raise VerifyError(
+                f"partition {p.rank} -> {p.outer}, {p.inner}: {p.inner} has size "
+                f"{c.size(p.inner)}, not the tile {p.tile}",
+                where="partition",
+            )
+    for o in c.outputs:
+        if o not in defined:
+            raise VerifyError(f"output {o} is never written", where="outputs")
+    g = c.graph()
+    if not nx.is_directed_acyclic_graph(g):
+        cycle = nx.find_cycle(g)
+        raise VerifyError(
+            "cycle through " + " -> ".join(a for a, _ in cycle) + f" -> {cycle[0][0]}",
+            where="cascade",
+        )
+    return c
+
+
+def _fail(e: Einsum, msg: str) -> VerifyError:
+    return VerifyError(msg, e.loc, where=f"einsum {e.output}")
+
+
+def _check_einsum(c: Cascade, e: Einsum, defined: dict[str, int], known: set[str]) -> None:
+    if e.output in defined:
+        what = "an input" if c.input_decl(e.output) else "already written"
+        raise _fail(e, f"tensor {e.output} written twice ({what}); each tensor has one writer")
+    if e.reduce not in REDUCE_IDENTITY:
+        raise _fail(e, f"unknown reduction {e.reduce!r}; known: {', '.join(REDUCE_IDENTITY)}")
+    for node in e.expr.walk():
+        if isinstance(node, Op):
+            if node.op not in OPS:
+                raise _fail(e, f"unknown operator {node.op!r}")
+            if len(node.args) != arity(node.op):
+                raise _fail(
+                    e, f"{node.op} takes {arity(node.op)} argument(s), got {len(node.args)}"
+                )
+    for s in size_refs(e.expr) | {r for i in e.indices for r in size_refs(i)}:
+        if s not in known:
+            raise _fail(e, f"size {s.upper()} refers to no rank {s}")
+    _check_lhs(e)
+    if e.reduce != "sum" and not e.reduced_ranks:
+        raise _fail(
+            e, f"{e.reduce} reduction over no rank: every rank on the right is also on the left"
+        )
+    for a in accesses(e.expr):
+        if a.tensor == e.output:
+            continue
+        if a.tensor not in defined:
+            later = c.writer(a.tensor) is not None
+            why = "it is written later (a cycle)" if later else "it is neither an input nor written"
+            raise _fail(e, f"reads undefined tensor {a.tensor}: {why}")
+        _check_access(c, e, a, defined[a.tensor])
+    if e.is_recurrence:
+        _check_recurrence(c, e)
+    elif e.init is not None:
+        raise _fail(e, "has an initial value but is not a recurrence")
+
+
+def _check_lhs(e: Einsum) -> None:
+    seen: set[str] = set()
+    for i in e.indices:
+        sr = shifted_rank(i)
+        if sr is None or sr[1] not in (0, 1) or (sr[1] == 1 and not e.is_recurrence):
+            raise _fail(
+                e,
+                f"left index {i} must be a plain rank (or r+1 along a recurrence's iterative rank)",
+            )
+        if sr[0] in seen:
+            raise _fail(e, f"rank {sr[0]} appears twice on the left")
+        seen.add(sr[0])
+
+
+def _check_access(c: Cascade, e: Einsum, a: Access, ndim: int) -> None:
+    if len(a.indices) != ndim:
+        raise _fail(e, f"{a} has {len(a.indices)} indices but {a.tensor} has {ndim} ranks")
+    ranks = c.tensor_ranks(a.tensor)
+    for d, i in enumerate(a.indices):
+        if not is_index_expr(i):
+            raise _fail(e, f"index {i} of {a.tensor} is not affine in ranks, sizes and integers")
+        if isinstance(i, Var) and ranks[d] and i.rank != ranks[d]:
+            mine, theirs = c.size(i.rank), c.size(ranks[d])
+            if sympy.simplify(sympy.sympify(mine) - sympy.sympify(theirs)) != 0:
+                raise _fail(
+                    e,
+                    f"rank {i.rank} (size {mine}) indexes rank {ranks[d]} of {a.tensor} "
+                    f"(size {theirs}): a rank used with two sizes",
+                )
+
+
+def _check_recurrence(c: Cascade, e: Einsum) -> None:
+    r, dim = e.iterative_rank, e.iterative_dim
+    if r is None or dim is None:
+        raise _fail(
+            e,
+            f"reads its own output but no left index is r+1; write "
+            f"{e.output}[r+1, ...] = f({e.output}[r, ...], ...)",
+        )
+    if e.init is None:
+        idx = list(e.indices)
+        idx[dim] = Const(0)
+        raise _fail(e, f"recurrence has no initial value: add {Access(e.output, tuple(idx))} = ...")
+    if r in rank_vars(e.init) or any(a.tensor == e.output for a in accesses(e.init)):
+        raise _fail(e, f"initial value may not depend on the iterative rank {r} or on itself")
+    if e.reduced_ranks:
+        raise _fail(
+            e,
+            f"a recurrence may not also reduce (over {', '.join(e.reduced_ranks)}); "
+            "reduce in a separate Einsum first",
+        )
+    for a in accesses(e.expr):
+        if a.tensor != e.output:
+            continue
+        expect = list(e.indices)
+        expect[dim] = Var(r)
+        if a.indices != tuple(expect):
+            raise _fail(
+                e,
+                f"a recurrence reads itself one step back, as {Access(e.output, tuple(expect))}; "
+                f"found {a}",
+            )
