@@ -1,0 +1,141 @@
+"""Passes registered by name and run from a pipeline string: ``"partition{rank=m,tile=512},fuse"``.
+
+A pass is a pure function ``Cascade -> Cascade`` taking its options as keyword
+arguments. The manager parses the pipeline, checks names and options against each
+pass's signature before running anything, verifies between passes when asked, and
+keeps every intermediate cascade stamped with the pass that made it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from einfuse.ir.cascade import Cascade
+from einfuse.ir.errors import EinfuseError
+from einfuse.ir.verify import verify
+
+PassFn = Callable[..., Cascade]
+
+_REGISTRY: dict[str, PassFn] = {}
+_PASS_RE = re.compile(r"\s*([a-z][a-z0-9_-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
+
+
+class PipelineError(EinfuseError):
+    pass
+
+
+def register_pass(name: str) -> Callable[[PassFn], PassFn]:
+    """Register ``fn`` under a kebab-case name; its keyword arguments are its options."""
+
+    def deco(fn: PassFn) -> PassFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"pass {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_passes() -> dict[str, PassFn]:
+    _load_builtin_passes()
+    return dict(_REGISTRY)
+
+
+def _load_builtin_passes() -> None:
+    # Importing the modules registers their passes; kept lazy so the CLI starts fast.
+    import einfuse.passes.builtin  # noqa: F401
+
+
+@dataclass(frozen=True, slots=True)
+class PassSpec:
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return f"{self.name}{{{','.join(f'{k}={v}' for k, v in self.options)}}}"
+
+
+def _parse_value(text: str) -> object:
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def parse_pipeline(text: str) -> list[PassSpec]:
+    """Parse and check a pipeline string against the registry, before any pass runs."""
+    passes = registered_passes()
+    out: list[PassSpec] = []
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        m = _PASS_RE.match(text, pos)
+        if m is None or m.end() == pos:
+            raise PipelineError(f"bad pipeline at column {pos + 1}: {text[pos:]!r}")
+        name, opts = m.group(1), m.group(2)
+        if name not in passes:
+            raise PipelineError(f"unknown pass {name!r}; registered: {', '.join(sorted(passes))}")
+        options: list[tuple[str, object]] = []
+        for item in filter(None, (s.strip() for s in (opts or "").split(","))):
+            if "=" not in item:
+                raise PipelineError(f"option {item!r} of pass {name} must be key=value")
+            k, v = item.split("=", 1)
+            options.append((k.strip(), _parse_value(v)))
+        _check_options(name, passes[name], dict(options))
+        out.append(PassSpec(name, tuple(options)))
+        pos = m.end()
+    return out
+
+
+def _check_options(name: str, fn: PassFn, options: dict[str, object]) -> None:
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    known = {p.name for p in params}
+    for k in options:
+        if k not in known:
+            opts = ", ".join(sorted(known)) or "none"
+            raise PipelineError(f"pass {name} has no option {k!r}; its options: {opts}")
+    for p in params:
+        if p.default is inspect.Parameter.empty and p.name not in options:
+            raise PipelineError(f"pass {name} needs option {p.name}")
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """The final cascade and every intermediate one, each stamped with its pass."""
+
+    cascade: Cascade
+    history: tuple[tuple[str, Cascade], ...] = field(default=())
+
+    def print_after_all(self) -> str:
+        return "\n".join(f"// ----- after {name}\n{c}" for name, c in self.history)
+
+
+def run_passes(
+    cascade: Cascade, pipeline: str | list[PassSpec], *, check: bool = True
+) -> PassResult:
+    """Run a pipeline; with ``check`` the verifier runs before and after every pass."""
+    specs = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    passes = registered_passes()
+    if check:
+        verify(cascade)
+    history = [("input", cascade)]
+    for spec in specs:
+        try:
+            cascade = passes[spec.name](cascade, **dict(spec.options))
+        except EinfuseError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"pass {spec}: {exc}") from exc
+        if check:
+            verify(cascade)
+        history.append((str(spec), cascade))
+    return PassResult(cascade, tuple(history))
