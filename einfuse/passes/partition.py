@@ -120,8 +120,7 @@ def _mask_padding(expr: Expr, valid: Expr, reduce: str, split: set[str]) -> Expr
 
     A sum of products masks the factors that read split tensors rather than the whole
     product, so a contraction stays a contraction for the backends. A product with a
-    factor that reads an input along the split rank needs no mask there: reads past the
-    end give 0.
+    bare read of an input along the split rank needs no mask: reads past the end give 0.
     """
     whole = Op("where", (valid, expr, Const(REDUCE_IDENTITY[reduce])))
     if reduce != "sum":
@@ -135,7 +134,8 @@ def _mask_padding(expr: Expr, valid: Expr, reduce: str, split: set[str]) -> Expr
             masked.append(Op("where", (valid, f, Const(0.0))))
             zeroed = True
         else:
-            zeroed |= any(tile_ranks & set(rank_vars(a)) for a in reads)
+            # Only a bare read is 0 past the end; exp(X[...]) there is 1.
+            zeroed |= isinstance(f, Access) and bool(tile_ranks & set(rank_vars(f)))
             masked.append(f)
     if not zeroed:
         return whole
