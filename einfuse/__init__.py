@@ -1,15 +1,28 @@
 """einfuse: an Einsum-cascade compiler and autotuner for JAX/XLA and Pallas.
 
-The public API is this short list of re-exports; heavy modules (jax, optuna) load
-only when the names that need them are first used.
+The public API is this short list of re-exports. They load on first use, so the CLI
+starts without importing jax, optuna or sympy.
 """
 
-from einfuse.backends.reference import interpret
-from einfuse.ir import Cascade, EinfuseError, ParseError, VerifyError, parse, verify
-from einfuse.passes.manager import run_passes
-from einfuse.passes.pass_count import pass_counts
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS = {
+    "Cascade": "einfuse.ir",
+    "EinfuseError": "einfuse.errors",
+    "ParseError": "einfuse.ir",
+    "VerifyError": "einfuse.ir",
+    "parse": "einfuse.ir",
+    "verify": "einfuse.ir",
+    "interpret": "einfuse.backends.reference",
+    "pass_counts": "einfuse.passes.pass_count",
+    "run_passes": "einfuse.passes.manager",
+}
 
 __all__ = [
     "Cascade",
@@ -23,3 +36,19 @@ __all__ = [
     "run_passes",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'einfuse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from einfuse.backends.reference import interpret
+    from einfuse.ir import Cascade, EinfuseError, ParseError, VerifyError, parse, verify
+    from einfuse.passes.manager import run_passes
+    from einfuse.passes.pass_count import pass_counts

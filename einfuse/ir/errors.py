@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from einfuse.ir.cascade import SourceLoc
+from typing import TYPE_CHECKING
 
+from einfuse.errors import EinfuseError
 
-class EinfuseError(Exception):
-    """Base of errors caused by the user's input (the CLI prints these without a traceback)."""
+if TYPE_CHECKING:
+    from einfuse.ir.cascade import SourceLoc
+
+__all__ = ["EinfuseError", "ParseError", "SpecError", "VerifyError"]
 
 
 class SpecError(EinfuseError):

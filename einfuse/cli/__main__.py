@@ -1,0 +1,5 @@
+"""`python -m einfuse.cli`."""
+
+from einfuse.cli import main
+
+raise SystemExit(main())
