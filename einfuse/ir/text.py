@@ -49,6 +49,7 @@ _TOKEN = re.compile(
 )
 _INFIX_OPS = {v: k for k, v in INFIX.items()}
 _COMPARE = {"<", "<=", ">", ">=", "==", "!="}
+_SIZE_FUNCTIONS = {"ceiling", "floor", "Max", "Min"}
 
 
 # --------------------------------------------------------------------------- printing
@@ -357,8 +358,12 @@ def _split_top(text: str) -> list[tuple[str, int]]:
 
 def parse_size(text: str, loc: SourceLoc | None = None) -> SizeValue:
     """Parse a size: an int or a sympy expression whose symbols are positive integers."""
+    # Every bare name is a size symbol: sympy would otherwise read E as Euler's number,
+    # I as the imaginary unit, and N, S, Q or O as functions.
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)) - _SIZE_FUNCTIONS
+    local = {n: sympy.Symbol(n, integer=True, positive=True) for n in names}
     try:
-        value = parse_expr(text.strip(), evaluate=True)
+        value = parse_expr(text.strip(), local_dict=local, evaluate=True)
     except Exception as exc:  # sympy raises many kinds of errors for bad text
         raise ParseError(
             f"bad size expression {text.strip()!r} ({exc})", loc, where="syntax"
