@@ -82,8 +82,9 @@ class Einsum:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        """Tensors read, in order of first appearance, excluding the output itself."""
-        seen = dict.fromkeys(a.tensor for a in accesses(self.expr) if a.tensor != self.output)
+        """Tensors read (the initial value's reads too), excluding the output itself."""
+        reads = accesses(self.expr) + (accesses(self.init) if self.init is not None else [])
+        seen = dict.fromkeys(a.tensor for a in reads if a.tensor != self.output)
         return tuple(seen)
 
     @property

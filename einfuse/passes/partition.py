@@ -89,6 +89,11 @@ def _split_einsum(
 
     def rewrite(node: Expr) -> Expr | None:
         if isinstance(node, Access):
+            if node.tensor in split and sum(rank in rank_vars(i) for i in node.indices) > 1:
+                raise PartitionError(
+                    f"partition {rank}: {e.output} reads {node} with {rank} in several indices "
+                    "(a diagonal); such reads cannot be split"
+                )
             idx: list[Expr] = []
             for i in node.indices:
                 if node.tensor in split and rank in rank_vars(i):
@@ -126,7 +131,7 @@ def _mask_padding(expr: Expr, valid: Expr, reduce: str, split: set[str]) -> Expr
     if reduce != "sum":
         return whole
     factors = _factors(expr)
-    tile_ranks = set(rank_vars(valid))
+    flat = valid.args[0]
     masked, zeroed = [], False
     for f in factors:
         reads = accesses(f)
@@ -134,8 +139,9 @@ def _mask_padding(expr: Expr, valid: Expr, reduce: str, split: set[str]) -> Expr
             masked.append(Op("where", (valid, f, Const(0.0))))
             zeroed = True
         else:
-            # Only a bare read is 0 past the end; exp(X[...]) there is 1.
-            zeroed |= isinstance(f, Access) and bool(tile_ranks & set(rank_vars(f)))
+            # Only a bare read at exactly the tile position is 0 past the end: exp(X[...])
+            # there is 1, and X[j-1] reads the last real element.
+            zeroed |= isinstance(f, Access) and flat in f.indices
             masked.append(f)
     if not zeroed:
         return whole
