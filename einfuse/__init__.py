@@ -20,6 +20,9 @@ _EXPORTS = {
     "parse": "einfuse.ir",
     "verify": "einfuse.ir",
     "interpret": "einfuse.backends.reference",
+    "load": "einfuse.ir.yaml_spec",
+    "load_with_schedule": "einfuse.ir.yaml_spec",
+    "Schedule": "einfuse.ir.schedule",
     "pass_counts": "einfuse.passes.pass_count",
     "run_passes": "einfuse.passes.manager",
 }
@@ -28,9 +31,12 @@ __all__ = [
     "Cascade",
     "EinfuseError",
     "ParseError",
+    "Schedule",
     "VerifyError",
     "__version__",
     "interpret",
+    "load",
+    "load_with_schedule",
     "parse",
     "pass_counts",
     "run_passes",
@@ -49,6 +55,9 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from einfuse.backends.reference import interpret
-    from einfuse.ir import Cascade, EinfuseError, ParseError, VerifyError, parse, verify
+    from einfuse.errors import EinfuseError
+    from einfuse.ir import Cascade, ParseError, VerifyError, parse, verify
+    from einfuse.ir.schedule import Schedule
+    from einfuse.ir.yaml_spec import load, load_with_schedule
     from einfuse.passes.manager import run_passes
     from einfuse.passes.pass_count import pass_counts

@@ -108,8 +108,17 @@ def format_einsum(e: Einsum) -> str:
         lines.append(f"{format_expr(Access(e.output, tuple(idx)))} = {format_expr(e.init)}")
     lhs = format_expr(Access(e.output, e.indices))
     red = f"{e.reduce}({', '.join(e.reduced_ranks)}) " if e.reduce != "sum" else ""
-    lines.append(f"{lhs} = {red}{format_expr(e.expr)}")
+    rhs = format_expr(e.expr)
+    if not red and _reads_as_reduction(rhs):
+        rhs = f"({rhs})"  # ``max(i, j) - X[i]`` would read as ``max(i, j)`` of ``-X[i]``
+    lines.append(f"{lhs} = {red}{rhs}")
     return "\n".join(lines)
+
+
+def _reads_as_reduction(rhs: str) -> bool:
+    """Whether the parser would take the start of ``rhs`` for a reduction like ``max(m)``."""
+    loc = SourceLoc(0, 1, rhs)
+    return _LineParser(_tokenize(rhs, loc), loc).reduce_spec() is not None
 
 
 def _fmt_decl(t: TensorDecl) -> str:
@@ -409,7 +418,8 @@ def parse(text: str, file: str = "") -> Cascade:
                         _at(loc, col),
                         where="syntax",
                     )
-                sizes.append((name.strip(), parse_size(size, _at(loc, col))))
+                size_col = rest_col + off + len(name) + 2 + len(size) - len(size.lstrip())
+                sizes.append((name.strip(), parse_size(size, _at(loc, size_col))))
             continue
         p = _LineParser(_tokenize(line, loc), loc)
         if head == "inputs":

@@ -6,6 +6,8 @@ Einsum (and, for parsed text, its line and column).
 
 from __future__ import annotations
 
+import re
+
 import networkx as nx
 import sympy
 
@@ -16,6 +18,7 @@ from einfuse.ir.expr import (
     REDUCE_IDENTITY,
     Access,
     Const,
+    Expr,
     Op,
     Var,
     accesses,
@@ -25,6 +28,11 @@ from einfuse.ir.expr import (
     shifted_rank,
     size_refs,
 )
+from einfuse.ir.text import RANK_RE, format_expr
+
+# Names the text form cannot give back: ``inf`` is a number, the others start statements.
+_TENSOR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_RESERVED = frozenset({"inf", "ranks", "inputs", "outputs", "partition"})
 
 
 def verify(c: Cascade) -> Cascade:
@@ -34,6 +42,7 @@ def verify(c: Cascade) -> Cascade:
         dup = next(t for t in c.inputs if sum(u.name == t.name for u in c.inputs) > 1)
         raise VerifyError(f"input {dup.name} declared twice", dup.loc, where=dup.name)
     known_ranks = set(c.all_ranks())
+    _check_names(c, known_ranks)
     for r, s in c.sizes:
         if isinstance(s, int) and s <= 0:
             raise VerifyError(f"rank {r} has size {s}; sizes must be positive", where="ranks")
@@ -70,7 +79,28 @@ def _check_einsum(c: Cascade, e: Einsum, defined: dict[str, int], known: set[str
         raise _fail(e, f"tensor {e.output} written twice ({what}); each tensor has one writer")
     if e.reduce not in REDUCE_IDENTITY:
         raise _fail(e, f"unknown reduction {e.reduce!r}; known: {', '.join(REDUCE_IDENTITY)}")
-    for node in e.expr.walk():
+    for s in {r for i in e.indices for r in size_refs(i)}:
+        if s not in known:
+            raise _fail(e, f"size {s.upper()} refers to no rank {s}")
+    _check_expr(c, e, e.expr, defined, known)
+    _check_lhs(e)
+    if e.reduce != "sum" and not e.reduced_ranks:
+        raise _fail(
+            e, f"{e.reduce} reduction over no rank: every rank on the right is also on the left"
+        )
+    if e.is_recurrence:
+        _check_recurrence(c, e)
+        assert e.init is not None
+        _check_expr(c, e, e.init, defined, known, role="initial value ")
+    elif e.init is not None:
+        raise _fail(e, "has an initial value but is not a recurrence")
+
+
+def _check_expr(
+    c: Cascade, e: Einsum, expr: Expr, defined: dict[str, int], known: set[str], role: str = ""
+) -> None:
+    """Operators, constants, sizes and reads of a map expression (or of an initial value)."""
+    for node in expr.walk():
         if isinstance(node, Op):
             if node.op not in OPS:
                 raise _fail(e, f"unknown operator {node.op!r}")
@@ -78,26 +108,41 @@ def _check_einsum(c: Cascade, e: Einsum, defined: dict[str, int], known: set[str
                 raise _fail(
                     e, f"{node.op} takes {arity(node.op)} argument(s), got {len(node.args)}"
                 )
-    for s in size_refs(e.expr) | {r for i in e.indices for r in size_refs(i)}:
+        elif isinstance(node, Const) and (
+            isinstance(node.value, bool) or node.value != node.value  # NaN
+        ):
+            raise _fail(e, f"constant {node.value!r} is not a number (use an int, float or inf)")
+    for s in size_refs(expr):
         if s not in known:
             raise _fail(e, f"size {s.upper()} refers to no rank {s}")
-    _check_lhs(e)
-    if e.reduce != "sum" and not e.reduced_ranks:
-        raise _fail(
-            e, f"{e.reduce} reduction over no rank: every rank on the right is also on the left"
-        )
-    for a in accesses(e.expr):
-        if a.tensor == e.output:
-            continue
+    for a in accesses(expr):
+        if a.tensor == e.output and not role:
+            continue  # a recurrence's read of its previous step, checked on its own
         if a.tensor not in defined:
             later = c.writer(a.tensor) is not None
             why = "it is written later (a cycle)" if later else "it is neither an input nor written"
-            raise _fail(e, f"reads undefined tensor {a.tensor}: {why}")
+            raise _fail(e, f"{role}reads undefined tensor {a.tensor}: {why}")
         _check_access(c, e, a, defined[a.tensor])
-    if e.is_recurrence:
-        _check_recurrence(c, e)
-    elif e.init is not None:
-        raise _fail(e, "has an initial value but is not a recurrence")
+
+
+def _check_names(c: Cascade, ranks: set[str]) -> None:
+    """Every name must print and parse back as itself."""
+    for r in sorted(ranks):
+        if not RANK_RE.match(r) or r == "inf":
+            raise VerifyError(
+                f"rank name {r!r} cannot be written in the text form "
+                "(lower case [a-z_][a-z0-9_]*, not 'inf')",
+                where="ranks",
+            )
+    names = [t.name for t in c.inputs] + [e.output for e in c.einsums]
+    names += [a.tensor for e in c.einsums for a in accesses(e.expr)]
+    for n in names:
+        if not _TENSOR_RE.match(n) or n in _RESERVED:
+            raise VerifyError(
+                f"tensor name {n!r} cannot be written in the text form "
+                f"(an identifier other than {', '.join(sorted(_RESERVED))})",
+                where=n,
+            )
 
 
 def _check_lhs(e: Einsum) -> None:
@@ -107,7 +152,8 @@ def _check_lhs(e: Einsum) -> None:
         if sr is None or sr[1] not in (0, 1) or (sr[1] == 1 and not e.is_recurrence):
             raise _fail(
                 e,
-                f"left index {i} must be a plain rank (or r+1 along a recurrence's iterative rank)",
+                f"left index {format_expr(i, compact=True)} must be a plain rank "
+                "(or r+1 along a recurrence's iterative rank)",
             )
         if sr[0] in seen:
             raise _fail(e, f"rank {sr[0]} appears twice on the left")
@@ -120,7 +166,11 @@ def _check_access(c: Cascade, e: Einsum, a: Access, ndim: int) -> None:
     ranks = c.tensor_ranks(a.tensor)
     for d, i in enumerate(a.indices):
         if not is_index_expr(i):
-            raise _fail(e, f"index {i} of {a.tensor} is not affine in ranks, sizes and integers")
+            raise _fail(
+                e,
+                f"index {format_expr(i, compact=True)} of {a.tensor} is not affine "
+                "in ranks, sizes and integers",
+            )
         if isinstance(i, Var) and ranks[d] and i.rank != ranks[d]:
             mine, theirs = c.size(i.rank), c.size(ranks[d])
             if sympy.simplify(sympy.sympify(mine) - sympy.sympify(theirs)) != 0:
@@ -145,6 +195,13 @@ def _check_recurrence(c: Cascade, e: Einsum) -> None:
         raise _fail(e, f"recurrence has no initial value: add {Access(e.output, tuple(idx))} = ...")
     if r in rank_vars(e.init) or any(a.tensor == e.output for a in accesses(e.init)):
         raise _fail(e, f"initial value may not depend on the iterative rank {r} or on itself")
+    stray = [v for v in rank_vars(e.init) if v not in e.output_ranks]
+    if stray:
+        raise _fail(
+            e,
+            f"initial value uses rank(s) {', '.join(stray)} that are not on the left; "
+            "it is one value per step-0 element and cannot reduce",
+        )
     if e.reduced_ranks:
         raise _fail(
             e,
