@@ -1,0 +1,401 @@
+"""A fused group as one blockwise loop: FuseMax's 1-pass cascade without any P x M tensor.
+
+``fuse`` leaves a group of Einsums over a partitioned rank ``m1`` (see
+``einfuse.passes.fuse.FusedGroup``). Emitted Einsum by Einsum, the group would build
+tensors over all of ``m1``; here it becomes a ``lax.fori_loop`` over ``m1`` whose body is
+the group with ``m1`` fixed, lowered by the ordinary JAX emitter:
+
+* reads ``K[e, m1*M0+m0]`` become reads of one key tile, sliced per step;
+* a recurrence ``RM[m1+1, p] = f(RM[m1, p], ...)`` becomes loop-carried state;
+* the rank value ``m1`` (in masks) becomes the step index.
+
+The query rank is tiled too (a ``lax.map`` over its blocks), so a step holds one
+``P0 x M0`` score tile. With a causal mask ``m1*M0+m0 <= p`` the steps that would only
+see masked keys are skipped (a ``lax.cond``, so the loop stays differentiable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
+from einfuse.backends.jax_values import BackendUnsupported
+from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
+from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, rank_vars, shifted_rank, substitute
+from einfuse.passes.dce import reads
+from einfuse.passes.fuse import FusedGroup, fused_groups
+
+STEP, QBLOCK = "STEP__", "QBLOCK__"
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The three programs of a blockwise group: before, one loop step, after."""
+
+    group: FusedGroup
+    query: str | None  # the tiled query rank
+    pre: Cascade  # everything before the loop, plus each carried state's initial value
+    body: Cascade  # one step: carried state in (``X__prev``), new state out
+    post: Cascade  # everything after the loop, reading the final states
+    tiles: dict[str, tuple[int, int]]  # external tensor -> (dim, ...) sliced per step
+    causal: bool
+
+
+def _flat(outer: str, inner: str) -> Expr:
+    return Op("add", (Op("mul", (Var(outer), Size(inner))), Var(inner)))
+
+
+def plan_group(c: Cascade, g: FusedGroup, query: str | None) -> BlockPlan:
+    """Split the cascade around the group; raise BackendUnsupported for shapes it cannot loop."""
+    r1, r0 = g.rank, g.inner
+    if r0 is None:
+        raise BackendUnsupported(f"group over {r1} has no inner rank")
+    members = [c.writer(n) for n in g.einsums]
+    names = set(g.einsums)
+    carried = set(g.carried)
+    flat = _flat(r1, r0)
+    tiles: dict[str, tuple[int, int]] = {}
+    body_inputs: dict[str, TensorDecl] = {}
+
+    def need(name: str, ranks: tuple[str, ...]) -> None:
+        body_inputs.setdefault(name, TensorDecl(name, ranks))
+
+    def step_read(node: Expr) -> Expr | None:
+        if isinstance(node, Var) and node.rank == r1:
+            need(STEP, ())
+            return Access(STEP, ())
+        if not isinstance(node, Access):
+            return None
+        t = node.tensor
+        if t in carried:
+            e = c.writer(t)
+            d = e.iterative_dim
+            back = shifted_rank(node.indices[d])
+            if back not in ((r1, 0), (r1, 1)):
+                raise BackendUnsupported(f"{t} is read at {node.indices[d]} inside its loop")
+            rest = tuple(i for k, i in enumerate(node.indices) if k != d)
+            if back == (r1, 0):
+                need(f"{t}__prev", _ranks_without(c, t, d))
+                return Access(f"{t}__prev", rest)
+            return Access(t, rest)
+        if t in names:
+            dims = [k for k, i in enumerate(node.indices) if r1 in rank_vars(i)]
+            if [node.indices[k] for k in dims] != [Var(r1)]:
+                raise BackendUnsupported(f"{node} is not read at the current step of {r1}")
+            return Access(t, tuple(i for k, i in enumerate(node.indices) if k != dims[0]))
+        dims = [k for k, i in enumerate(node.indices) if r1 in rank_vars(i)]
+        if not dims:
+            need(t, c.tensor_ranks(t))
+            return None
+        if len(dims) != 1 or node.indices[dims[0]] != flat:
+            raise BackendUnsupported(f"{node}: only reads at {r1}*{r0.upper()}+{r0} can be tiled")
+        d = dims[0]
+        tiles[t] = (d, 0)
+        ranks = list(c.tensor_ranks(t))
+        ranks[d] = r0
+        need(f"{t}__blk", tuple(ranks))
+        idx = list(node.indices)
+        idx[d] = Var(r0)
+        return Access(f"{t}__blk", tuple(idx))
+
+    body: list[Einsum] = []
+    init: list[Einsum] = []
+    for e in members:
+        if r1 in e.reduced_ranks:
+            raise BackendUnsupported(f"{e.output} reduces over the loop rank {r1}")
+        drop = e.iterative_dim if e.output in carried else _dim_of(e, r1)
+        indices = tuple(i for k, i in enumerate(e.indices) if k != drop)
+        body.append(Einsum(e.output, indices, substitute(e.expr, step_read), e.reduce))
+        if e.output in carried:
+            init.append(Einsum(f"{e.output}__init", indices, e.init))
+    before, after, later = [], [], set(names)
+    for e in c.einsums:
+        if e.output in names:
+            continue
+        if set(reads(e)) & later:
+            after.append(e)
+            later.add(e.output)
+        else:
+            before.append(e)
+    pre_outputs = tuple(e.output for e in before) + tuple(i.output for i in init)
+    pre = Cascade(c.inputs, (*before, *init), pre_outputs or (), c.sizes, c.partitions)
+    body_c = Cascade(
+        tuple(body_inputs.values()), tuple(body), tuple(g.carried), c.sizes, c.partitions
+    )
+    post = _post(c, g, after, before)
+    return BlockPlan(g, query, pre, body_c, post, tiles, _is_causal(c, g, query))
+
+
+def _ranks_without(c: Cascade, t: str, d: int) -> tuple[str, ...]:
+    return tuple(r for k, r in enumerate(c.tensor_ranks(t)) if k != d)
+
+
+def _dim_of(e: Einsum, rank: str) -> int | None:
+    return next((k for k, i in enumerate(e.indices) if i == Var(rank)), None)
+
+
+def _post(c: Cascade, g: FusedGroup, after: list[Einsum], before: list[Einsum]) -> Cascade:
+    """The Einsums after the loop, reading each carried state's final value ``X[M1, ...]``."""
+
+    def final(node: Expr) -> Expr | None:
+        if isinstance(node, Access) and node.tensor in g.carried:
+            d = c.writer(node.tensor).iterative_dim
+            if node.indices[d] != Size(g.rank):
+                raise BackendUnsupported(f"{node} reads a carried state before its last step")
+            return Access(node.tensor, tuple(i for k, i in enumerate(node.indices) if k != d))
+        return None
+
+    decls = {t.name: t for t in c.inputs}
+    for e in before:
+        decls[e.output] = TensorDecl(e.output, c.tensor_ranks(e.output))
+    for t in g.carried:
+        decls[t] = TensorDecl(t, _ranks_without(c, t, c.writer(t).iterative_dim))
+    for t in g.results:
+        if t not in g.carried:
+            raise BackendUnsupported(f"{t} is read after the loop but is not carried")
+    einsums = [Einsum(e.output, e.indices, substitute(e.expr, final), e.reduce) for e in after]
+    used = {t for e in einsums for t in reads(e)} | set(c.outputs)
+    inputs = tuple(d for n, d in decls.items() if n in used)
+    return Cascade(inputs, tuple(einsums), c.outputs, c.sizes)
+
+
+def _is_causal(c: Cascade, g: FusedGroup, query: str | None) -> bool:
+    """A member masks scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader."""
+    if query is None:
+        return False
+    flat = _flat(g.rank, g.inner)
+    for name in g.einsums:
+        e = c.writer(name)
+        x = e.expr
+        if not (isinstance(x, Op) and x.op == "where" and x.args[2] == Const(-float("inf"))):
+            continue
+        cond, raw = x.args[0], x.args[1]
+        if cond != Op("le", (flat, Var(query))) or not isinstance(raw, Access):
+            continue
+        readers = [m for m in g.einsums if raw.tensor in reads(c.writer(m))]
+        if readers == [name]:
+            return True
+    return False
+
+
+def choose_query_rank(c: Cascade, g: FusedGroup, sizes: Mapping[str, int]) -> str | None:
+    """The rank to tile besides the loop: on every member's left side, never reduced.
+
+    A rank a causal mask compares against wins; otherwise the largest one.
+    """
+    members = [c.writer(n) for n in g.einsums]
+    common = set.intersection(*(set(e.output_ranks) for e in members)) - {g.rank, g.inner}
+    if not common:
+        return None
+    flat = _flat(g.rank, g.inner)
+    for e in members:
+        for node in e.expr.walk():
+            if isinstance(node, Op) and node.op == "le" and node.args[0] == flat:
+                r = node.args[1]
+                if isinstance(r, Var) and r.rank in common:
+                    return r.rank
+    return max(sorted(common), key=lambda r: sizes[r])
+
+
+def _globalize(expr: Expr, query: str, q_tile: int, total: int) -> Expr:
+    """In a query block, the rank value ``p`` is ``QBLOCK*P0 + p`` and the size ``P`` is P."""
+    if isinstance(expr, Access):
+        return expr  # indices address the block, not the whole rank
+    if expr == Var(query):
+        return Op("add", (Op("mul", (Access(QBLOCK, ()), Const(q_tile))), Var(query)))
+    if expr == Size(query):
+        return Const(total)
+    if isinstance(expr, Op):
+        return Op(expr.op, tuple(_globalize(a, query, q_tile, total) for a in expr.args))
+    return expr
+
+
+class BlockwiseCascade:
+    """Runs a fused cascade as pre-loop, blockwise loop, post-loop programs."""
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        group: FusedGroup,
+        sizes: Mapping[str, int],
+        *,
+        query_tile: int = 256,
+        **options: Any,
+    ) -> None:
+        self.sizes = dict(sizes)
+        cascade = drop_true_padding_masks(cascade, self.sizes)
+        query = choose_query_rank(cascade, group, self.sizes)
+        self.plan = plan_group(cascade, group, query)
+        self.query = query
+        total = self.sizes[query] if query else 1
+        self.q_tile = min(query_tile, total) if query else 1
+        self.q_blocks = -(-total // self.q_tile)
+        body = self.plan.body
+        if query is not None:
+            einsums = tuple(
+                Einsum(e.output, e.indices, _globalize(e.expr, query, self.q_tile, total), e.reduce)
+                for e in body.einsums
+            )
+            decls = body.inputs
+            if any(a == Access(QBLOCK, ()) for e in einsums for a in e.expr.walk()):
+                decls = (*decls, TensorDecl(QBLOCK, ()))
+            body = Cascade(decls, einsums, body.outputs, body.sizes, body.partitions)
+        body_sizes = dict(self.sizes)
+        if query is not None:
+            body_sizes[query] = self.q_tile
+        self.body_inputs = tuple(t.name for t in body.inputs)
+        self.pre = lower_program(self.plan.pre, self.sizes, query_tile=query_tile, **options)
+        self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
+        self.post = lower_program(self.plan.post, self.sizes, query_tile=query_tile, **options)
+        self.body_cascade = body
+
+    def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
+        env = dict(arrays)
+        if self.plan.pre.einsums:
+            env.update(self.pre(env))
+        g = self.plan.group
+        tile, steps = self.sizes[g.inner], self.sizes[g.rank]
+        ranks_of = {t.name: t.ranks for t in self.body_cascade.inputs}
+
+        def qdim(name: str) -> int | None:
+            ranks = ranks_of.get(name, ())
+            return ranks.index(self.query) if self.query in ranks else None
+
+        # Per query block (mapped over) or shared by all blocks (closed over).
+        mapped: dict[str, jax.Array] = {}
+        shared: dict[str, jax.Array] = {}
+        for name in self.body_inputs:
+            if name in (STEP, QBLOCK) or name.endswith("__prev"):
+                continue
+            base = name.removesuffix("__blk")
+            x = jnp.asarray(env[base])
+            if name.endswith("__blk"):  # zero-pad the loop rank to whole tiles
+                d = self.plan.tiles[base][0]
+                x = _pad_to(x, d, steps * tile)
+            d = qdim(name)
+            if d is None:
+                shared[name] = x
+            else:
+                mapped[name] = self._q_split(x, d)
+        for t in g.carried:
+            mapped[f"{t}__prev"] = self._q_split(jnp.asarray(env[f"{t}__init"]), self._qdim_of(t))
+        if self.query is None:  # one block: map over a unit axis
+            mapped = {n: x[None] for n, x in mapped.items()}
+
+        def run_block(xs: tuple[jax.Array, dict[str, jax.Array]]) -> dict[str, jax.Array]:
+            j, block = xs
+            state0 = {t: block[f"{t}__prev"] for t in g.carried}
+            upper = steps
+            if self.plan.causal:  # key tiles wholly above the diagonal change nothing
+                upper = jnp.minimum(steps, ((j + 1) * self.q_tile - 1) // tile + 1)
+
+            def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                inputs = {**shared, **block, STEP: k.astype(jnp.float32)}
+                inputs[QBLOCK] = j.astype(jnp.float32)
+                for name in self.body_inputs:
+                    if name.endswith("__blk"):
+                        d = self.plan.tiles[name.removesuffix("__blk")][0]
+                        inputs[name] = lax.dynamic_slice_in_dim(inputs[name], k * tile, tile, d)
+                for t in g.carried:
+                    inputs[f"{t}__prev"] = state[t]
+                return self.body({n: inputs[n] for n in self.body_inputs})
+
+            def guarded(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                return lax.cond(k < upper, step, lambda _, s: s, k, state)
+
+            return lax.fori_loop(0, steps, guarded if self.plan.causal else step, state0)
+
+        finals = lax.map(run_block, (jnp.arange(self.q_blocks), mapped))
+        for t in g.carried:
+            env[t] = (
+                finals[t][0] if self.query is None else self._q_merge(finals[t], self._qdim_of(t))
+            )
+        return self.post(env)
+
+    def source(self, fn_name: str = "cascade") -> str:
+        """The three programs, for ``explain``: before, one step of the loop, after."""
+        g = self.plan.group
+        head = (
+            f"# blockwise loop over {g.rank} (tile {g.inner}={self.sizes[g.inner]}), "
+            f"query rank {self.query} in blocks of {self.q_tile}"
+            + (", causal tiles skipped" if self.plan.causal else "")
+        )
+        parts = [head]
+        if self.plan.pre.einsums:
+            parts.append(self.pre.source(f"{fn_name}_before"))
+        parts.append(self.body.source(f"{fn_name}_step"))
+        parts.append(self.post.source(f"{fn_name}_after"))
+        return "\n".join(parts)
+
+    def _q_split(self, x: jax.Array, d: int | None) -> jax.Array:
+        """``[..., P, ...]`` -> ``[blocks, ..., P0, ...]``, zero-padded to whole blocks."""
+        if d is None:
+            return x
+        x = _pad_to(x, d, self.q_blocks * self.q_tile)
+        x = x.reshape((*x.shape[:d], self.q_blocks, self.q_tile, *x.shape[d + 1 :]))
+        return jnp.moveaxis(x, d, 0)
+
+    def _qdim_of(self, t: str) -> int | None:
+        ranks = self.body_cascade.writer(t).output_ranks
+        return ranks.index(self.query) if self.query in ranks else None
+
+    def _q_merge(self, x: jax.Array, d: int) -> jax.Array:
+        x = jnp.moveaxis(x, 0, d)
+        shape = (*x.shape[:d], self.q_blocks * self.q_tile, *x.shape[d + 2 :])
+        x = x.reshape(shape)
+        return lax.slice_in_dim(x, 0, self.sizes[self.query], axis=d)
+
+
+def _pad_to(x: jax.Array, d: int, n: int) -> jax.Array:
+    pad = n - x.shape[d]
+    if pad <= 0:
+        return x
+    return jnp.pad(x, [(0, pad) if k == d else (0, 0) for k in range(x.ndim)])
+
+
+def drop_true_padding_masks(c: Cascade, sizes: Mapping[str, int]) -> Cascade:
+    """Remove ``where(m1*M0+m0 < M, x, pad)`` where the bound sizes make the tile divide M.
+
+    Partitioning with symbolic sizes must mask; once sizes are known the mask is often
+    always true, and each one costs a select over a whole score tile per step.
+    """
+    true_conds = set()
+    for p in c.partitions:
+        if sizes[p.outer] * sizes[p.inner] == sizes[p.rank]:
+            true_conds.add(Op("lt", (_flat(p.outer, p.inner), Size(p.rank))))
+    if not true_conds:
+        return c
+
+    def simplify(node: Expr) -> Expr | None:
+        if isinstance(node, Op) and node.op == "where" and node.args[0] in true_conds:
+            return substitute(node.args[1], simplify)
+        return None
+
+    einsums = [
+        Einsum(e.output, e.indices, substitute(e.expr, simplify), e.reduce, e.init, loc=e.loc)
+        for e in c.einsums
+    ]
+    return c.with_einsums(einsums)
+
+
+def lower_program(
+    cascade: Cascade, sizes: Mapping[str, int], *, query_tile: int = 256, **options: Any
+) -> LoweredCascade | BlockwiseCascade:
+    """Lower a cascade, emitting its first fused group (if any) as a blockwise loop.
+
+    What runs before and after the loop is lowered the same way, so a cascade with one
+    fused attention per layer becomes one loop per layer.
+    """
+    groups = fused_groups(cascade)
+    if groups:
+        try:
+            return BlockwiseCascade(cascade, groups[0], sizes, query_tile=query_tile, **options)
+        except BackendUnsupported:
+            pass  # the Einsum-by-Einsum emitter still computes it, only not blockwise
+    return lower_cascade(cascade, sizes, **options)
