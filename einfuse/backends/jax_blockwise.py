@@ -27,7 +27,18 @@ from jax import lax
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, rank_vars, shifted_rank, substitute
+from einfuse.ir.expr import (
+    Access,
+    Const,
+    Expr,
+    Op,
+    Size,
+    Var,
+    accesses,
+    rank_vars,
+    shifted_rank,
+    substitute,
+)
 from einfuse.passes.dce import reads
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
@@ -165,21 +176,35 @@ def _post(c: Cascade, g: FusedGroup, after: list[Einsum], before: list[Einsum]) 
     return Cascade(inputs, tuple(einsums), c.outputs, c.sizes)
 
 
+def _causal_query(cond: Expr, flat: Expr) -> str | None:
+    """The query rank of a causal condition ``m1*M0+m0 <= p`` (or ``p >= m1*M0+m0``)."""
+    if isinstance(cond, Op) and cond.op == "le" and cond.args[0] == flat:
+        q = cond.args[1]
+    elif isinstance(cond, Op) and cond.op == "ge" and cond.args[1] == flat:
+        q = cond.args[0]
+    else:
+        return None
+    return q.rank if isinstance(q, Var) else None
+
+
 def _is_causal(c: Cascade, g: FusedGroup, query: str | None) -> bool:
-    """A member masks scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader."""
+    """A member masks scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader.
+
+    Then a key tile wholly above the diagonal of a query block only sees ``-inf``
+    scores, which leave the running max, sums and products unchanged.
+    """
     if query is None:
         return False
     flat = _flat(g.rank, g.inner)
     for name in g.einsums:
-        e = c.writer(name)
-        x = e.expr
+        x = c.writer(name).expr
         if not (isinstance(x, Op) and x.op == "where" and x.args[2] == Const(-float("inf"))):
             continue
-        cond, raw = x.args[0], x.args[1]
-        if cond != Op("le", (flat, Var(query))) or not isinstance(raw, Access):
+        if _causal_query(x.args[0], flat) != query:
             continue
-        readers = [m for m in g.einsums if raw.tensor in reads(c.writer(m))]
-        if readers == [name]:
+        raw = {a.tensor for a in accesses(x.args[1])}
+        others = [m for m in g.einsums if m != name and raw & set(reads(c.writer(m)))]
+        if not others:
             return True
     return False
 
@@ -196,10 +221,9 @@ def choose_query_rank(c: Cascade, g: FusedGroup, sizes: Mapping[str, int]) -> st
     flat = _flat(g.rank, g.inner)
     for e in members:
         for node in e.expr.walk():
-            if isinstance(node, Op) and node.op == "le" and node.args[0] == flat:
-                r = node.args[1]
-                if isinstance(r, Var) and r.rank in common:
-                    return r.rank
+            q = _causal_query(node, flat)
+            if q in common:
+                return q
     return max(sorted(common), key=lambda r: sizes[r])
 
 

@@ -2,5 +2,6 @@
 
 import einfuse.passes.dce
 import einfuse.passes.defer
-import einfuse.passes.fuse  # noqa: F401
-from einfuse.passes import partition  # noqa: F401
+import einfuse.passes.fuse
+import einfuse.passes.partition
+import einfuse.passes.unify_ranks  # noqa: F401
