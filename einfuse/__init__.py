@@ -20,6 +20,9 @@ _EXPORTS = {
     "parse": "einfuse.ir",
     "verify": "einfuse.ir",
     "interpret": "einfuse.backends.reference",
+    "jit": "einfuse.frontend",
+    "emit_jax": "einfuse.backends.jax_backend",
+    "inspect_hlo": "einfuse.backends.inspection",
     "load": "einfuse.ir.yaml_spec",
     "load_with_schedule": "einfuse.ir.yaml_spec",
     "Schedule": "einfuse.ir.schedule",
@@ -34,7 +37,10 @@ __all__ = [
     "Schedule",
     "VerifyError",
     "__version__",
+    "emit_jax",
+    "inspect_hlo",
     "interpret",
+    "jit",
     "load",
     "load_with_schedule",
     "parse",
@@ -54,8 +60,11 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from einfuse.backends.inspection import inspect_hlo
+    from einfuse.backends.jax_backend import emit_jax
     from einfuse.backends.reference import interpret
     from einfuse.errors import EinfuseError
+    from einfuse.frontend import jit
     from einfuse.ir import Cascade, ParseError, VerifyError, parse, verify
     from einfuse.ir.schedule import Schedule
     from einfuse.ir.yaml_spec import load, load_with_schedule

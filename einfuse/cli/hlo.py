@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SPECS",
         help='argument shapes and dtypes, e.g. "f32[2,8,128,64] bf16[16] i32[]"',
     )
+    parser.add_argument(
+        "--passes", default="", help='einfuse passes to run first, e.g. "fuse{tile=512}"'
+    )
     parser.add_argument("--stage", choices=STAGES, default="optimized", help="default: optimized")
     parser.add_argument(
         "--summary", action="store_true", help="print a summary table of the optimized HLO"
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_arg_specs(args.args)
     fn = load_function(args.target)
     try:
-        lowered = _lower(fn, specs)
+        lowered = _lower(fn, specs, args.passes)
     except Exception as exc:
         if is_user_error(exc):  # already says what is wrong, maybe with a caret under it
             raise
@@ -83,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lower(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
-    """The one place that turns the user's function into a Lowered."""
-    import jax
+def _lower(
+    fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], passes: str | None = None
+) -> jax.stages.Lowered:
+    """The one place that turns the user's function into a Lowered: through einfuse.jit."""
+    from einfuse.frontend import jit
 
-    return jax.jit(fn).lower(*specs)
+    return jit(fn, passes=passes or None).lower(*specs)
 
 
 def _run_with_dump(args: argparse.Namespace) -> int:

@@ -1,0 +1,312 @@
+"""``einfuse.jit``: compile a JAX function through the Einsum-cascade IR, used like ``jax.jit``.
+
+The compiled object *is* a ``jax.jit`` of a staging function, so argument handling, static
+and donated arguments, the compile cache and per-call dispatch are JAX's own (and cost what
+they cost ``jax.jit``). When JAX traces it for a new signature, the staging function traces
+the user's function to a jaxpr, lifts it to a Program (cascades plus opaque equations), runs
+the ``passes`` pipeline on every region and emits the result into JAX's trace, so the whole
+program is one XLA computation and ``grad``/``vmap`` apply to the emitted code.
+
+Every stage can be stopped at: ``.trace(...)`` (the jaxpr and Program), ``.cascade(...)``
+(the program as text), ``.lower(...)`` (jax's ``Lowered``), ``.hlo(...)`` and ``.explain(...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+from jax._src import core
+
+from einfuse.backends.program import ProgramRunner
+from einfuse.einsum_cascade.lift import Program, Region, format_program, lift
+from einfuse.ir.errors import EinfuseError
+
+TARGETS = ("cpu", "gpu", "tpu")
+
+
+@dataclass(frozen=True)
+class Traced:
+    """One specialization: the jaxpr, the lifted and the passed Program, and the runner."""
+
+    jaxpr: core.ClosedJaxpr
+    lifted: Program
+    program: Program
+    pass_history: tuple[tuple[tuple[str, str], ...], ...]  # per region: (pass, cascade text)
+    out_tree: Any
+    runner: ProgramRunner
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def cascade(self) -> str:
+        return format_program(self.program)
+
+
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    size: int
+
+
+def jit(
+    fun: Callable[..., Any] | None = None,
+    *,
+    passes: str | None = None,
+    target: str = "cpu",
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
+    donate_argnums: int | Sequence[int] = (),
+    autotune: Any = None,
+) -> Any:
+    """Compile ``fun`` through einfuse; usable as ``@einfuse.jit`` or ``@einfuse.jit(...)``.
+
+    ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region; ``target``
+    names the hardware that passes plan for (placement follows JAX's default device, as
+    with ``jax.jit``); the static and donated arguments mean what they mean to ``jax.jit``.
+    """
+    options = dict(
+        passes=passes,
+        target=target,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnums=donate_argnums,
+        autotune=autotune,
+    )
+    if fun is None:
+        return lambda f: JitFunction(f, **options)
+    return JitFunction(fun, **options)
+
+
+def _tuple(x: Any) -> tuple:
+    return (x,) if isinstance(x, int | str) else tuple(x)
+
+
+class JitFunction:
+    """The compiled callable ``einfuse.jit`` returns."""
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        *,
+        passes: str | None,
+        target: str,
+        static_argnums: int | Sequence[int],
+        static_argnames: str | Sequence[str],
+        donate_argnums: int | Sequence[int],
+        autotune: Any,
+    ) -> None:
+        if target not in TARGETS:
+            raise EinfuseError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+        if autotune is not None:
+            raise EinfuseError(
+                "einfuse.jit(autotune=...) is not available yet: tune with the einfuse "
+                "autotune CLI and pass the chosen pipeline as passes="
+            )
+        if passes:
+            from einfuse.passes.manager import parse_pipeline
+
+            parse_pipeline(passes)  # fail at decoration time on a bad pipeline
+        functools.update_wrapper(self, fun)
+        self.fun, self.passes, self.target = fun, passes or None, target
+        self.static_argnums, self.static_argnames = _resolve_statics(
+            fun, _tuple(static_argnums), _tuple(static_argnames)
+        )
+        self._entries: dict[Any, Traced] = {}
+        self._hits = self._misses = 0
+
+        @functools.wraps(fun)
+        def staged(*args: Any, **kwargs: Any) -> Any:
+            return self._staged(args, kwargs)
+
+        self._jitted = jax.jit(
+            staged,
+            static_argnums=self.static_argnums,
+            static_argnames=tuple(sorted(self.static_argnames)),
+            donate_argnums=_tuple(donate_argnums),
+        )
+
+    # -- calling ---------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        misses = self._misses
+        out = self._jitted(*args, **kwargs)
+        self._hits += self._misses == misses
+        return out
+
+    def cache_info(self) -> CacheInfo:
+        """Calls served without tracing (hits), specializations traced (misses)."""
+        return CacheInfo(self._hits, self._misses, len(self._entries))
+
+    def clear_cache(self) -> None:
+        self._entries.clear()
+        self._jitted.clear_cache()
+
+    def _split(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, list[Any], tuple, tuple]:
+        """The signature key and the dynamic leaves of one call (tracers or arrays)."""
+        n = len(args)
+        static_pos = sorted({i % n for i in self.static_argnums if -n <= i < n})
+        statics = tuple((i, args[i]) for i in static_pos)
+        static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames))
+        dyn_args = tuple(a for i, a in enumerate(args) if i not in static_pos)
+        dyn_kw = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kw))
+        avals = tuple(_leaf_aval(x) for x in leaves)
+        return (tree, avals, statics, static_kw), leaves, statics, static_kw
+
+    def _staged(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Runs under ``jax.jit``'s trace: lift and emit on a new signature, then stage."""
+        key, leaves, statics, static_kw = self._split(args, kwargs)
+        traced = self._entries.get(key)
+        if traced is None:
+            self._misses += 1
+            traced = self._compile(key[0], key[1], statics, static_kw)
+            self._entries[key] = traced
+        return jax.tree_util.tree_unflatten(traced.out_tree, traced.runner(*leaves))
+
+    # -- compiling -------------------------------------------------------------
+    def _compile(self, tree: Any, avals: tuple, statics: tuple, static_kw: tuple) -> Traced:
+        out_tree: list[Any] = []
+        static_at = dict(statics)
+
+        def flat_fun(*leaves: Any) -> list[Any]:
+            a, kw = jax.tree_util.tree_unflatten(tree, leaves)
+            it = iter(a)
+            full = [
+                static_at[i] if i in static_at else next(it) for i in range(len(a) + len(statics))
+            ]
+            out, tree_out = jax.tree_util.tree_flatten(self.fun(*full, **kw, **dict(static_kw)))
+            out_tree.append(tree_out)
+            return out
+
+        structs = [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in avals]
+        t0 = time.perf_counter()
+        closed = jax.make_jaxpr(flat_fun)(*structs)
+        t1 = time.perf_counter()
+        lifted = lift(closed, check=bool(self.passes))
+        t2 = time.perf_counter()
+        program, history = self._run_passes(lifted)
+        t3 = time.perf_counter()
+        runner = ProgramRunner(program)
+        seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
+        return Traced(closed, lifted, program, history, out_tree[0], runner, seconds)
+
+    def _run_passes(self, program: Program) -> tuple[Program, tuple]:
+        if not self.passes:
+            return program, tuple(() for _ in program.regions)
+        from einfuse.passes.manager import run_passes
+
+        regions: list[Region] = []
+        history = []
+        # Lifted rank names are local to each equation; give each axis one name first, so
+        # the passes can follow it (fuse partitions the key axis across the whole chain).
+        pipeline = f"unify-ranks,{self.passes}"
+        for region in program.regions:
+            result = run_passes(region.cascade, pipeline)
+            regions.append(region.with_cascade(result.cascade))
+            history.append(tuple((name, str(c)) for name, c in result.history[1:]))
+        return program.with_regions(regions), tuple(history)
+
+    # -- inspection ------------------------------------------------------------
+    def trace(self, *args: Any, **kwargs: Any) -> Traced:
+        """The specialization for these arguments (traced now if it is new)."""
+        key = self._split(args, kwargs)[0]
+        if key not in self._entries:
+            self._jitted.trace(*args, **kwargs)
+        return self._entries[key]
+
+    def cascade(self, *args: Any, **kwargs: Any) -> str:
+        """The lifted (and passed) program: cascades in the IR text form, opaque ops as comments."""
+        return self.trace(*args, **kwargs).cascade()
+
+    def lower(self, *args: Any, **kwargs: Any) -> jax.stages.Lowered:
+        return self._jitted.lower(*args, **kwargs)
+
+    def hlo(self, *args: Any, stage: str = "optimized", **kwargs: Any) -> str:
+        from einfuse.backends.inspection import hlo_text
+
+        return hlo_text(self.lower(*args, **kwargs), stage)  # type: ignore[arg-type]
+
+    def explain(self, *args: Any, **kwargs: Any) -> str:
+        """What was lifted, what stayed opaque (with source lines), the passes, and XLA's view."""
+        from einfuse.backends.inspection import inspect_hlo
+
+        traced = self.trace(*args, **kwargs)
+        text = explain_program(traced, self.passes, self.target, _name(self.fun))
+        summary = inspect_hlo(self.lower(*args, **kwargs)).table()
+        return text + "\nHLO summary:\n" + summary + "\n"
+
+
+def explain_program(traced: Traced, passes: str | None, target: str, name: str) -> str:
+    """The text part of ``explain`` (everything but the HLO summary)."""
+    p = traced.program
+    regions, opaques = p.regions, p.opaques
+    n_einsums = sum(len(r.cascade.einsums) for r in regions)
+    lines = [
+        f"einfuse.jit({name}): target {target}, passes {passes or 'none'}",
+        f"lifted {len(regions)} region(s) with {n_einsums} Einsum(s); {len(opaques)} opaque op(s)",
+        f"timings: {', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in traced.seconds.items())}",
+        "",
+    ]
+    for k, r in enumerate(regions):
+        ops = Counter(r.primitives)
+        reduced = [e for e in r.cascade.einsums if e.reduced_ranks]
+        contractions = sum(1 for e in reduced if e.reduce == "sum" and len(e.inputs) >= 2)
+        reductions = Counter(e.reduce for e in reduced if e.reduce != "sum" or len(e.inputs) < 2)
+        fallback = traced.runner.fallbacks.get(k)
+        lines.append(
+            f"region {k}: {len(r.cascade.einsums)} Einsums ({contractions} contractions, "
+            f"reductions {dict(reductions) or 'none'}), derivative {r.derivative}, "
+            f"at {_lines(r)}"
+        )
+        lines.append("  from " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
+        if fallback:
+            lines.append(f"  runs as plain JAX: {fallback}")
+        for name, _ in traced.pass_history[k] if k < len(traced.pass_history) else ():
+            lines.append(f"  pass {name}")
+    if opaques:
+        lines.append("")
+        lines.append("opaque ops (bound unchanged):")
+        lines += [f"  {o.primitive} at {o.source}" for o in opaques]
+    return "\n".join(lines) + "\n"
+
+
+def _lines(region: Region) -> str:
+    locs = [e.loc for e in region.cascade.einsums if e.loc is not None]
+    if not locs:
+        return "<unknown>"
+    by_file: dict[str, list[int]] = {}
+    for loc in locs:
+        by_file.setdefault(loc.file, []).append(loc.line)
+    return "; ".join(f"{f}:{min(ls)}-{max(ls)}" for f, ls in by_file.items())
+
+
+def _name(fun: Any) -> str:
+    return getattr(fun, "__qualname__", None) or getattr(fun, "__name__", None) or repr(fun)
+
+
+def _leaf_aval(x: Any) -> tuple[tuple[int, ...], Any, bool]:
+    """(shape, dtype, weak_type) of an argument leaf: a tracer under ``jax.jit``, else a value."""
+    aval = x.aval if isinstance(x, core.Tracer) else jax.typeof(x)
+    return tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False))
+
+
+def _resolve_statics(
+    fun: Callable[..., Any], nums: tuple[int, ...], names: tuple[str, ...]
+) -> tuple[tuple[int, ...], frozenset[str]]:
+    """Static positions and names, each completed from the other through the signature."""
+    nums_set, names_set = set(nums), set(names)
+    try:
+        params = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        return tuple(sorted(nums_set)), frozenset(names_set)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for i, p in enumerate(positional):
+        if p.name in names_set and p.kind == p.POSITIONAL_OR_KEYWORD:
+            nums_set.add(i)
+        if (i in nums_set or i - len(positional) in nums_set) and p.kind == p.POSITIONAL_OR_KEYWORD:
+            names_set.add(p.name)
+    return tuple(sorted(nums_set)), frozenset(names_set)
