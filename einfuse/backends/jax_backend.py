@@ -145,7 +145,7 @@ class JaxCascade:
         *,
         jit: bool,
         blockwise: bool = True,
-        query_tile: int = 256,
+        query_tile: int = 512,
         **options: Any,
     ) -> None:
         self.cascade = verify(cascade)
@@ -248,7 +248,7 @@ def emit_jax(
     max_blowup: float = DEFAULT_MAX_BLOWUP,
     jit: bool = True,
     blockwise: bool = True,
-    query_tile: int = 256,
+    query_tile: int = 512,
 ) -> JaxCascade:
     """Emit ``cascade`` as a JAX function (see the module docstring for the calling convention).
 

@@ -249,7 +249,8 @@ class BlockwiseCascade:
         group: FusedGroup,
         sizes: Mapping[str, int],
         *,
-        query_tile: int = 256,
+        query_tile: int = 512,
+        rows: bool = True,
         **options: Any,
     ) -> None:
         self.sizes = dict(sizes)
@@ -270,9 +271,11 @@ class BlockwiseCascade:
             if any(a == Access(QBLOCK, ()) for e in einsums for a in e.expr.walk()):
                 decls = (*decls, TensorDecl(QBLOCK, ()))
             body = Cascade(decls, einsums, body.outputs, body.sizes, body.partitions)
+        self.rows = _row_ranks(cascade, group, body, query) if rows else ()
         body_sizes = dict(self.sizes)
         if query is not None:
             body_sizes[query] = self.q_tile
+        body_sizes.update(dict.fromkeys(self.rows, 1))
         self.body_inputs = tuple(t.name for t in body.inputs)
         self.pre = lower_program(self.plan.pre, self.sizes, query_tile=query_tile, **options)
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
@@ -285,32 +288,63 @@ class BlockwiseCascade:
             env.update(self.pre(env))
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
-        ranks_of = {t.name: t.ranks for t in self.body_cascade.inputs}
-
-        def qdim(name: str) -> int | None:
-            ranks = ranks_of.get(name, ())
-            return ranks.index(self.query) if self.query in ranks else None
-
-        # Per query block (mapped over) or shared by all blocks (closed over).
-        mapped: dict[str, jax.Array] = {}
-        shared: dict[str, jax.Array] = {}
+        raw: dict[str, jax.Array] = {}
         for name in self.body_inputs:
             if name in (STEP, QBLOCK) or name.endswith("__prev"):
                 continue
             base = name.removesuffix("__blk")
             x = jnp.asarray(env[base])
             if name.endswith("__blk"):  # zero-pad the loop rank to whole tiles
-                d = self.plan.tiles[base][0]
-                x = _pad_to(x, d, steps * tile)
-            d = qdim(name)
-            if d is None:
+                x = _pad_to(x, self.plan.tiles[base][0], steps * tile)
+            raw[name] = x
+        for t in g.carried:
+            raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"])
+        if self.rows:
+            # One (batch, head) row at a time: every product in the loop is a plain 2-D
+            # GEMM, which XLA:CPU runs faster than the batched form.
+            folded = {n: self._rows_to_front(x, self._dims(n, self.rows)) for n, x in raw.items()}
+            finals = lax.map(self._run_row, folded)
+            finals = {t: self._rows_back(y, self._dims(t, self.rows)) for t, y in finals.items()}
+        else:
+            finals = self._run_row(raw)
+        env.update(finals)
+        return self.post(env)
+
+    def _ranks(self, name: str) -> tuple[str, ...]:
+        t = name.removesuffix("__prev")
+        if name.endswith("__prev") or name in self.plan.group.carried:
+            return self.body_cascade.writer(t).output_ranks
+        return next(d.ranks for d in self.body_cascade.inputs if d.name == name)
+
+    def _dims(self, name: str, ranks: tuple[str, ...]) -> list[int]:
+        mine = self._ranks(name)
+        return [mine.index(r) for r in ranks]
+
+    def _rows_to_front(self, x: jax.Array, dims: list[int]) -> jax.Array:
+        """``[.., b, .., h, ..]`` -> ``[b*h, .., 1, .., 1, ..]``: rows first, kept as unit dims."""
+        x = jnp.moveaxis(x, dims, list(range(len(dims))))
+        x = x.reshape((-1, *x.shape[len(dims) :]))
+        for d in sorted(dims):
+            x = jnp.expand_dims(x, 1 + d)
+        return x
+
+    def _rows_back(self, y: jax.Array, dims: list[int]) -> jax.Array:
+        y = jnp.squeeze(y, [1 + d for d in dims])
+        y = y.reshape((*(self.sizes[r] for r in self.rows), *y.shape[1:]))
+        return jnp.moveaxis(y, list(range(len(dims))), dims)
+
+    def _run_row(self, raw: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The loop for every query block of one row; returns each carried state's last step."""
+        g = self.plan.group
+        tile, steps = self.sizes[g.inner], self.sizes[g.rank]
+        mapped: dict[str, jax.Array] = {}
+        shared: dict[str, jax.Array] = {}
+        for name, x in raw.items():
+            d = self._dims(name, (self.query,))[0] if self.query in self._ranks(name) else None
+            if d is None and not name.endswith("__prev"):
                 shared[name] = x
             else:
-                mapped[name] = self._q_split(x, d)
-        for t in g.carried:
-            mapped[f"{t}__prev"] = self._q_split(jnp.asarray(env[f"{t}__init"]), self._qdim_of(t))
-        if self.query is None:  # one block: map over a unit axis
-            mapped = {n: x[None] for n, x in mapped.items()}
+                mapped[name] = self._q_split(x, d) if self.query else x[None]
 
         def run_block(xs: tuple[jax.Array, dict[str, jax.Array]]) -> dict[str, jax.Array]:
             j, block = xs
@@ -336,11 +370,9 @@ class BlockwiseCascade:
             return lax.fori_loop(0, steps, guarded if self.plan.causal else step, state0)
 
         finals = lax.map(run_block, (jnp.arange(self.q_blocks), mapped))
-        for t in g.carried:
-            env[t] = (
-                finals[t][0] if self.query is None else self._q_merge(finals[t], self._qdim_of(t))
-            )
-        return self.post(env)
+        if self.query is None:
+            return {t: finals[t][0] for t in g.carried}
+        return {t: self._q_merge(finals[t], self._qdim_of(t)) for t in g.carried}
 
     def source(self, fn_name: str = "cascade") -> str:
         """The three programs, for ``explain``: before, one step of the loop, after."""
@@ -409,7 +441,7 @@ def drop_true_padding_masks(c: Cascade, sizes: Mapping[str, int]) -> Cascade:
 
 
 def lower_program(
-    cascade: Cascade, sizes: Mapping[str, int], *, query_tile: int = 256, **options: Any
+    cascade: Cascade, sizes: Mapping[str, int], *, query_tile: int = 512, **options: Any
 ) -> LoweredCascade | BlockwiseCascade:
     """Lower a cascade, emitting its first fused group (if any) as a blockwise loop.
 
@@ -423,3 +455,14 @@ def lower_program(
         except BackendUnsupported:
             pass  # the Einsum-by-Einsum emitter still computes it, only not blockwise
     return lower_cascade(cascade, sizes, **options)
+
+
+def _row_ranks(c: Cascade, g: FusedGroup, body: Cascade, query: str | None) -> tuple[str, ...]:
+    """Ranks every loop tensor has besides the query (batch, heads): mapped one by one."""
+    members = [c.writer(n) for n in g.einsums]
+    common = set.intersection(*(set(e.output_ranks) for e in members))
+    common -= {g.rank, g.inner, query}
+    for t in body.inputs:
+        if t.ranks:
+            common &= set(t.ranks)
+    return tuple(r for r in c.all_ranks() if r in common)
