@@ -20,7 +20,7 @@ from einfuse.cli.errors import CliError, is_user_error
 
 __all__ = ["COMMAND_MODULES", "CliError", "build_parser", "main"]
 
-COMMAND_MODULES: tuple[str, ...] = ("hlo", "passes", "explain")
+COMMAND_MODULES: tuple[str, ...] = ("hlo", "passes", "explain", "autotune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,270 @@
+"""Measured search: candidates compiled, checked and timed, every outcome an Optuna trial.
+
+Only the params the backend reads are searched here (a loop order XLA ignores would only
+re-time the same program), so the measured study's trials hold those params, whichever
+objective (``measure`` or ``hybrid``) asked for them. Each trial records its candidate's key,
+so a candidate measured before, by this process or another, is never measured again.
+
+Timing is relative: each batch of candidates is timed interleaved with the default (the
+*anchor*), so drift of a shared machine between batches cancels out of ``anchor_ratio``.
+The winner is decided by a final race of the best few and the default, timed together; a
+winner that looks suspiciously fast is raced again, and candidates within noise of the
+fastest are tied, the tie going to the default, then to the smaller tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from einfuse.autotune.measure import Bench, Failure, Prepared
+from einfuse.autotune.screen import tile_weight
+from einfuse.autotune.space import Candidate, Point, SearchSpace
+from einfuse.autotune.timing import Timing
+
+ANCHOR = "<default>"
+MIN_TIE = 0.03  # candidates within 3% (or their noise, if larger) of the fastest are tied
+SUSPICIOUS_GAIN = 0.75  # a winner racing 25% faster than it measured is raced again
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Tally:
+    """What this call did: trials made, measurements taken, failures and their reasons."""
+
+    trials: int = 0
+    failed: int = 0
+    measurements: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RaceResult:
+    """The final race: its winner's key, every finalist's timing and full-space point."""
+
+    winner: str
+    timings: dict[str, Timing]
+    points: dict[str, Point]
+    raced_again: bool
+
+
+class MeasuredSearch:
+    """One measured study on one bench; see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        study: Any,
+        space: SearchSpace,
+        bench: Bench,
+        *,
+        warmup: int,
+        repeats: int,
+        seed: int,
+        deadline: float | None,
+        on_trial: Callable[[], None] | None = None,
+        fresh: bool = False,
+    ) -> None:
+        self.study, self.space, self.bench = study, space, bench
+        kinds = bench.backend.consumes
+        self.searched = SearchSpace(tuple(p for p in space.params if p.kind in kinds))
+        self.warmup, self.repeats, self.seed = warmup, repeats, seed
+        self.deadline = deadline
+        self.on_trial = on_trial or (lambda: None)
+        self.default = self.candidate(self.searched.default_point())
+        self.prepared: dict[str, Prepared | Failure] = {}
+        self.tally = Tally()
+        # fresh: trials stored before this call are ignored (kept, but re-measured)
+        self.first_trial = len(study.get_trials(deepcopy=False)) if fresh else 0
+
+    # -- candidates -------------------------------------------------------------
+    def candidate(self, searched_point: Point) -> Candidate:
+        """The full-space candidate of a searched point (unsearched params at defaults)."""
+        return self.space.candidate(self.space.point(dict(searched_point)))
+
+    def searched_point(self, point: Point) -> Point:
+        names = {p.name for p in self.searched.params}
+        return self.searched.point({k: v for k, v in point if k in names})
+
+    def known(self) -> dict[str, Any]:
+        """Finished, first-hand trials of the study by candidate key (any process, any run)."""
+        from optuna.trial import TrialState
+
+        done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+        out: dict[str, Any] = {}
+        for t in self.study.get_trials(deepcopy=False, states=done):
+            key = t.user_attrs.get("candidate")
+            fresh = t.number >= self.first_trial
+            if key is not None and fresh and "duplicate_of" not in t.user_attrs:
+                out.setdefault(key, t)
+        return out
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def prepare(self, candidate: Candidate) -> Prepared | Failure:
+        if candidate.key not in self.prepared:
+            self.prepared[candidate.key] = self.bench.prepare(candidate)
+        return self.prepared[candidate.key]
+
+    # -- trials -----------------------------------------------------------------
+    def ask(self) -> tuple[Any, Candidate]:
+        trial = self.study.ask()
+        return trial, self.candidate(self.searched.suggest(trial))
+
+    def tell_duplicate(self, trial: Any, original: Any) -> None:
+        """A sampler proposal measured before: record its earlier outcome, measure nothing."""
+        trial.set_user_attr("duplicate_of", original.number)
+        trial.set_user_attr("candidate", original.user_attrs.get("candidate"))
+        if original.value is not None:
+            self.study.tell(trial, original.value)
+        else:
+            trial.set_user_attr("reason", original.user_attrs.get("reason", "failed before"))
+            self.study.tell(trial, state=original.state)
+
+    def _finish(
+        self, trial: Any, candidate: Candidate, value: float | None, attrs: dict[str, Any]
+    ) -> None:
+        """Record an outcome: tell an asked trial, or add a finished one (``trial`` None).
+
+        Model-chosen candidates (hybrid) are added as finished trials rather than enqueued,
+        so a concurrent worker's ``ask`` can never pick them up.
+        """
+        from optuna.trial import TrialState, create_trial
+
+        attrs = {
+            "candidate": candidate.key,
+            "pipeline": candidate.pipeline,
+            "schedule": str(candidate.schedule),
+            "worker": WORKER,
+            **attrs,
+        }
+        state = TrialState.COMPLETE
+        if value is None:
+            state = TrialState.PRUNED if attrs.pop("pruned", False) else TrialState.FAIL
+        if trial is None:
+            point = self.searched_point(candidate.point)
+            self.study.add_trial(
+                create_trial(
+                    state=state,
+                    value=value,
+                    params=dict(point),
+                    distributions=self.searched.distributions(point),
+                    user_attrs=attrs,
+                )
+            )
+            return
+        for name, v in attrs.items():
+            trial.set_user_attr(name, v)
+        if value is None:
+            self.study.tell(trial, state=state)
+        else:
+            self.study.tell(trial, value)
+
+    def measure(self, batch: Sequence[tuple[Any, Candidate]]) -> None:
+        """Prepare (compile + check) then time a batch interleaved with the anchor.
+
+        Each item is ``(trial, candidate)`` with an asked trial, or None to add one.
+        """
+        ready: dict[str, tuple[Any, Prepared]] = {}
+        for trial, candidate in batch:
+            self.tally.trials += 1
+            outcome: Prepared | Failure
+            if self.expired():
+                outcome = Failure("not measured: the tuning timeout ran out", "pruned")
+            else:
+                outcome = self.prepare(candidate)
+            if isinstance(outcome, Failure):
+                attrs = {"reason": outcome.reason, "pruned": outcome.state == "pruned"}
+                self._finish(trial, candidate, None, attrs)
+                self.tally.failed += 1
+                self.tally.failures.append((candidate.key, outcome.reason))
+                self.on_trial()
+            else:
+                ready[candidate.key] = (trial, outcome)
+        if not ready:
+            return
+        group = {key: p for key, (_, p) in ready.items()}
+        anchor = self.prepare(self.default)
+        if isinstance(anchor, Prepared) and self.default.key not in group:
+            group[ANCHOR] = anchor
+        timings = self.bench.time(group, warmup=self.warmup, repeats=self.repeats, seed=self.seed)
+        reference = timings.get(ANCHOR, timings.get(self.default.key))
+        for key, (trial, prepared) in ready.items():
+            t = timings[key]
+            attrs = {
+                "median_s": t.median,
+                "iqr_s": t.iqr,
+                "compile_s": prepared.compile_s,
+                "check": prepared.check,
+                "check_error": prepared.check_error,
+            }
+            if reference is not None:
+                attrs["anchor_ratio"] = t.median / reference.median
+            self._finish(trial, prepared.candidate, t.median, attrs)
+            self.tally.measurements += 1
+            self.on_trial()
+
+    # -- the decision -----------------------------------------------------------
+    def finalists(self, count: int) -> list[tuple[str, Point]]:
+        """The best ``count`` measured candidates (by ratio to the default), with their points."""
+        from optuna.trial import TrialState
+
+        done = [
+            t
+            for t in self.known().values()
+            if t.state == TrialState.COMPLETE and t.value is not None
+        ]
+        done.sort(key=lambda t: (t.user_attrs.get("anchor_ratio", t.value), t.number))
+        return [(t.user_attrs["candidate"], tuple(t.params.items())) for t in done[:count]]
+
+    def race(self, finalists: Sequence[tuple[str, Point]]) -> RaceResult | None:
+        """Time the finalists and the default together; re-race a suspiciously fast winner."""
+        group: dict[str, Prepared] = {}
+        points: dict[str, Point] = {}
+        for _, searched in [*finalists, ("", self.searched.default_point())]:
+            candidate = self.candidate(self.searched.point(dict(searched)))
+            prepared = self.prepare(candidate)
+            if isinstance(prepared, Prepared) and candidate.key not in group:
+                group[candidate.key] = prepared
+                points[candidate.key] = candidate.point
+        if not group:
+            return None
+        repeats = 2 * self.repeats
+        timings = self.bench.time(group, warmup=self.warmup, repeats=repeats, seed=self.seed + 1)
+        winner = self.pick(timings, points)
+        earlier = {k: t.user_attrs.get("median_s") for k, t in self.known().items()}
+        suspicious = winner != self.default.key and (
+            earlier.get(winner) is not None
+            and timings[winner].median < SUSPICIOUS_GAIN * earlier[winner]
+        )
+        if suspicious:
+            again = self.bench.time(group, warmup=0, repeats=repeats, seed=self.seed + 2)
+            timings = {k: Timing.from_samples(timings[k].samples + again[k].samples) for k in group}
+            winner = self.pick(timings, points)
+        return RaceResult(winner, timings, points, suspicious)
+
+    def pick(self, timings: dict[str, Timing], points: dict[str, Point]) -> str:
+        """The fastest, unless others are within noise: then the default, then smaller tiles."""
+        best = min(timings, key=lambda k: timings[k].median)
+        fastest = timings[best]
+
+        def noise(t: Timing) -> float:
+            return t.iqr / t.median / 2 if t.median > 0 else 0.0
+
+        tied = [
+            k
+            for k, t in timings.items()
+            if t.median <= fastest.median * (1 + max(MIN_TIE, noise(t), noise(fastest)))
+        ]
+        return min(
+            tied,
+            key=lambda k: (
+                k != self.default.key,
+                tile_weight(self.space, points[k]),
+                k,
+            ),
+        )

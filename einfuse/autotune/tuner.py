@@ -1,0 +1,212 @@
+"""`autotune`: choose the pipeline and Schedule of a cascade, and remember the choice.
+
+Three objectives (see `objectives`): ``"model"`` (the cost model scores the space, thousands
+of candidates a second), ``"measure"`` (compile, check against the float64 reference, time)
+and ``"hybrid"`` (the model screens, measurement decides the best few).
+
+A call whose key already has a stored choice and nothing new to measure returns that choice
+without a single new trial. `lookup_best` and `tuned_pipeline` read choices back for
+``einfuse.jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from einfuse.autotune.key import TuningKey, make_key
+from einfuse.autotune.measure import Backend
+from einfuse.autotune.objectives import (
+    DEFAULT_MODEL_TRIALS,
+    Job,
+    Settings,
+    tune_measured,
+    tune_model,
+)
+from einfuse.autotune.providers import parse_schedule
+from einfuse.autotune.result import ProgramTuneResult, TuneResult
+from einfuse.autotune.screen import ModelEvaluator, ModelUnavailable
+from einfuse.autotune.space import SpaceOptions, build_space
+from einfuse.autotune.store import (
+    BEST_ATTR,
+    IMPORTED_ATTR,
+    KEY_ATTR,
+    BestRecord,
+    StoreError,
+    TuningStore,
+    default_storage_path,
+    quiet_optuna,
+)
+from einfuse.ir.cascade import Cascade, bind_sizes
+from einfuse.ir.errors import EinfuseError
+
+if TYPE_CHECKING:
+    from einfuse.cost_model.target import Target
+
+Objective = Literal["model", "measure", "hybrid"]
+OBJECTIVES = ("model", "measure", "hybrid")
+
+
+def autotune(
+    cascade_or_function: Cascade | Callable[..., Any],
+    *args: Any,
+    target: str | Target = "cpu",
+    objective: Objective = "model",
+    trials: int | None = None,
+    timeout: float | None = None,
+    storage: Any = None,
+    study: str | None = None,
+    sizes: Mapping[str, int] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    space_options: SpaceOptions | None = None,
+    backend: Backend | None = None,
+    warmup: int = 1,
+    repeats: int = 5,
+    finalists: int = 3,
+    model_trials: int = DEFAULT_MODEL_TRIALS,
+    compile_timeout: float = 300.0,
+    fresh: bool = False,
+) -> TuneResult | ProgramTuneResult:
+    """Tune a cascade (bound by ``sizes``) or a JAX function (traced with ``args``).
+
+    ``trials`` is the number of points the model scores (``model``, default 20,000) or of
+    candidates measured (``measure``/``hybrid``, default 8); ``model_trials`` is the hybrid's
+    screening budget. ``storage`` is a storage URL, ``journal:PATH``, ``memory``, a
+    ``.json`` export to replay, or None for the per-user SQLite file. ``timeout`` bounds the
+    measuring (seconds). ``fresh`` tunes again even where a choice is stored (stored trials
+    are kept; new ones are added). A function is lifted and each distinct cascade tuned.
+    """
+    if objective not in OBJECTIVES:
+        raise EinfuseError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    settings = Settings(
+        objective=objective,
+        trials=trials,
+        timeout=timeout,
+        study=study,
+        progress=progress,
+        seed=seed,
+        space_options=space_options,
+        backend=backend,
+        warmup=warmup,
+        repeats=repeats,
+        finalists=finalists,
+        model_trials=model_trials,
+        compile_timeout=compile_timeout,
+        fresh=fresh,
+    )
+    target_obj = _target(target, calibrate=objective != "measure")
+    store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
+    if isinstance(cascade_or_function, Cascade):
+        bound = _bind(cascade_or_function, sizes)
+        return _tune(cascade_or_function, bound, target_obj, store, settings)
+    if not callable(cascade_or_function):
+        raise EinfuseError(f"autotune needs a Cascade or a function, got {cascade_or_function!r}")
+    results = [
+        _tune(cascade, bound, target_obj, store, settings)
+        for cascade, bound in _regions(cascade_or_function, args)
+    ]
+    return ProgramTuneResult(tuple(results))
+
+
+def _target(target: str | Target, calibrate: bool) -> Target:
+    from einfuse.cost_model.target import get_target
+
+    return get_target(target, calibrate=calibrate) if isinstance(target, str) else target
+
+
+def _bind(cascade: Cascade, sizes: Mapping[str, int] | None) -> dict[str, int]:
+    try:
+        return bind_sizes(cascade, sizes or {})
+    except ValueError as exc:
+        raise EinfuseError(f"autotune needs every size bound: {exc} (pass sizes=...)") from exc
+
+
+def _regions(function: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tuple[Cascade, dict]]:
+    """Each distinct region cascade of a traced function, with its sizes from the trace."""
+    import jax
+
+    from einfuse.backends.reference import infer_sizes
+    from einfuse.einsum_cascade.lift import lift
+
+    program = lift(jax.make_jaxpr(function)(*args))
+    seen: set[tuple[str, tuple]] = set()
+    for region in program.regions:
+        shapes = {
+            name: tuple(program.avals[value].shape)
+            for name, value in zip(region.input_tensors, region.inputs)
+        }
+        bound = infer_sizes(region.cascade, shapes)
+        marker = (region.cascade.fingerprint(), tuple(sorted(bound.items())))
+        if marker not in seen:
+            seen.add(marker)
+            yield region.cascade, bound
+
+
+def _tune(
+    cascade: Cascade, sizes: dict[str, int], target: Target, store: TuningStore, s: Settings
+) -> TuneResult:
+    key = make_key(cascade, sizes, target)
+    space = build_space(cascade, target, sizes, s.space_options)
+    name = s.study or key.study_name("model" if s.objective == "model" else "measured")
+    with quiet_optuna():
+        study = store.study(name, key)
+        with store.guard():
+            stored_key = study.user_attrs.get(KEY_ATTR)
+        if stored_key is not None and TuningKey.from_dict(stored_key) != key:
+            raise StoreError(
+                f"study {name!r} in {store.where} holds results for another key "
+                f"({TuningKey.from_dict(stored_key).to_dict()}); pick another --study"
+            )
+        evaluator = _evaluator(cascade, target, sizes, required=s.objective != "measure")
+        job = Job(cascade, sizes, target, key, space, store, study, s, evaluator)
+        with store.guard():
+            attrs = study.user_attrs
+        if attrs.get(IMPORTED_ATTR) and BEST_ATTR in attrs and not s.fresh:
+            return job.result(BestRecord.from_dict(attrs[BEST_ATTR]), reused=True)
+        if s.objective == "model":
+            return tune_model(job)
+        return tune_measured(job)
+
+
+def _evaluator(
+    cascade: Cascade, target: Target, sizes: dict[str, int], *, required: bool
+) -> ModelEvaluator | None:
+    try:
+        return ModelEvaluator(cascade, target, sizes)
+    except ModelUnavailable:
+        if required:
+            raise
+        return None
+
+
+# --------------------------------------------------------------------------- reuse
+def lookup_best(key: TuningKey, storage: Any = None) -> Any:
+    """The stored Schedule for ``key`` (measured preferred over model), or None."""
+    record = _lookup(key, storage)
+    return None if record is None else parse_schedule(record.schedule)
+
+
+def tuned_pipeline(
+    cascade: Cascade,
+    sizes: Mapping[str, int] | None = None,
+    target: str | Target = "cpu",
+    storage: Any = None,
+) -> tuple[str, Any] | None:
+    """``(pipeline, Schedule)`` stored for this cascade, sizes and target, or None.
+
+    For ``einfuse.jit``: never tunes, never measures, never calibrates; ``storage`` as in
+    `autotune` (a ``.json`` export replays it).
+    """
+    key = make_key(cascade, _bind(cascade, sizes), _target(target, calibrate=False))
+    record = _lookup(key, storage)
+    return None if record is None else (record.pipeline, parse_schedule(record.schedule))
+
+
+def _lookup(key: TuningKey, storage: Any) -> BestRecord | None:
+    """A stored record; a default store that does not exist yet is not created by looking."""
+    if storage is None and not default_storage_path().exists():
+        return None
+    with quiet_optuna():
+        store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
+        return store.best(key)

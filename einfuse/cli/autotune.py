@@ -1,0 +1,260 @@
+"""`einfuse autotune SPEC_OR_MODULE:FUNCTION ...`: tune, and look at what is stored.
+
+Tunes a cascade spec (bound by ``--sizes``) or a function (traced with ``--args``) and prints
+the chosen pipeline and schedule beside the default's, with predicted and measured times and
+the trial counts; ``--plot DIR`` writes the optimization history and parameter importances.
+``--list`` and ``--show STUDY`` read the store; ``--export`` / ``--import`` move the best
+choices as JSON. Also runnable as ``python -m einfuse.cli.autotune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from einfuse.cli.errors import CliError, is_user_error
+
+OBJECTIVES = ("model", "measure", "hybrid")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "autotune",
+        help="tune a cascade's pipeline and schedule (cost model, measurement, or both)",
+        description="Search pass pipelines and schedules for a cascade spec or a JAX function "
+        "with Optuna, and store the best per cascade, shapes, dtypes, target and versions.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "subject",
+        nargs="?",
+        metavar="SPEC_OR_MODULE:FUNCTION",
+        help="a .ein/.yaml cascade spec, or path/to/file.py:function or pkg.module:function",
+    )
+    parser.add_argument("--args", default="", metavar="SPECS", help='e.g. "f32[1,8,512,64] ..."')
+    parser.add_argument("--sizes", default="", metavar="R=N,...", help="e.g. e=64,m=4096,p=4096")
+    parser.add_argument("--target", default="cpu", help="target name (default: cpu, the host)")
+    parser.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="use the cpu target's nominal figures instead of measuring this host once",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="hybrid",
+        help="model: cost model only; measure: time candidates; hybrid (default): both",
+    )
+    parser.add_argument("--trials", type=int, help="points scored (model) or candidates measured")
+    parser.add_argument("--timeout", type=float, metavar="S", help="stop measuring after S s")
+    parser.add_argument("--storage", help="storage URL, journal:PATH or memory (default: SQLite)")
+    parser.add_argument("--study", help="study name (default: derived from the tuning key)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write history/importance PNGs")
+    parser.add_argument(
+        "--fresh", action="store_true", help="tune again even if a result is stored (adds trials)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument("--list", action="store_true", help="list the stored studies")
+    actions.add_argument("--show", metavar="STUDY", help="print one stored study")
+    actions.add_argument("--export", type=Path, metavar="JSON", help="write the best choices")
+    actions.add_argument("--import", dest="import_", type=Path, metavar="JSON", help="read them")
+
+
+def run(args: argparse.Namespace) -> int:
+    from einfuse.autotune.store import TuningStore
+
+    if args.list or args.show or args.export or args.import_:
+        store = TuningStore(args.storage)
+        if args.list:
+            print(_list_table(store))
+        elif args.show:
+            print(_show_study(store, args.show))
+        elif args.export:
+            print(f"exported {store.export_best(args.export)} record(s) to {args.export}")
+        else:
+            print(f"imported {store.import_best(args.import_)} record(s) from {args.import_}")
+        return 0
+    if not args.subject:
+        raise CliError("give a SPEC or MODULE:FUNCTION to tune, or --list / --show STUDY")
+    result = _tune(args)
+    print(result.table())
+    if args.plot is not None:
+        for line in _plot(result, args.plot):
+            print(line)
+    return 0
+
+
+def parse_sizes(text: str) -> dict[str, int]:
+    """``"e=64,m=4096"`` -> ``{"e": 64, "m": 4096}``; mistakes name the item."""
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
+            raise CliError(f"--sizes item {item!r}: expected RANK=POSITIVE_INT, e.g. m=4096")
+        out[name.strip()] = int(value)
+    return out
+
+
+def _tune(args: argparse.Namespace) -> Any:
+    from einfuse.autotune.tuner import autotune
+    from einfuse.cost_model.target import get_target
+
+    if args.target == "cpu" and args.no_calibrate:
+        target: Any = get_target("cpu", calibrate=False)
+    else:
+        target = args.target
+    options = dict(
+        target=target,
+        objective=args.objective,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study=args.study,
+        progress=not args.quiet,
+        seed=args.seed,
+        repeats=args.repeats,
+        fresh=args.fresh,
+    )
+    if Path(args.subject).is_file():
+        from einfuse.cli.load import load_spec
+
+        return autotune(load_spec(args.subject), sizes=parse_sizes(args.sizes), **options)
+    if ":" not in args.subject:
+        raise CliError(f"no such spec file: {args.subject} (nor MODULE:FUNCTION)")
+    from einfuse.cli.args import load_function, parse_arg_specs
+
+    if not args.args:
+        raise CliError("tuning a function needs --args with its argument shapes")
+    return autotune(load_function(args.subject), *parse_arg_specs(args.args), **options)
+
+
+def _list_table(store: Any) -> str:
+    from einfuse.autotune.timing import format_table
+
+    rows = []
+    for row in store.studies():
+        best = row["best"] or {}
+        measured, predicted = best.get("measured_s"), best.get("predicted_s")
+        rows.append(
+            {
+                "study": row["study"],
+                "trials": row["trials"],
+                "objective": best.get("objective"),
+                "pipeline": best.get("pipeline"),
+                "schedule": best.get("schedule"),
+                "measured_ms": None if measured is None else measured * 1e3,
+                "predicted_ms": None if predicted is None else predicted * 1e3,
+            }
+        )
+    if not rows:
+        return f"no studies in {store.where}"
+    columns = ["study", "trials", "objective", "pipeline", "schedule"]
+    return format_table(rows, [*columns, "measured_ms", "predicted_ms"])
+
+
+def _show_study(store: Any, name: str) -> str:
+    import json
+
+    from einfuse.autotune.store import BEST_ATTR, KEY_ATTR
+    from einfuse.autotune.timing import format_table
+
+    study = store.find_study(name)
+    if study is None:
+        names = ", ".join(row["study"] for row in store.studies()) or "none"
+        raise CliError(f"no study {name!r} in {store.where}; studies: {names}")
+    with store.guard():
+        attrs, trials = study.user_attrs, study.get_trials(deepcopy=False)
+    lines = [f"study {name} in {store.where}"]
+    if KEY_ATTR in attrs:
+        lines.append("key " + json.dumps(attrs[KEY_ATTR], sort_keys=True))
+    best = attrs.get(BEST_ATTR)
+    if best:
+        lines.append(f"best pipeline: {best['pipeline'] or '(none)'}; schedule: {best['schedule']}")
+    rows = [
+        {
+            "#": t.number,
+            "state": t.state.name,
+            "params": ", ".join(f"{k}={v}" for k, v in t.params.items()),
+            "value_ms": None if t.value is None else t.value * 1e3,
+            "note": _note(t),
+        }
+        for t in trials
+    ]
+    lines.append(format_table(rows, ["#", "state", "params", "value_ms", "note"]))
+    return "\n".join(lines)
+
+
+def _note(trial: Any) -> str:
+    """Why a trial failed, or which earlier trial it repeats."""
+    if trial.user_attrs.get("reason"):
+        return str(trial.user_attrs["reason"])
+    if "duplicate_of" in trial.user_attrs:
+        return f"same candidate as #{trial.user_attrs['duplicate_of']}"
+    return ""
+
+
+def _plot(result: Any, directory: Path) -> list[str]:
+    """Optimization history and parameter importances as PNG, one pair per study."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as ovm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    results = getattr(result, "results", (result,))
+    for r in results:
+        if r.study is None:
+            continue
+        stem = r.study.study_name
+        for kind, plot in (("history", ovm.plot_optimization_history), ("importance", None)):
+            path = directory / f"{stem}-{kind}.png"
+            try:
+                with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    if plot is None:
+                        ovm.plot_param_importances(r.study)
+                    else:
+                        plot(r.study)
+                plt.gcf().savefig(path, dpi=100, bbox_inches="tight")
+                lines.append(f"wrote {path}")
+            except Exception as exc:  # e.g. importances need two finished trials
+                lines.append(f"no {kind} plot for {stem}: {type(exc).__name__}: {exc}")
+            finally:
+                plt.close("all")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m einfuse.cli.autotune ...``: the command alone, with the CLI's error rules."""
+    parser = argparse.ArgumentParser(prog="einfuse autotune")
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return run(args)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"einfuse: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
