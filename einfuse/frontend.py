@@ -29,6 +29,8 @@ from einfuse.einsum_cascade.lift import Program, Region, format_program, lift
 from einfuse.ir.errors import EinfuseError
 
 TARGETS = ("cpu", "gpu", "tpu")
+# The cost-model target whose tuning results a jit target reuses.
+COST_TARGETS = {"cpu": "cpu", "gpu": "h100", "tpu": "tpu_v5e"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ def jit(
     ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region; ``target``
     names the hardware that passes plan for (placement follows JAX's default device, as
     with ``jax.jit``); the static and donated arguments mean what they mean to ``jax.jit``.
+    ``autotune`` (True for the default tuning database, or a storage URL, ``journal:PATH``
+    or an exported ``.json``) reuses what ``einfuse autotune`` stored for each region with
+    these shapes and target, in place of ``passes``; it never searches at compile time.
     """
     options = dict(
         passes=passes,
@@ -102,17 +107,14 @@ class JitFunction:
     ) -> None:
         if target not in TARGETS:
             raise EinfuseError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
-        if autotune is not None:
-            raise EinfuseError(
-                "einfuse.jit(autotune=...) is not available yet: tune with the einfuse "
-                "autotune CLI and pass the chosen pipeline as passes="
-            )
         if passes:
             from einfuse.passes.manager import parse_pipeline
 
             parse_pipeline(passes)  # fail at decoration time on a bad pipeline
         functools.update_wrapper(self, fun)
         self.fun, self.passes, self.target = fun, passes or None, target
+        # None: no tuning database; True: the default one; else a storage spec or URL.
+        self.autotune = autotune
         self.static_argnums, self.static_argnames = _resolve_statics(
             fun, _tuple(static_argnums), _tuple(static_argnames)
         )
@@ -195,20 +197,34 @@ class JitFunction:
         return Traced(closed, lifted, program, history, out_tree[0], runner, seconds)
 
     def _run_passes(self, program: Program) -> tuple[Program, tuple]:
-        if not self.passes:
+        if not self.passes and self.autotune is None:
             return program, tuple(() for _ in program.regions)
         from einfuse.passes.manager import run_passes
 
         regions: list[Region] = []
         history = []
-        # Lifted rank names are local to each equation; give each axis one name first, so
-        # the passes can follow it (fuse partitions the key axis across the whole chain).
-        pipeline = f"unify-ranks,{self.passes}"
         for region in program.regions:
-            result = run_passes(region.cascade, pipeline)
+            passes = self._tuned_pipeline(region.cascade) or self.passes
+            if not passes:
+                regions.append(region)
+                history.append(())
+                continue
+            # Lifted rank names are local to each equation; give each axis one name first,
+            # so the passes can follow it (fuse partitions the key axis across the chain).
+            result = run_passes(region.cascade, f"unify-ranks,{passes}")
             regions.append(region.with_cascade(result.cascade))
             history.append(tuple((name, str(c)) for name, c in result.history[1:]))
         return program.with_regions(regions), tuple(history)
+
+    def _tuned_pipeline(self, cascade: Any) -> str | None:
+        """The pipeline a tuning run stored for this region, target and shapes, if any."""
+        if self.autotune is None:
+            return None
+        from einfuse.autotune.tuner import tuned_pipeline
+
+        storage = None if self.autotune is True else self.autotune
+        found = tuned_pipeline(cascade, None, COST_TARGETS[self.target], storage)
+        return found[0] if found else None
 
     # -- inspection ------------------------------------------------------------
     def trace(self, *args: Any, **kwargs: Any) -> Traced:

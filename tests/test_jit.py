@@ -275,7 +275,7 @@ def test_non_array_argument_is_refused_like_jax_jit():
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"target": "fpga"}, "unknown target"), ({"autotune": "model"}, "autotune")],
+    [({"target": "fpga"}, "unknown target"), ({"passes": "nope"}, "unknown pass")],
 )
 def test_unsupported_options_raise_clear_errors(options, match):
     with pytest.raises(EinfuseError, match=match):

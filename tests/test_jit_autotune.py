@@ -1,0 +1,33 @@
+"""einfuse.jit(autotune=...) reuses what the tuner stored, without searching again."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from einfuse.autotune.tuner import autotune
+from einfuse.frontend import jit
+
+
+def attn(q, k, v):
+    return jax.nn.softmax(jnp.einsum("qd,kd->qk", q, k), axis=-1) @ v
+
+
+def _inputs(n: int = 1024):
+    return tuple(jax.random.normal(jax.random.PRNGKey(i), (n, 16)) for i in range(3))
+
+
+def test_jit_reuses_the_stored_pipeline(tmp_path):
+    store = str(tmp_path / "tune.db")
+    q, k, v = _inputs()
+    result = autotune(attn, q, k, v, objective="model", storage=store, progress=False)
+    (tuned,) = {r.pipeline for r in result.results}
+    compiled = jit(attn, autotune=store)
+    history = compiled.trace(q, k, v).pass_history[0]
+    assert [name for name, _ in history] == ["unify-ranks", *filter(None, tuned.split(","))]
+    np.testing.assert_allclose(compiled(q, k, v), jax.jit(attn)(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_stored_result_the_given_passes_run(tmp_path):
+    q, k, v = _inputs(256)
+    compiled = jit(attn, passes="dce", autotune=str(tmp_path / "empty.db"))
+    assert [name for name, _ in compiled.trace(q, k, v).pass_history[0]] == ["unify-ranks", "dce"]
