@@ -20,6 +20,11 @@ _EXPORTS = {
     "parse": "einfuse.ir",
     "verify": "einfuse.ir",
     "interpret": "einfuse.backends.reference",
+    "tuned_pipeline": "einfuse.autotune.tuner",
+    "export_best": "einfuse.autotune.store",
+    "import_best": "einfuse.autotune.store",
+    "estimate": "einfuse.cost_model.model",
+    "get_target": "einfuse.cost_model.target",
     "jit": "einfuse.frontend",
     "emit_jax": "einfuse.backends.jax_backend",
     "inspect_hlo": "einfuse.backends.inspection",
@@ -37,7 +42,12 @@ __all__ = [
     "Schedule",
     "VerifyError",
     "__version__",
+    "autotune",
     "emit_jax",
+    "estimate",
+    "export_best",
+    "get_target",
+    "import_best",
     "inspect_hlo",
     "interpret",
     "jit",
@@ -46,11 +56,14 @@ __all__ = [
     "parse",
     "pass_counts",
     "run_passes",
+    "tuned_pipeline",
     "verify",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "autotune":  # a callable package: einfuse.autotune(...) and its modules
+        return importlib.import_module("einfuse.autotune")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'einfuse' has no attribute {name!r}")
@@ -60,9 +73,13 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from einfuse.autotune.store import export_best, import_best
+    from einfuse.autotune.tuner import tuned_pipeline
     from einfuse.backends.inspection import inspect_hlo
     from einfuse.backends.jax_backend import emit_jax
     from einfuse.backends.reference import interpret
+    from einfuse.cost_model.model import estimate
+    from einfuse.cost_model.target import get_target
     from einfuse.errors import EinfuseError
     from einfuse.frontend import jit
     from einfuse.ir import Cascade, ParseError, VerifyError, parse, verify

@@ -11,6 +11,8 @@ importing the package stays cheap.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
@@ -76,3 +78,16 @@ if TYPE_CHECKING:
     )
     from einfuse.autotune.store import StoreError, TuningStore, export_best, import_best
     from einfuse.autotune.tuner import autotune, lookup_best, tuned_pipeline
+
+
+class _CallablePackage(types.ModuleType):
+    """``einfuse.autotune(...)`` is the public entry point and ``einfuse.autotune`` the
+    package that holds it; making the package callable gives both one name."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from einfuse.autotune.tuner import autotune
+
+        return autotune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
