@@ -82,3 +82,17 @@ def test_explain_shows_the_lifted_attention_and_the_opaque_gather(
     text = encode.explain(params, *tokens)
     assert text.count("reduce_max x1") == 6
     assert "gather at " in text and "minilm.py:" in text
+
+
+def test_fuse_rewrites_attention_in_every_layer_and_keeps_the_embeddings(
+    params: dict[str, Any], tokens: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from einfuse.passes.fuse import fused_groups
+
+    ids, mask = tokens
+    fused = jit(minilm.encode, passes="fuse{tile=32}")
+    got = np.asarray(fused(params, ids, mask))
+    want = np.asarray(jax.jit(minilm.encode)(params, ids, mask))
+    assert np.abs(got - want).max() < 1e-5
+    regions = fused.trace(params, ids, mask).program.regions
+    assert sum(len(fused_groups(r.cascade)) for r in regions) == 6

@@ -82,3 +82,21 @@ def test_unknown_rank_and_taken_names_are_errors():
         partition(c, "m", 4, outer="e")
     with pytest.raises(PartitionError, match="positive integer"):
         partition(c, "m", 0)
+
+
+def test_output_computed_from_inputs_alone_stays_whole():
+    text = (
+        "inputs X[k, i], W[k]\n"
+        "MW[k] = W[k] * 2.0\n"
+        "Y[i] = max(k) X[k, i] + MW[k]\n"
+        "outputs Y, MW"
+    )
+    c = parse(text)
+    split = verify(partition(c, "k", 3))
+    assert "MW[k] = W[k] * 2.0" in str(split)
+    assert "MW[k1*K0+k0]" in str(split)
+    rng = np.random.default_rng(3)
+    ins = {"X": rng.normal(size=(7, 2)), "W": rng.normal(size=(7,))}
+    want, got = interpret(c, ins), interpret(split, ins)
+    for name in ("Y", "MW"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12)

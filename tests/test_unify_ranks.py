@@ -59,3 +59,9 @@ def test_renaming_never_changes_results(drawn):
     want, got = interpret(c, inputs), interpret(out, inputs)
     for name in c.outputs:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_size_references_follow_the_renamed_rank():
+    c = parse("ranks i=3, j=3\ninputs X[i]\nY[j] = X[j] * J\noutputs Y")
+    out = verify(unify_ranks(c))
+    assert "Y[i] = X[i] * I" in str(out)

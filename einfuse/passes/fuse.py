@@ -41,7 +41,7 @@ from einfuse.ir.verify import verify
 from einfuse.passes.dce import reads, remove_unread, unread
 from einfuse.passes.defer import defer, unique_name
 from einfuse.passes.manager import register_pass
-from einfuse.passes.partition import PartitionError, partition
+from einfuse.passes.partition import PartitionError, partition, whole_outputs
 from einfuse.passes.pass_count import RankPasses, analyze_rank, pass_counts
 from einfuse.passes.scale import ChainPlan, MaxSource, NotFusable, analyze_chain, max_sources
 
@@ -122,7 +122,8 @@ def _fuse_rank(c: Cascade, rank: str, tile: int) -> tuple[Cascade, RankFusion]:
 
     if before <= 1:
         return unchanged("already one pass")
-    outputs = [o for o in c.outputs if rank in c.tensor_ranks(o)]
+    whole = whole_outputs(c, rank)
+    outputs = [o for o in c.outputs if rank in c.tensor_ranks(o) and o not in whole]
     if outputs:
         return unchanged(f"output {outputs[0]} has rank {rank}: it must be written whole")
     work = c

@@ -58,15 +58,16 @@ def partition(c: Cascade, rank: str, tile: int, outer: str = "", inner: str = ""
     for name in (outer, inner):
         if name in known:
             raise PartitionError(f"partition {rank}: rank name {name!r} is already used")
+    whole = whole_outputs(c, rank)
     for o in c.outputs:
-        if rank in c.tensor_ranks(o):
+        if rank in c.tensor_ranks(o) and o not in whole:
             raise PartitionError(
                 f"partition {rank}: output {o} has rank {rank}; split only ranks the cascade "
                 "reduces away (tile output ranks through the schedule)"
             )
     size = c.size(rank)
     pad = not divides(tile, size)
-    split = {e.output for e in c.einsums if rank in e.output_ranks}
+    split = {e.output for e in c.einsums if rank in e.output_ranks and e.output not in whole}
     einsums = [_split_einsum(c, e, rank, outer, inner, split, pad) for e in c.einsums]
     sizes = dict(c.sizes)
     sizes[inner] = tile
@@ -78,11 +79,31 @@ def partition(c: Cascade, rank: str, tile: int, outer: str = "", inner: str = ""
     )
 
 
+def whole_outputs(c: Cascade, rank: str) -> set[str]:
+    """Outputs with ``rank`` that can stay whole, with what they read that must stay too.
+
+    An output computed along ``rank`` from inputs alone (a mask converted once and shared
+    with later code, say) is computed unsplit, and the split Einsums read it like an
+    input, through ``outer*INNER+inner``.
+    """
+    candidates: set[str] = set()
+    for e in c.einsums:
+        if rank not in e.output_ranks or rank in e.reduced_ranks:
+            continue
+        if all(c.input_decl(t) is not None or t in candidates for t in e.inputs):
+            candidates.add(e.output)
+    whole = {o for o in c.outputs if o in candidates}
+    for e in reversed(c.einsums):
+        if e.output in whole:
+            whole.update(t for t in e.inputs if t in candidates)
+    return whole
+
+
 def _split_einsum(
     c: Cascade, e: Einsum, rank: str, outer: str, inner: str, split: set[str], pad: bool
 ) -> Einsum:
-    if rank not in e.ranks:
-        return e
+    if rank not in e.ranks or (rank in e.output_ranks and e.output not in split):
+        return e  # untouched, or an output kept whole
     if e.iterative_rank == rank:
         raise PartitionError(f"partition {rank}: {e.output} is a recurrence along {rank}")
     flat = flat_index(outer, inner)

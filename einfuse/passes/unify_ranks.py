@@ -12,7 +12,7 @@ dimension read at the constant 0 is read with its rank instead, which means the 
 from __future__ import annotations
 
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
-from einfuse.ir.expr import Access, Const, Expr, Var, accesses, rename_ranks, substitute
+from einfuse.ir.expr import Access, Const, Expr, Size, Var, accesses, substitute
 from einfuse.passes.manager import register_pass
 
 
@@ -74,7 +74,14 @@ def _would_collide(c: Cascade, classes: _Classes, a: str, b: str) -> bool:
 
 
 def _rename(c: Cascade, mapping: dict[str, str]) -> Cascade:
-    vars_ = {r: Var(n) for r, n in mapping.items()}
+    def rename(expr: Expr) -> Expr:
+        def repl(node: Expr) -> Expr | None:
+            if isinstance(node, Var | Size) and node.rank in mapping:
+                return type(node)(mapping[node.rank])
+            return None
+
+        return substitute(expr, repl)
+
     inputs = tuple(
         TensorDecl(t.name, tuple(mapping.get(r, r) for r in t.ranks), t.dtype, loc=t.loc)
         for t in c.inputs
@@ -82,10 +89,10 @@ def _rename(c: Cascade, mapping: dict[str, str]) -> Cascade:
     einsums = [
         Einsum(
             e.output,
-            tuple(rename_ranks(i, vars_) for i in e.indices),
-            rename_ranks(e.expr, vars_),
+            tuple(rename(i) for i in e.indices),
+            rename(e.expr),
             e.reduce,
-            rename_ranks(e.init, vars_) if e.init is not None else None,
+            rename(e.init) if e.init is not None else None,
             loc=e.loc,
         )
         for e in c.einsums
