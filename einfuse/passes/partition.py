@@ -86,6 +86,8 @@ def whole_outputs(c: Cascade, rank: str) -> set[str]:
     with later code, say) is computed unsplit, and the split Einsums read it like an
     input, through ``outer*INNER+inner``.
     """
+    if not any(rank in e.reduced_ranks for e in c.einsums):
+        return set()  # nothing to split for: every output keeps the rank
     candidates: set[str] = set()
     for e in c.einsums:
         if rank not in e.output_ranks or rank in e.reduced_ranks:
