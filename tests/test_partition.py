@@ -85,12 +85,7 @@ def test_unknown_rank_and_taken_names_are_errors():
 
 
 def test_output_computed_from_inputs_alone_stays_whole():
-    text = (
-        "inputs X[k, i], W[k]\n"
-        "MW[k] = W[k] * 2.0\n"
-        "Y[i] = max(k) X[k, i] + MW[k]\n"
-        "outputs Y, MW"
-    )
+    text = "inputs X[k, i], W[k]\nMW[k] = W[k] * 2.0\nY[i] = max(k) X[k, i] + MW[k]\noutputs Y, MW"
     c = parse(text)
     split = verify(partition(c, "k", 3))
     assert "MW[k] = W[k] * 2.0" in str(split)
