@@ -13,18 +13,8 @@ from einfuse.passes.defer import defer_division
 from einfuse.passes.manager import run_passes
 from einfuse.passes.partition import partition
 from einfuse.passes.pass_count import pass_counts
+from tests.cascades import ATTENTION_3PASS
 from tests.strategies import drawn_cascades, random_inputs
-
-ATTENTION_3PASS = """
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
 
 DEFERRED = """\
 inputs Q[e, p], K[e, m], V[f, m]

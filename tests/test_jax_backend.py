@@ -15,18 +15,8 @@ from einfuse.backends.reference import interpret
 from einfuse.einsum_cascade.attention import attention
 from einfuse.ir import Access, Cascade, EinfuseError, Einsum, Op, TensorDecl, Var, parse
 from einfuse.ir.expr import BINARY_OPS, OPS, UNARY_OPS
+from tests.cascades import ATTENTION_3PASS
 from tests.strategies import cascade_with_inputs
-
-ATTENTION_3PASS = """
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
 
 # FuseMax's 1-pass form with the padded tail of a partial last tile masked before the max.
 ATTENTION_1PASS = """

@@ -8,17 +8,7 @@ from hypothesis import strategies as st
 from einfuse.backends.reference import interpret
 from einfuse.ir import parse, verify
 from einfuse.passes.partition import PartitionError, partition
-
-ATTENTION = """
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
+from tests.cascades import ATTENTION_3PASS as ATTENTION
 
 
 def _inputs(rng, e, m, p, f):

@@ -2,17 +2,7 @@
 
 from einfuse.ir import parse
 from einfuse.passes.pass_count import analyze_rank, explain_passes, pass_counts
-
-THREE_PASS = """
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
+from tests.cascades import ATTENTION_3PASS as THREE_PASS
 
 DEFERRED = """
 inputs Q[e, p], K[e, m], V[f, m]

@@ -23,17 +23,7 @@ from einfuse.ir import (
     parse,
 )
 from einfuse.ir.expr import OPS
-
-ATTENTION_3PASS = """
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
+from tests.cascades import ATTENTION_3PASS
 
 # FuseMax's 1-pass form: running max RM, denominator RD and numerator RNV along m1, with
 # the padded tail of a partial last tile masked to -inf before the max.
