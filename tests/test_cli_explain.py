@@ -4,16 +4,8 @@ import pytest
 
 import einfuse.cli as cli
 from einfuse.cli import main
+from tests.cascades import ATTENTION_3PASS as THREE_PASS
 
-THREE_PASS = """inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
 SIZES = "e=64,f=64,m=4096,p=4096"
 
 

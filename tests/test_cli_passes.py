@@ -1,16 +1,7 @@
 """`einfuse passes`: a spec through a pipeline, with pass counts, and clean errors."""
 
 from einfuse.cli import main
-
-THREE_PASS = """inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
+from tests.cascades import ATTENTION_3PASS as THREE_PASS
 
 
 def test_prints_the_cascade_and_its_pass_counts(tmp_path, capsys):
