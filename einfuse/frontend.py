@@ -204,7 +204,8 @@ class JitFunction:
         regions: list[Region] = []
         history = []
         for region in program.regions:
-            passes = self._tuned_pipeline(region.cascade) or self.passes
+            tuned = self._tuned(region.cascade)
+            passes = tuned[0] if tuned else self.passes
             if not passes:
                 regions.append(region)
                 history.append(())
@@ -212,19 +213,18 @@ class JitFunction:
             # Lifted rank names are local to each equation; give each axis one name first,
             # so the passes can follow it (fuse partitions the key axis across the chain).
             result = run_passes(region.cascade, f"unify-ranks,{passes}")
-            regions.append(region.with_cascade(result.cascade))
+            regions.append(region.with_cascade(result.cascade, tuned[1] if tuned else None))
             history.append(tuple((name, str(c)) for name, c in result.history[1:]))
         return program.with_regions(regions), tuple(history)
 
-    def _tuned_pipeline(self, cascade: Any) -> str | None:
-        """The pipeline a tuning run stored for this region, target and shapes, if any."""
+    def _tuned(self, cascade: Any) -> tuple[str, Any] | None:
+        """The pipeline and Schedule a tuning run stored for this region, target and shapes."""
         if self.autotune is None:
             return None
         from einfuse.autotune.tuner import tuned_pipeline
 
         storage = None if self.autotune is True else self.autotune
-        found = tuned_pipeline(cascade, None, COST_TARGETS[self.target], storage)
-        return found[0] if found else None
+        return tuned_pipeline(cascade, None, COST_TARGETS[self.target], storage)
 
     # -- inspection ------------------------------------------------------------
     def trace(self, *args: Any, **kwargs: Any) -> Traced:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from einfuse.autotune import space as space_module
-from einfuse.autotune.measure import Backend, Bench, jax_backend, sliceable_rank
+from einfuse.autotune.measure import Backend, Bench, Prepared, jax_backend, sliceable_rank
 from einfuse.autotune.screen import ModelEvaluator, screen
 from einfuse.autotune.space import Param, SearchSpace, SpaceOptions, build_space, register_space
 from einfuse.autotune.tuner import autotune
@@ -66,6 +66,30 @@ def test_a_tile_claimed_by_fusion_is_offered_only_while_fusion_is_off():
     assert fused.pipeline == "fuse{tile=512}" and fused.schedule.tile("m") is None
     unfused = space.candidate(space.point({"fuse": False, "tile.m": 64}))
     assert unfused.pipeline == "" and unfused.schedule.tile("m") == 64
+
+
+def test_the_blockwise_query_tile_is_searched_while_fusion_is_on():
+    c = small_attention(4096)
+    space = build_space(c, CPU, bind_sizes(c))
+    query = space.param("fuse.query_tile")
+    assert (query.subject, query.when, query.default) == ("p", ("fuse", True), 512)
+    assert space.param("tile.p").when == ("fuse", False)
+    measured = {p.name for p in space.params if p.consumed_by(jax_backend().consumes)}
+    assert measured == {"fuse", "fuse.tile", "fuse.query_tile"}
+    fused = space.candidate(space.point({"fuse": True, "fuse.query_tile": 128}))
+    assert fused.schedule.tile("p") == 128
+
+
+def test_a_measured_query_tile_runs_that_tile_and_passes_the_check():
+    c = small_attention(256, causal=True)
+    space = build_space(c, CPU, bind_sizes(c), SpaceOptions(min_tiled_size=8))
+    point = space.point({"fuse": True, "fuse.tile": 64, "fuse.query_tile": 128})
+    bench = Bench(c, bind_sizes(c))
+    prepared = bench.prepare(space.candidate(point))
+    assert isinstance(prepared, Prepared), prepared
+    cascade = bench.transformed(prepared.candidate.pipeline)
+    emitted = jax_backend().emit(cascade, bind_sizes(cascade), prepared.candidate.schedule)
+    assert emitted.lowered().q_tile == 128
 
 
 def test_a_registered_provider_extends_the_space_and_the_pipeline(monkeypatch):

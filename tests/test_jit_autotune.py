@@ -1,9 +1,12 @@
 """einfuse.jit(autotune=...) reuses what the tuner stored, without searching again."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.autotune.store import TuningStore, write_best_file
 from einfuse.autotune.tuner import autotune
 from einfuse.frontend import jit
 
@@ -31,3 +34,19 @@ def test_without_a_stored_result_the_given_passes_run(tmp_path):
     q, k, v = _inputs(256)
     compiled = jit(attn, passes="dce", autotune=str(tmp_path / "empty.db"))
     assert [name for name, _ in compiled.trace(q, k, v).pass_history[0]] == ["unify-ranks", "dce"]
+
+
+
+def test_jit_emits_the_stored_schedules_query_tile(tmp_path):
+    """A record whose schedule tiles the queries by 128: the blockwise loop follows it."""
+    store = str(tmp_path / "tune.db")
+    q, k, v = _inputs()
+    autotune(attn, q, k, v, objective="model", storage=store, progress=False)
+    (record,) = TuningStore(store).records()
+    query = jit(attn, passes="fuse").trace(q, k, v).runner.emitted[0].lowered().query
+    chosen = replace(record, pipeline="fuse{tile=256}", schedule=f"tile {query}=128")
+    write_best_file(tmp_path / "best.json", [chosen])
+    compiled = jit(attn, autotune=str(tmp_path / "best.json"))
+    loop = compiled.trace(q, k, v).runner.emitted[0].lowered()
+    assert (loop.q_tile, loop.q_blocks) == (128, 1024 // 128)
+    np.testing.assert_allclose(compiled(q, k, v), jax.jit(attn)(q, k, v), rtol=1e-4, atol=1e-5)

@@ -58,7 +58,11 @@ class Prepared:
 # --------------------------------------------------------------------------- backends
 @dataclass(frozen=True, slots=True)
 class Backend:
-    """How to emit a cascade, and which param kinds change what it emits."""
+    """How to emit a cascade, and which params change what it emits.
+
+    ``consumes`` holds param kinds (``"tile"``) or single param names (``"fuse.query_tile"``);
+    candidates that differ only in other params are one program, measured once.
+    """
 
     name: str
     emit: Callable[[Cascade, Mapping[str, int], Any], Callable[..., tuple[Any, ...]]]
@@ -68,15 +72,15 @@ class Backend:
 def jax_backend() -> Backend:
     """The JAX backend: it reads the pipeline, and the schedule only if `emit_jax` takes one.
 
-    A backend module may declare ``SCHEDULE_KINDS`` (e.g. ``{"tile"}``) to say which schedule
-    params it reads; without a declaration every schedule param is assumed to matter.
+    A backend module may declare ``SCHEDULE_PARAMS`` (kinds or param names) to say which
+    schedule params it reads; without a declaration every schedule param is assumed to matter.
     """
     from einfuse.backends import jax_backend as module
 
     takes_schedule = "schedule" in inspect.signature(module.emit_jax).parameters
     kinds = set(PIPELINE_KINDS)
     if takes_schedule:
-        kinds |= set(getattr(module, "SCHEDULE_KINDS", SCHEDULE_KINDS))
+        kinds |= set(getattr(module, "SCHEDULE_PARAMS", SCHEDULE_KINDS))
 
     def emit(cascade: Cascade, sizes: Mapping[str, int], schedule: Any) -> Callable[..., Any]:
         if takes_schedule:

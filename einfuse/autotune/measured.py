@@ -70,7 +70,7 @@ class MeasuredSearch:
     ) -> None:
         self.study, self.space, self.bench = study, space, bench
         kinds = bench.backend.consumes
-        self.searched = SearchSpace(tuple(p for p in space.params if p.kind in kinds))
+        self.searched = SearchSpace(tuple(p for p in space.params if p.consumed_by(kinds)))
         self.warmup, self.repeats, self.seed = warmup, repeats, seed
         self.deadline = deadline
         self.on_trial = on_trial or (lambda: None)

@@ -8,10 +8,11 @@ the fused loop would take at least two tiles.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from einfuse.autotune.space import (
     Choice,
@@ -20,6 +21,9 @@ from einfuse.autotune.space import (
     loop_order_choices,
     register_space,
 )
+
+if TYPE_CHECKING:
+    from einfuse.ir.cascade import Cascade
 
 
 @register_space("fuse")
@@ -51,7 +55,7 @@ def fuse_params(ctx: SpaceContext) -> Sequence[Param]:
     preferred = tile_param.default if tile_param is not None else None
     default_tile = ctx.default_tile(choices, preferred if isinstance(preferred, int) else None)
     on_by_default = size >= 2 * default_tile
-    return (
+    params = [
         Param("fuse", "pass", "fuse", (True, False), on_by_default, claims=tuple(ranks)),
         Param(
             "fuse.tile",
@@ -63,7 +67,40 @@ def fuse_params(ctx: SpaceContext) -> Sequence[Param]:
             when=("fuse", True),
             claims=tuple(ranks),
         ),
-    )
+    ]
+    query = fused_query_rank(ctx.cascade, default_tile, tuple(sorted(ctx.sizes.items())))
+    if query is not None and ctx.sizes.get(query, 0) > QUERY_TILES[0]:
+        top = min(ctx.sizes[query], QUERY_TILES[-1])
+        q_choices = tuple(sorted({t for t in (*QUERY_TILES, ctx.sizes[query]) if t <= top}))
+        q_default = ctx.default_tile(q_choices, 512)  # emit_jax's own default
+        params.append(
+            Param(
+                "fuse.query_tile",
+                "tile",
+                query,
+                q_choices,
+                q_default,
+                when=("fuse", True),
+                claims=(query,),
+            )
+        )
+    return params
+
+
+# Query tiles of the blockwise loop worth measuring on any target: below 128 the per-block
+# overhead dominates, above 1024 a P0 x M0 score tile no longer stays in cache.
+QUERY_TILES = (128, 256, 512, 1024)
+
+
+@functools.lru_cache(maxsize=64)
+def fused_query_rank(cascade: Cascade, tile: int, sizes: tuple[tuple[str, int], ...]) -> str | None:
+    """The rank the blockwise emitter tiles beside the fused loop (queries), if it fuses."""
+    from einfuse.backends.jax_blockwise import choose_query_rank
+    from einfuse.passes.fuse import fuse, fused_groups
+
+    fused = fuse(cascade, tile=tile)
+    groups = fused_groups(fused)
+    return choose_query_rank(fused, groups[0], dict(sizes)) if groups else None
 
 
 def tiled_ranks(ctx: SpaceContext) -> list[str]:

@@ -57,6 +57,10 @@ class Param:
     when: tuple[str, Choice] | None = None
     claims: tuple[str, ...] = ()
 
+    def consumed_by(self, consumes: frozenset[str]) -> bool:
+        """Whether a backend consuming these kinds or param names reads this param."""
+        return self.kind in consumes or self.name in consumes
+
     def __post_init__(self) -> None:
         if self.default not in self.choices:
             raise ValueError(f"param {self.name}: default {self.default!r} not in its choices")
@@ -277,9 +281,9 @@ class SearchSpace:
         return {name: CategoricalDistribution(self.param(name).choices) for name, _ in point}
 
     # -- meaning ----------------------------------------------------------------
-    def project(self, point: Point, kinds: frozenset[str]) -> Point:
-        """The point with every param not of these kinds back at its default."""
-        keep = {name: v for name, v in point if self.param(name).kind in kinds}
+    def project(self, point: Point, consumes: frozenset[str]) -> Point:
+        """The point with every param these kinds or names do not cover back at its default."""
+        keep = {name: v for name, v in point if self.param(name).consumed_by(consumes)}
         return self._complete(keep)
 
     def pipeline(self, point: Point) -> str:
@@ -356,15 +360,21 @@ def build_space(
 
 
 def _resolve_claims(params: list[Param]) -> tuple[Param, ...]:
-    """A rank tiled by a pass option keeps its plain tile param only while that pass is off."""
+    """A rank tiled by a pass option keeps its plain tile param only while that pass is off.
+
+    A tile param with claims of its own belongs to the pass (``fuse.query_tile``) and stays.
+    """
     toggles = {p.subject: p for p in params if p.kind == "pass"}
+    by_name = {p.name: p for p in params}
     claimed: dict[str, Param] = {}
     for p in params:
         if p.kind == "pass_option" and p.subject in toggles:
             claimed.update(dict.fromkeys(p.claims, toggles[p.subject]))
+        elif p.kind == "tile" and p.claims and p.when and p.when[0] in by_name:
+            claimed.update(dict.fromkeys(p.claims, by_name[p.when[0]]))
     out = []
     for p in params:
-        if p.kind == "tile" and p.subject in claimed:
+        if p.kind == "tile" and p.subject in claimed and not p.claims:
             toggle = claimed[p.subject]
             if p.when is not None:
                 continue  # already conditional on something else: leave the rank to the pass

@@ -30,6 +30,7 @@ from einfuse.backends.jax_values import BackendUnsupported, TensorInfo
 from einfuse.backends.reference import infer_sizes
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
+from einfuse.ir.schedule import Schedule
 from einfuse.ir.verify import verify
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BLOWUP = 2.0
+# The autotuner params that change what this backend emits (the rest only steer the cost
+# model): the query tile of a fused group's blockwise loop.
+SCHEDULE_PARAMS = frozenset({"fuse.query_tile"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +150,13 @@ class JaxCascade:
         jit: bool,
         blockwise: bool = True,
         query_tile: int = 512,
+        schedule: Schedule | None = None,
         **options: Any,
     ) -> None:
         self.cascade = verify(cascade)
         self.blockwise = blockwise
         self.query_tile = query_tile
+        self.schedule = schedule
         self.sizes = dict(sizes or {})
         self.options = options
         self.input_names = tuple(t.name for t in cascade.inputs)
@@ -178,7 +184,11 @@ class JaxCascade:
                 from einfuse.backends.jax_blockwise import lower_program
 
                 self._lowered[key] = lower_program(
-                    self.cascade, bound, query_tile=self.query_tile, **self.options
+                    self.cascade,
+                    bound,
+                    query_tile=self.query_tile,
+                    schedule=self.schedule,
+                    **self.options,
                 )
             else:
                 self._lowered[key] = lower_cascade(self.cascade, bound, **self.options)
@@ -249,6 +259,7 @@ def emit_jax(
     jit: bool = True,
     blockwise: bool = True,
     query_tile: int = 512,
+    schedule: Schedule | None = None,
 ) -> JaxCascade:
     """Emit ``cascade`` as a JAX function (see the module docstring for the calling convention).
 
@@ -258,8 +269,9 @@ def emit_jax(
     Einsum is refused with ``BackendUnsupported`` rather than materialized. ``jit=False``
     runs op by op (each jnp call dispatched eagerly), e.g. to step through it in a debugger.
     A group that ``fuse`` made (one loop over a partitioned rank) runs as a blockwise loop,
-    tiling the query rank by ``query_tile`` (see ``jax_blockwise``); ``blockwise=False``
-    emits it Einsum by Einsum instead.
+    tiling the query rank by the ``schedule``'s tile of that rank, else by ``query_tile``
+    (see ``jax_blockwise``); ``blockwise=False`` emits it Einsum by Einsum instead. Of a
+    schedule only that tile changes the program (see ``SCHEDULE_PARAMS``).
     """
     return JaxCascade(
         cascade,
@@ -267,6 +279,7 @@ def emit_jax(
         jit=jit,
         blockwise=blockwise,
         query_tile=query_tile,
+        schedule=schedule,
         dtype=dtype,
         precision=precision,
         accumulate_dtype=accumulate_dtype,

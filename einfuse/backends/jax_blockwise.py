@@ -39,6 +39,7 @@ from einfuse.ir.expr import (
     shifted_rank,
     substitute,
 )
+from einfuse.ir.schedule import Schedule
 from einfuse.passes.dce import reads
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
@@ -250,6 +251,7 @@ class BlockwiseCascade:
         sizes: Mapping[str, int],
         *,
         query_tile: int = 512,
+        schedule: Schedule | None = None,
         rows: bool = True,
         **options: Any,
     ) -> None:
@@ -259,6 +261,10 @@ class BlockwiseCascade:
         self.plan = plan_group(cascade, group, query)
         self.query = query
         total = self.sizes[query] if query else 1
+        if query is not None and schedule is not None:
+            query_tile = schedule.tile(query, query_tile) or query_tile
+        if query_tile < 1:
+            raise BackendUnsupported(f"query tile {query_tile} of rank {query}: must be >= 1")
         self.q_tile = min(query_tile, total) if query else 1
         self.q_blocks = -(-total // self.q_tile)
         body = self.plan.body
@@ -277,9 +283,13 @@ class BlockwiseCascade:
             body_sizes[query] = self.q_tile
         body_sizes.update(dict.fromkeys(self.rows, 1))
         self.body_inputs = tuple(t.name for t in body.inputs)
-        self.pre = lower_program(self.plan.pre, self.sizes, query_tile=query_tile, **options)
+        self.pre = lower_program(
+            self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, **options
+        )
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
-        self.post = lower_program(self.plan.post, self.sizes, query_tile=query_tile, **options)
+        self.post = lower_program(
+            self.plan.post, self.sizes, query_tile=query_tile, schedule=schedule, **options
+        )
         self.body_cascade = body
 
     def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -441,17 +451,25 @@ def drop_true_padding_masks(c: Cascade, sizes: Mapping[str, int]) -> Cascade:
 
 
 def lower_program(
-    cascade: Cascade, sizes: Mapping[str, int], *, query_tile: int = 512, **options: Any
+    cascade: Cascade,
+    sizes: Mapping[str, int],
+    *,
+    query_tile: int = 512,
+    schedule: Schedule | None = None,
+    **options: Any,
 ) -> LoweredCascade | BlockwiseCascade:
     """Lower a cascade, emitting its first fused group (if any) as a blockwise loop.
 
     What runs before and after the loop is lowered the same way, so a cascade with one
-    fused attention per layer becomes one loop per layer.
+    fused attention per layer becomes one loop per layer. The loop's query tile is the
+    schedule's tile of the query rank where it has one, else ``query_tile``.
     """
     groups = fused_groups(cascade)
     if groups:
         try:
-            return BlockwiseCascade(cascade, groups[0], sizes, query_tile=query_tile, **options)
+            return BlockwiseCascade(
+                cascade, groups[0], sizes, query_tile=query_tile, schedule=schedule, **options
+            )
         except BackendUnsupported:
             pass  # the Einsum-by-Einsum emitter still computes it, only not blockwise
     return lower_cascade(cascade, sizes, **options)

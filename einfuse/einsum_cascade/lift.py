@@ -27,6 +27,7 @@ from einfuse.einsum_cascade.lift_region import Decline, RegionBuilder, source_lo
 from einfuse.einsum_cascade.lift_rules import RULES, is_view, kind, liftable
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.errors import EinfuseError
+from einfuse.ir.schedule import Schedule
 from einfuse.ir.verify import verify
 
 
@@ -48,8 +49,9 @@ class Region:
     original: tuple[FlatEqn, ...]
     derivative: str
     primitives: tuple[str, ...]
+    schedule: Schedule | None = None  # a tuned mapping the backend follows, if any
 
-    def with_cascade(self, cascade: Cascade) -> Region:
+    def with_cascade(self, cascade: Cascade, schedule: Schedule | None = None) -> Region:
         """The same region computed by another cascade (after passes), checked to fit."""
         names = {t.name for t in cascade.inputs}
         missing = [t for t in self.input_tensors if t not in names]
@@ -59,7 +61,7 @@ class Region:
                 f"a pass changed the region's interface: inputs {missing or 'kept'}, "
                 f"outputs {lost or 'kept'} are gone"
             )
-        return replace(self, cascade=cascade)
+        return replace(self, cascade=cascade, schedule=schedule or self.schedule)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
