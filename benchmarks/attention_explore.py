@@ -27,12 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from einfuse.autotune.timing import (
-    cpu_steal_fraction,
-    format_table,
-    measure_in_subprocess,
-    timings_from_result,
-)
+from einfuse.autotune.timing_steal import cpu_steal_fraction
+from einfuse.autotune.timing_subprocess import measure_in_subprocess, timings_from_result
+from einfuse.autotune.timing_table import format_table
 
 Array = jax.Array
 AttentionFn = Callable[[Array, Array, Array], Array]
@@ -81,35 +78,16 @@ def blockwise_attention(
             i, q_i = index_and_block
 
             def kv_step(j: Array, carry: tuple[Array, Array, Array], masked: bool) -> tuple:
-                m, l, acc = carry
                 k_j = lax.dynamic_slice_in_dim(k_row, j * block_k, block_k)
                 v_j = lax.dynamic_slice_in_dim(v_row, j * block_k, block_k)
                 s = q_i @ k_j.T  # [block_q, block_k]
                 if masked:
                     q_pos = i * block_q + jnp.arange(block_q)[:, None]
                     s = jnp.where(j * block_k + jnp.arange(block_k) <= q_pos, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=-1))
-                # A row that has seen no visible key keeps m = -inf; shift it by 0, not by
-                # -inf, so exp gives 0 instead of NaN (needed once padding masks whole rows).
-                m_shift = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-                p = jnp.exp(s - m_shift[:, None])
-                alpha = jnp.exp(m - m_shift)  # rescales what the earlier blocks accumulated
-                return m_new, l * alpha + p.sum(axis=-1), acc * alpha[:, None] + p @ v_j
+                return _online_update(carry, s, v_j, jnp.matmul, False)
 
-            init = (
-                jnp.full((block_q,), -jnp.inf, q.dtype),
-                jnp.zeros((block_q,), q.dtype),
-                jnp.zeros((block_q, dim), q.dtype),
-            )
-            if causal:
-                # Key blocks [0, n_full) lie wholly at or below the diagonal: no mask needed.
-                n_full = (i * block_q + 1) // block_k
-                n_visible = ((i + 1) * block_q + block_k - 1) // block_k
-                carry = lax.fori_loop(0, n_full, lambda j, c: kv_step(j, c, False), init)
-                carry = lax.fori_loop(n_full, n_visible, lambda j, c: kv_step(j, c, True), carry)
-            else:
-                carry = lax.fori_loop(0, seq // block_k, lambda j, c: kv_step(j, c, False), init)
-            _, l, acc = carry
+            init = _online_init((block_q,), dim, q.dtype)
+            _, l, acc = _loop_key_blocks(kv_step, init, i, causal, block_q, block_k, seq)
             return acc / l[:, None]
 
         return lax.map(attend_query_block, (jnp.arange(n_q), q_blocks))  # [n_q, block_q, dim]
@@ -144,13 +122,46 @@ def _online_update(
     """One online-softmax step on a score block ``s`` [..., q, k]; ``pv`` contracts p with v_j."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(axis=-1))
+    # A row that has seen no visible key keeps m = -inf; shift it by 0, not by -inf, so exp
+    # gives 0 instead of NaN (needed once padding masks whole rows).
     m_shift = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     p = jnp.exp(s - m_shift[..., None])
-    alpha = jnp.exp(m - m_shift)
+    alpha = jnp.exp(m - m_shift)  # rescales what the earlier blocks accumulated
     if rowsum_via_dot:  # V gets a column of ones: the P V dot also yields the row sums
         pv_ext = pv(p, v_j)
         return m_new, l * alpha + pv_ext[..., -1], acc * alpha[..., None] + pv_ext[..., :-1]
     return m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv(p, v_j)
+
+
+def _online_init(rows: tuple[int, ...], dim: int, dtype: Any) -> tuple[Array, Array, Array]:
+    """The online softmax's carry before the first key block: max -inf, sum 0, output 0."""
+    return (
+        jnp.full(rows, -jnp.inf, dtype),
+        jnp.zeros(rows, dtype),
+        jnp.zeros((*rows, dim), dtype),
+    )
+
+
+def _loop_key_blocks(
+    kv_step: Callable[[Array, Any, bool], Any],
+    init: Any,
+    i: Array,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+    seq: int,
+) -> Any:
+    """Run ``kv_step(j, carry, masked)`` over the key blocks that query block ``i`` sees.
+
+    Causal: key blocks [0, n_full) lie wholly at or below the diagonal and need no mask, those
+    up to n_visible straddle it and are masked, and the rest are skipped (a dynamic trip count).
+    """
+    if not causal:
+        return lax.fori_loop(0, seq // block_k, lambda j, c: kv_step(j, c, False), init)
+    n_full = (i * block_q + 1) // block_k
+    n_visible = ((i + 1) * block_q + block_k - 1) // block_k
+    carry = lax.fori_loop(0, n_full, lambda j, c: kv_step(j, c, False), init)
+    return lax.fori_loop(n_full, n_visible, lambda j, c: kv_step(j, c, True), carry)
 
 
 def blockwise_family(
@@ -210,19 +221,11 @@ def blockwise_family(
                 s = jnp.where(k_pos <= q_pos, s, -jnp.inf)
             return _online_update(carry, s, v_j, lambda p, w: dot(pv_spec, p, w), rowsum_via_dot)
 
-        init = (
-            jnp.full((batch, heads, block_q), -jnp.inf, jnp.float32),
-            jnp.zeros((batch, heads, block_q), jnp.float32),
-            jnp.zeros((batch, heads, block_q, dim), jnp.float32),
-        )
-        n_k = seq // block_k
-        if causal and skip_masked:
-            n_full = (i * block_q + 1) // block_k
-            n_visible = ((i + 1) * block_q + block_k - 1) // block_k
-            carry = lax.fori_loop(0, n_full, lambda j, c: kv_step(j, c, False), init)
-            carry = lax.fori_loop(n_full, n_visible, lambda j, c: kv_step(j, c, True), carry)
+        init = _online_init((batch, heads, block_q), dim, jnp.float32)
+        if causal and not skip_masked:  # every key block, all masked: a static trip count
+            carry = lax.fori_loop(0, seq // block_k, lambda j, c: kv_step(j, c, True), init)
         else:
-            carry = lax.fori_loop(0, n_k, lambda j, c: kv_step(j, c, causal), init)
+            carry = _loop_key_blocks(kv_step, init, i, causal, block_q, block_k, seq)
         _, l, acc = carry
         return acc / l[..., None]
 
@@ -268,21 +271,8 @@ def blockwise_2d(
                     new.append(_online_update(carry[c], s, v_j, jnp.matmul, False))
                 return tuple(new)
 
-            init = tuple(
-                (
-                    jnp.full((block_q,), -jnp.inf, q.dtype),
-                    jnp.zeros((block_q,), q.dtype),
-                    jnp.zeros((block_q, dim), q.dtype),
-                )
-                for _ in range(chains)
-            )
-            if causal:
-                n_full = (i * block_q + 1) // block_k
-                n_visible = ((i + 1) * block_q + block_k - 1) // block_k
-                carry = lax.fori_loop(0, n_full, lambda j, c: kv_step(j, c, False), init)
-                carry = lax.fori_loop(n_full, n_visible, lambda j, c: kv_step(j, c, True), carry)
-            else:
-                carry = lax.fori_loop(0, seq // block_k, lambda j, c: kv_step(j, c, False), init)
+            init = tuple(_online_init((block_q,), dim, q.dtype) for _ in range(chains))
+            carry = _loop_key_blocks(kv_step, init, i, causal, block_q, block_k, seq)
             return jnp.stack([acc / l[:, None] for _, l, acc in carry])
 
         out = lax.map(attend_query_block, (jnp.arange(n_q), q_blocks))  # [n_q, chains, bq, d]

@@ -34,7 +34,8 @@ from einfuse.autotune.measured import MeasuredSearch
 from einfuse.autotune.screen import ModelEvaluator
 from einfuse.autotune.space import Candidate, SearchSpace, SpaceOptions, build_space
 from einfuse.autotune.store import quiet_optuna
-from einfuse.autotune.timing import cpu_steal_fraction, format_table
+from einfuse.autotune.timing_steal import cpu_steal_fraction
+from einfuse.autotune.timing_table import format_table
 from einfuse.autotune.tuner import autotune
 from einfuse.cost_model.target import Target, get_target
 from einfuse.einsum_cascade import attention

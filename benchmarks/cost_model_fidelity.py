@@ -47,7 +47,8 @@ import numpy as np
 from jax import lax
 
 from benchmarks.attention_explore import blockwise_attention
-from einfuse.autotune.timing import cpu_steal_fraction, time_interleaved
+from einfuse.autotune.timing import time_interleaved
+from einfuse.autotune.timing_steal import cpu_steal_fraction
 from einfuse.cost_model.model import CostModel
 from einfuse.cost_model.target import get_target
 from einfuse.einsum_cascade import attention, matmul_chain

@@ -25,7 +25,8 @@ import random
 import sys
 from typing import Any
 
-from einfuse.autotune.timing import format_table, measure_in_subprocess
+from einfuse.autotune.timing_subprocess import measure_in_subprocess
+from einfuse.autotune.timing_table import format_table
 
 BATCH, HEADS, DIM = 1, 8, 64
 IMPLS = ("einfuse", "dpa_xla", "jit_softmax")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from einfuse.autotune.timing import format_table, measure_in_subprocess
+from einfuse.autotune.timing_subprocess import measure_in_subprocess
+from einfuse.autotune.timing_table import format_table
 
 IMPLS = ("jax", "einfuse")
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from einfuse.backends.hlo_summary import CollectiveCount
 from einfuse.backends.inspection import (
     STAGES,
-    CollectiveCount,
     _xla_cost,
     hlo_text,
     inspect_hlo,

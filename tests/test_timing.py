@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from einfuse.autotune.timing import (
+from einfuse.autotune.timing import Timing, compile_time, time_interleaved
+from einfuse.autotune.timing_steal import (
     CpuTimes,
     StealWatch,
-    Timing,
-    compile_time,
-    format_table,
-    measure_in_subprocess,
     read_cpu_times,
     steal_fraction_between,
-    time_interleaved,
-    timings_from_result,
 )
+from einfuse.autotune.timing_subprocess import measure_in_subprocess, timings_from_result
+from einfuse.autotune.timing_table import format_table
 
 
 class FakeStealReader:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from einfuse.autotune.store import TuningKey
-from einfuse.autotune.timing import format_table
+from einfuse.autotune.timing_table import format_table
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def _tune(args: argparse.Namespace) -> Any:
 
 
 def _list_table(store: Any) -> str:
-    from einfuse.autotune.timing import format_table
+    from einfuse.autotune.timing_table import format_table
 
     rows = []
     for row in store.studies():
@@ -166,7 +166,7 @@ def _show_study(store: Any, name: str) -> str:
     import json
 
     from einfuse.autotune.store import BEST_ATTR, KEY_ATTR
-    from einfuse.autotune.timing import format_table
+    from einfuse.autotune.timing_table import format_table
 
     study = store.find_study(name)
     if study is None:

@@ -12,7 +12,9 @@ from einfuse.ir.cascade import (
 )
 from einfuse.ir.errors import EinfuseError, ParseError, SpecError, VerifyError
 from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, call
-from einfuse.ir.text import format_cascade, format_expr, parse, parse_size
+from einfuse.ir.text_parse import parse
+from einfuse.ir.text_print import format_cascade, format_expr
+from einfuse.ir.text_sizes import parse_size
 from einfuse.ir.verify import verify
 
 __all__ = [

@@ -135,7 +135,7 @@ class Cascade:
 
     def __post_init__(self) -> None:
         # Canonical sizes (defaults dropped, ints as ints) make equality mean "same program".
-        from einfuse.ir.text import normalize_size
+        from einfuse.ir.text_sizes import normalize_size
 
         sizes = []
         for r, s in self.sizes:
@@ -240,7 +240,7 @@ class Cascade:
         return iter(self.einsums)
 
     def __str__(self) -> str:
-        from einfuse.ir.text import format_cascade
+        from einfuse.ir.text_print import format_cascade
 
         return format_cascade(self)
 

@@ -99,7 +99,7 @@ class Expr:
             yield from c.walk()
 
     def __str__(self) -> str:
-        from einfuse.ir.text import format_expr
+        from einfuse.ir.text_print import format_expr
 
         return format_expr(self)
 

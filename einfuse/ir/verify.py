@@ -28,7 +28,8 @@ from einfuse.ir.expr import (
     shifted_rank,
     size_refs,
 )
-from einfuse.ir.text import RANK_RE, format_expr
+from einfuse.ir.text_lexer import RANK_RE
+from einfuse.ir.text_print import format_expr
 
 # Names the text form cannot give back: ``inf`` is a number, the others start statements.
 _TENSOR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

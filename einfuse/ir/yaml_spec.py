@@ -1,6 +1,6 @@
 """Loading spec files: the ``.ein`` text form, and TeAAL-style YAML.
 
-A ``.ein`` file is the text form (``einfuse.ir.text``). A ``.yaml``/``.yml`` file follows
+A ``.ein`` file is the text form (``einfuse.ir.text_parse``). A ``.yaml``/``.yml`` file follows
 TeAAL's spec format (FPSG-UIUC/teaal-compiler)::
 
     einsum:
@@ -52,7 +52,9 @@ import yaml
 from einfuse.ir.cascade import Cascade, Einsum, SourceLoc, TensorDecl
 from einfuse.ir.errors import ParseError, SpecError
 from einfuse.ir.schedule import Schedule
-from einfuse.ir.text import RANK_RE, parse, parse_size
+from einfuse.ir.text_lexer import RANK_RE
+from einfuse.ir.text_parse import parse
+from einfuse.ir.text_sizes import parse_size
 from einfuse.ir.verify import verify
 
 _EINSUM_KEYS = ("declaration", "expressions", "shape", "inputs", "outputs", "dtype", "partitions")
