@@ -70,6 +70,19 @@ def test_loop_body_has_no_loop_rank_and_reads_one_key_tile():
     assert "K__blk[b, h, e, m0]" in body and "RM__prev[b, h, p]" in body
 
 
+def test_the_accumulator_is_stored_query_major_as_a_plain_p_v_gemm():
+    """The library writes AV[f, p]; the loop keeps the running P V as [.., p, f] instead."""
+    c, fused = _fused("3pass", 4)
+    assert "RNV[m1+1, b, h, f, p]" in str(fused)
+    sizes = infer_sizes(fused, {k: v.shape for k, v in _inputs(c, 8, 8).items()})
+    body = BlockwiseCascade(fused, fused_groups(fused)[0], sizes).body_cascade
+    accumulators = [e for e in body.einsums if "f" in e.output_ranks and "p" in e.output_ranks]
+    assert accumulators
+    for e in accumulators:
+        ranks = e.output_ranks
+        assert ranks.index("p") < ranks.index("f"), str(e)
+
+
 def test_no_intermediate_spans_both_queries_and_keys():
     c, fused = _fused("3pass", 16)
     ins = _inputs(c, 64, 64)

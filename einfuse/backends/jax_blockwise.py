@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from einfuse.backends.blockwise_layout import query_major
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
@@ -258,6 +259,7 @@ class BlockwiseCascade:
         self.sizes = dict(sizes)
         cascade = drop_true_padding_masks(cascade, self.sizes)
         query = choose_query_rank(cascade, group, self.sizes)
+        cascade = query_major(cascade, group, query)
         self.plan = plan_group(cascade, group, query)
         self.query = query
         total = self.sizes[query] if query else 1
