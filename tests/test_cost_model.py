@@ -6,10 +6,11 @@ import random
 import pytest
 
 from einfuse.cost_model.collectives import collective_time
+from einfuse.cost_model.errors import CostModelError
 from einfuse.cost_model.fusemax import fusemax_mapping
-from einfuse.cost_model.model import CostModel, einsum_work, estimate, utilization
+from einfuse.cost_model.model import CostModel, estimate, utilization
 from einfuse.cost_model.target import get_target, parse_target
-from einfuse.cost_model.traffic import CostModelError
+from einfuse.cost_model.work import einsum_work
 from einfuse.einsum_cascade import attention, matmul_chain
 from einfuse.ir import parse
 from einfuse.ir.schedule import Schedule

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from einfuse.cost_model import calibrate
+from einfuse.cost_model.calibrate_overheads import fit_dot_element_costs
 from einfuse.cost_model.collectives import (
     best_chunk_count,
     collective_latency_s,
@@ -185,6 +186,7 @@ def _fake_measure(calls):
             dram_buffer_bytes=1 << 30,
             cache_bytes_per_s=tuple(rng.uniform(2e10, 1e12) for _ in host.caches),
             seconds=0.01,
+            overheads=tuple(rng.uniform(1e-10, 1e-6) for _ in range(4)),
         )
 
     return measure
@@ -260,7 +262,21 @@ def test_real_quick_calibration_gives_plausible_figures(tmp_path):
     assert 1e8 < target.main_memory.bandwidth_bytes_per_s < 1e12
     assert all(1e8 < level.bandwidth_bytes_per_s < 1e13 for level in target.memory)
     assert len(target.memory) >= 2
+    oh = target.overheads
+    assert oh is not None and 0 < oh.op_s < 1e-3 and 0 <= oh.loop_step_s < 1e-3
+    assert 0 <= oh.dot_operand_element_s < 1e-6 and 0 <= oh.dot_result_element_s < 1e-6
     assert calibrate.calibrate_host(cache_dir=tmp_path, quick=True) == target
+
+
+def test_dot_element_costs_are_recovered_from_step_times():
+    shapes = ((256, 256, 256), (256, 256, 8), (512, 512, 32), (256, 16, 256), (64, 64, 64))
+    rng = random.Random(3)
+    t0, rate = rng.uniform(1e-7, 1e-6), rng.uniform(1e10, 1e11)
+    result, operand = rng.uniform(1e-10, 1e-9), rng.uniform(1e-11, 1e-10)
+    seconds = [t0 + m * n * k / rate + result * m * n + operand * (m * k + k * n)
+               for m, n, k in shapes]  # fmt: skip
+    fitted = fit_dot_element_costs(shapes, seconds)
+    assert fitted == pytest.approx((result, operand), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ def test_without_a_stored_result_the_given_passes_run(tmp_path):
     assert [name for name, _ in compiled.trace(q, k, v).pass_history[0]] == ["unify-ranks", "dce"]
 
 
-
 def test_jit_emits_the_stored_schedules_query_tile(tmp_path):
     """A record whose schedule tiles the queries by 128: the blockwise loop follows it."""
     store = str(tmp_path / "tune.db")

@@ -10,10 +10,11 @@ best few. Only the results worth keeping go to the Optuna study (see `tuner`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from einfuse.autotune.measure import describe_error
@@ -56,6 +57,7 @@ class ModelEvaluator:
         self.target = target
         self.sizes = dict(sizes)
         self._models: dict[str, object | str] = {}
+        self._by_cascade: dict[tuple[str, tuple[tuple[str, int], ...]], object] = {}
 
     def model(self, pipeline: str) -> object | str:
         """The `CostModel` of the cascade after ``pipeline``, or why there is none."""
@@ -65,9 +67,12 @@ class ModelEvaluator:
             try:
                 transformed = run_passes(self.cascade, pipeline, check=False).cascade
                 sizes = bind_sizes(transformed, self.sizes)
-                self._models[pipeline] = self._cost_model(
-                    transformed, self.target, sizes, dtype=compute_dtype(self.cascade)
-                )
+                same = (transformed.fingerprint(), tuple(sorted(sizes.items())))
+                if same not in self._by_cascade:  # pipelines that change nothing share one
+                    self._by_cascade[same] = self._cost_model(
+                        transformed, self.target, sizes, dtype=compute_dtype(self.cascade)
+                    )
+                self._models[pipeline] = self._by_cascade[same]
             except Exception as exc:
                 self._models[pipeline] = f"pipeline {pipeline!r}: {describe_error(exc)}"
         return self._models[pipeline]
@@ -144,11 +149,27 @@ def screen(
     elapsed = time.perf_counter() - start
     if on_progress is not None:
         on_progress(len(scores))
+    return Screening(rank_scores(space, scores.values()), elapsed, exhaustive)
+
+
+def rank_scores(space: SearchSpace, scores: Iterable[Score]) -> tuple[Score, ...]:
+    """Best first; equal times in a deterministic order (see ``_order_key``).
+
+    The tie-break is computed only among equal times: thousands of scores sort in
+    milliseconds, where a full key per score costs more than scoring them did.
+    """
     default = space.default_point()
-    ranked = sorted(
-        scores.values(), key=lambda s: (s.seconds, *_order_key(space, s.point, default))
-    )
-    return Screening(tuple(ranked), elapsed, exhaustive)
+    ranked: list[Score] = []
+    for _, group in itertools.groupby(sorted(scores, key=_seconds), key=_seconds):
+        tied = list(group)
+        if len(tied) > 1:
+            tied.sort(key=lambda s: _order_key(space, s.point, default))
+        ranked += tied
+    return tuple(ranked)
+
+
+def _seconds(score: Score) -> float:
+    return score.seconds
 
 
 def _sample_then_descend(

@@ -66,9 +66,7 @@ class ProgramRunner:
         self._fns: dict[int, RegionFn] = {}
         for k, region in enumerate(program.regions):
             try:
-                self.emitted[k] = emit_jax(
-                    region.cascade, schedule=region.schedule, **emit_options
-                )
+                self.emitted[k] = emit_jax(region.cascade, schedule=region.schedule, **emit_options)
             except EinfuseError as exc:
                 self.fallbacks[k] = f"{type(exc).__name__}: {exc}"
             self._fns[k] = _region_fn(region, self.emitted.get(k), program.avals, k)

@@ -16,7 +16,6 @@ import os
 import platform
 import re
 import socket
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,9 +24,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from einfuse.cost_model.calibrate_overheads import measure_overheads, median_seconds
+from einfuse.cost_model.overheads import Overheads
 from einfuse.cost_model.target import ComputeUnit, Interconnect, MemoryLevel, Target
 
-_SCHEMA = 1
+_SCHEMA = 2  # 2: loop, operation and dot-step overheads
 _SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 # Used when neither sysfs nor lscpu tells us the caches: a typical x86 server core.
 _DEFAULT_CACHES = (("l3", 32 << 20, 1), ("l2", 1 << 20, 1), ("l1d", 32 << 10, 1))
@@ -68,6 +69,7 @@ class HostMeasurements:
     dram_buffer_bytes: int
     cache_bytes_per_s: tuple[float, ...]  # aligned with HostDescription.caches
     seconds: float
+    overheads: tuple[float, float, float, float]  # see calibrate_overheads.measure_overheads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,18 +184,6 @@ def describe_host() -> HostDescription:
 # Python dispatch does not dominate; the median of `repeats` timed calls after a warm-up.
 
 
-def _median_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure_matmul(dtype: str, n: int, repeats: int) -> float:
     """MACs per second of an n x n x n jnp.dot."""
     import jax
@@ -201,7 +191,7 @@ def measure_matmul(dtype: str, n: int, repeats: int) -> float:
 
     keys = jax.random.split(jax.random.key(0))
     a, b = (jax.random.uniform(k, (n, n), jnp.float32, 0.5, 1.5).astype(dtype) for k in keys)
-    return n**3 / _median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
+    return n**3 / median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
 
 
 def measure_stream_bandwidth(n_bytes: int, target_bytes: int, repeats: int) -> float:
@@ -217,7 +207,7 @@ def measure_stream_bandwidth(n_bytes: int, target_bytes: int, repeats: int) -> f
     iterations = max(1, target_bytes // (8 * n))
     fn = jax.jit(lambda x: lax.fori_loop(0, iterations, step, x))
     x = jnp.full((n,), 0.5, jnp.float32)
-    return 8 * n * iterations / _median_seconds(fn, x, repeats=repeats)
+    return 8 * n * iterations / median_seconds(fn, x, repeats=repeats)
 
 
 def measure_exp_rate(n_bytes: int, target_elements: int, repeats: int) -> float:
@@ -230,7 +220,7 @@ def measure_exp_rate(n_bytes: int, target_elements: int, repeats: int) -> float:
     iterations = max(1, target_elements // n)
     fn = jax.jit(lambda x: lax.fori_loop(0, iterations, lambda i, y: jnp.exp(-y), x))
     x = jnp.full((n,), 0.5, jnp.float32)
-    return n * iterations / _median_seconds(fn, x, repeats=repeats)
+    return n * iterations / median_seconds(fn, x, repeats=repeats)
 
 
 _HORNER_STEPS = 16
@@ -255,7 +245,7 @@ def measure_vector_rate(n_bytes: int, target_elements: int, repeats: int) -> flo
     fn = jax.jit(lambda x: lax.fori_loop(0, iterations, body, x))
     x = jnp.full((n,), 0.5, jnp.float32)
     ops = (_HORNER_STEPS + 1) * n * iterations
-    return ops / _median_seconds(fn, x, repeats=repeats)
+    return ops / median_seconds(fn, x, repeats=repeats)
 
 
 def measure_host(host: HostDescription, *, quick: bool = False) -> HostMeasurements:
@@ -279,6 +269,7 @@ def measure_host(host: HostDescription, *, quick: bool = False) -> HostMeasureme
     dram_buffer = 64 << 20 if quick else min(max(4 * largest_cache, 64 << 20), 512 << 20)
     dram_buffer = max(1 << 20, min(dram_buffer, available // 8))
     dram = measure_stream_bandwidth(dram_buffer, 2 * dram_buffer, repeats)  # one pass a call
+    overheads = measure_overheads(repeats)
     return HostMeasurements(
         matmul_macs_per_s=matmul,
         vector_ops_per_s=vector,
@@ -287,6 +278,7 @@ def measure_host(host: HostDescription, *, quick: bool = False) -> HostMeasureme
         dram_buffer_bytes=dram_buffer,
         cache_bytes_per_s=tuple(caches),
         seconds=time.perf_counter() - start,
+        overheads=overheads,
     )
 
 
@@ -336,6 +328,7 @@ def host_target(host: HostDescription, measured: HostMeasurements) -> Target:
         word_bytes=4,
         exp_cost_in_macs=exp_cost,
         notes=notes,
+        overheads=Overheads(0.0, *measured.overheads),
     )
 
 
@@ -374,6 +367,7 @@ def _load_cached(
         measured = dict(record["measurements"])
         measured["matmul_macs_per_s"] = tuple(tuple(m) for m in measured["matmul_macs_per_s"])
         measured["cache_bytes_per_s"] = tuple(measured["cache_bytes_per_s"])
+        measured["overheads"] = tuple(measured["overheads"])
         return HostDescription(**host), HostMeasurements(**measured)
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from einfuse.cost_model.errors import CostModelError
 from einfuse.cost_model.model import CostModel
 from einfuse.cost_model.target import Target, get_target
-from einfuse.cost_model.traffic import CostModelError
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.schedule import Schedule
 

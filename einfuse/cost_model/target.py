@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from einfuse.cost_model.overheads import Overheads
 from einfuse.errors import EinfuseError
 
 UnitKind = Literal["matrix", "vector", "transcendental"]
@@ -182,6 +183,7 @@ class Target:
     word_bytes: int
     exp_cost_in_macs: float | None = None
     notes: str = field(default="", compare=False)
+    overheads: Overheads | None = None  # None: ``Overheads.default_for(device_kind)``
 
     def __post_init__(self) -> None:
         _check_target(self)

@@ -1,0 +1,108 @@
+"""Which compute unit runs which work, and at what rate: an Einsum's *charges*.
+
+By default a contraction's MACs go to the matrix unit, other operators to the vector unit and
+transcendentals to the transcendental unit (or, where it is missing, to the vector unit at
+``exp_cost_in_macs`` ops each). A schedule option ``unit.<Einsum>=<unit>`` runs all of an
+Einsum's work on that unit, a transcendental costing ``exp_cost_in_macs`` ops on a non-SFU unit.
+A charge ``(unit, per MAC, per vector op, per transcendental, rate)`` turns counts into busy
+seconds with a few multiplications, which keeps the model's fast path fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from einfuse.cost_model.errors import CostModelError
+from einfuse.cost_model.target import ComputeUnit, Target
+from einfuse.cost_model.work import Work
+from einfuse.ir.cascade import Einsum
+
+Charge = tuple[str, float, float, float, float]  # (unit, per MAC, per vector, per transc., rate)
+
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "tensorfloat32": 4, "bfloat16": 2, "float16": 2}
+ELEMENT_BYTES |= {"float8_e4m3fn": 1, "int8": 1}
+
+
+def default_dtype(target: Target) -> str:
+    """float32 where every unit runs it, else the first 16-bit type they all run."""
+    for dtype in ("float32", "bfloat16", "float16"):
+        if all(dtype in u.dtypes for u in target.units):
+            return dtype
+    raise CostModelError(f"target {target.name!r}: no dtype that all units support; pass dtype=")
+
+
+def unit_rates(target: Target, dtype: str) -> dict[str, float]:
+    """Ops per second of each unit for ``dtype``; NaN where the unit lacks it (an error only if
+    work lands there)."""
+    rates = {}
+    for u in target.units:
+        try:
+            rates[u.name] = u.rate(dtype)
+        except KeyError:
+            rates[u.name] = math.nan
+    return rates
+
+
+def _unit(target: Target, kind: str) -> ComputeUnit | None:
+    try:
+        return target.unit(kind)
+    except KeyError:
+        return None
+
+
+def einsum_charges(
+    target: Target,
+    dtype: str,
+    rates: Mapping[str, float],
+    einsums: Sequence[Einsum],
+    work: Sequence[Work],
+    binding: Mapping[str, str],
+) -> tuple[tuple[Charge, ...], ...]:
+    """Per Einsum, the units its work runs on under ``binding`` (Einsum output -> unit name)."""
+    units = {u.name: u for u in target.units}
+    for name, unit in binding.items():
+        if unit not in units:
+            raise CostModelError(
+                f"schedule binds {name} to unit {unit!r}; target {target.name!r} has units "
+                f"{', '.join(units)}"
+            )
+    exp_cost = target.exp_cost_in_macs
+    out = []
+    for e, w in zip(einsums, work):
+        coef: dict[str, list[float]] = {}
+        bound = binding.get(e.output)
+        has_trans = any(tr for _, _, tr in w.terms)
+        if bound is not None:
+            unit = units[bound]
+            if has_trans and unit.kind != "transcendental" and exp_cost is None:
+                raise CostModelError(
+                    f"{e.output} is bound to {unit.name}, which cannot evaluate "
+                    f"transcendentals: target {target.name!r} gives no exp_cost_in_macs"
+                )
+            k = 1.0 if unit.kind == "transcendental" else (exp_cost or 1.0)
+            coef[unit.name] = [1.0, 1.0, k]
+        else:
+            matrix = _unit(target, "matrix") or _unit(target, "vector")
+            vector = _unit(target, "vector") or _unit(target, "matrix")
+            assert matrix is not None and vector is not None  # a target has at least one unit
+            sfu = _unit(target, "transcendental")
+            coef.setdefault(matrix.name, [0.0, 0.0, 0.0])[0] += 1.0
+            coef.setdefault(vector.name, [0.0, 0.0, 0.0])[1] += 1.0
+            if sfu is not None:
+                coef.setdefault(sfu.name, [0.0, 0.0, 0.0])[2] += 1.0
+            else:
+                coef[vector.name][2] += exp_cost or 1.0
+        needs = (bool(w.macs), bool(w.terms) or bool(w.scale_ops), has_trans)
+        charges = []
+        for name, (cm, cv, ct) in coef.items():
+            used = (cm and needs[0]) or (cv and needs[1]) or (ct and needs[2])
+            if used and math.isnan(rates[name]):
+                raise CostModelError(
+                    f"target {target.name!r}: unit {name} has no rate for {dtype}; it "
+                    f"supports {', '.join(units[name].dtypes)} (pass dtype=)"
+                )
+            if used:
+                charges.append((name, cm, cv, ct, rates[name]))
+        out.append(tuple(charges))
+    return tuple(out)
