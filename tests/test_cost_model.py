@@ -126,8 +126,13 @@ def test_a_tile_that_does_not_fit_its_level_is_rejected_with_the_reason():
     assert model.report(Schedule.of(tiles={"i": 32, "j": 32})).fits
 
 
+# Unscaled attention (scale=1.0) in the placement tests: a scale would be folded into Q by
+# fuse, and the small kernel scaling Q would come first in the report.
 def test_fused_intermediates_stay_on_chip_while_they_fit_and_spill_otherwise():
-    c = fuse(attention("3pass", batch=False, heads=False, e=64, f=64, p=1024, m=1024), tile=64)
+    c = fuse(
+        attention("3pass", batch=False, heads=False, scale=1.0, e=64, f=64, p=1024, m=1024),
+        tile=64,
+    )
     model = CostModel(c, "h100")
     small = model.report(Schedule.of(tiles={"p": 64}))
     # p=512: Q, K, V and AV tiles (144 KiB) and QK (64 KiB) fit 228 KiB; SN (64 KiB) does not.
@@ -139,7 +144,10 @@ def test_fused_intermediates_stay_on_chip_while_they_fit_and_spill_otherwise():
 
 
 def test_an_explicit_placement_that_does_not_fit_is_rejected_not_spilled():
-    c = fuse(attention("3pass", batch=False, heads=False, e=64, f=64, p=1024, m=1024), tile=64)
+    c = fuse(
+        attention("3pass", batch=False, heads=False, scale=1.0, e=64, f=64, p=1024, m=1024),
+        tile=64,
+    )
     placed = Schedule.of(tiles={"p": 1024}, placement={"QK": "shared_memory"})
     report = CostModel(c, "h100").report(placed)
     assert not report.fits and "QK" in report.reason
@@ -214,7 +222,8 @@ def test_table_lists_every_einsum_and_why_names_the_bottleneck():
     for column in ("MACs", "vector", "transc.", "hbm", "shared_memory", "time", "bound"):
         assert column in table
     assert report.bound in report.why()
-    assert report.kernels[0].name in report.why()
+    heaviest = max(report.kernels, key=lambda k: k.time_s)
+    assert heaviest.name in report.why()
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import einfuse.passes.dce
 import einfuse.passes.defer
+import einfuse.passes.fold_scale
 import einfuse.passes.fuse
 import einfuse.passes.partition
 import einfuse.passes.unify_ranks  # noqa: F401

@@ -2,7 +2,8 @@
 
 For a rank ``m`` that the cascade traverses several times (``pass_counts``), the pass
 
-1. partitions ``m -> m1, m0`` (unless done already),
+1. partitions ``m -> m1, m0`` (unless done already), after folding a constant scale of the
+   scores into an operand (``fold-scale``: the loop then never rescales a score tile),
 2. defers divisions past sums over ``m1`` (``defer-division``),
 3. for every max ``G`` over ``m1`` read inside the loop, replaces it by a running max
    ``RM`` carried along ``m1``; values computed against it (``scale`` analysis) read the
@@ -40,6 +41,7 @@ from einfuse.ir.expr import (
 from einfuse.ir.verify import verify
 from einfuse.passes.dce import reads, remove_unread, unread
 from einfuse.passes.defer import defer, unique_name
+from einfuse.passes.fold_scale import fold_scale
 from einfuse.passes.manager import register_pass
 from einfuse.passes.partition import PartitionError, partition, whole_outputs
 from einfuse.passes.pass_count import RankPasses, analyze_rank, pass_counts
@@ -129,7 +131,7 @@ def _fuse_rank(c: Cascade, rank: str, tile: int) -> tuple[Cascade, RankFusion]:
     work = c
     if p is None:
         try:
-            work, p = _partition(c, rank, tile)
+            work, p = _partition(fold_scale(c, rank), rank, tile)
         except (PartitionError, VerifyError) as exc:
             return unchanged(f"cannot partition: {exc}")
     work, done, problems = _online(defer(work, {p.outer}), p)
