@@ -59,7 +59,10 @@ def test_causal_mask_is_recognized_and_skips_tiles():
     assert bw.plan.causal and bw.query == "p"
     _, plain = _fused("3pass", 4, causal=False)
     bw_plain = BlockwiseCascade(plain, fused_groups(plain)[0], sizes, query_tile=4)
-    assert not bw_plain.plan.causal
+    assert not bw_plain.plan.causal and bw_plain.full_body is None
+    # Tiles below the diagonal run a step without the mask: no comparison with the query.
+    assert bw.full_body is not None
+    assert "<=" in bw.body.source("step") and "<=" not in bw.full_body.source("step")
 
 
 def test_loop_body_has_no_loop_rank_and_reads_one_key_tile():

@@ -190,13 +190,18 @@ def _causal_query(cond: Expr, flat: Expr) -> str | None:
 
 
 def _is_causal(c: Cascade, g: FusedGroup, query: str | None) -> bool:
-    """A member masks scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader.
+    return _causal_member(c, g, query) is not None
+
+
+def _causal_member(c: Cascade, g: FusedGroup, query: str | None) -> str | None:
+    """A member masking scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader.
 
     Then a key tile wholly above the diagonal of a query block only sees ``-inf``
-    scores, which leave the running max, sums and products unchanged.
+    scores, which leave the running max, sums and products unchanged, and a tile wholly
+    below it sees X itself.
     """
     if query is None:
-        return False
+        return None
     flat = _flat(g.rank, g.inner)
     for name in g.einsums:
         x = c.writer(name).expr
@@ -207,8 +212,20 @@ def _is_causal(c: Cascade, g: FusedGroup, query: str | None) -> bool:
         raw = {a.tensor for a in accesses(x.args[1])}
         others = [m for m in g.einsums if m != name and raw & set(reads(c.writer(m)))]
         if not others:
-            return True
-    return False
+            return name
+    return None
+
+
+def without_causal_mask(c: Cascade, g: FusedGroup, query: str | None) -> Cascade:
+    """``c`` with the causal member computing X instead of ``where(.. <= p, X, -inf)``: the
+    step for key tiles that every query of the block sees."""
+    name = _causal_member(c, g, query)
+    if name is None:
+        return c
+    e = c.writer(name)
+    assert isinstance(e.expr, Op)
+    plain = Einsum(e.output, e.indices, e.expr.args[1], e.reduce, e.init, e.loc)
+    return c.with_einsums(tuple(plain if x.output == name else x for x in c.einsums))
 
 
 def choose_query_rank(c: Cascade, g: FusedGroup, sizes: Mapping[str, int]) -> str | None:
@@ -269,16 +286,7 @@ class BlockwiseCascade:
             raise BackendUnsupported(f"query tile {query_tile} of rank {query}: must be >= 1")
         self.q_tile = min(query_tile, total) if query else 1
         self.q_blocks = -(-total // self.q_tile)
-        body = self.plan.body
-        if query is not None:
-            einsums = tuple(
-                Einsum(e.output, e.indices, _globalize(e.expr, query, self.q_tile, total), e.reduce)
-                for e in body.einsums
-            )
-            decls = body.inputs
-            if any(a == Access(QBLOCK, ()) for e in einsums for a in e.expr.walk()):
-                decls = (*decls, TensorDecl(QBLOCK, ()))
-            body = Cascade(decls, einsums, body.outputs, body.sizes, body.partitions)
+        body = self._globalized(self.plan.body)
         self.rows = _row_ranks(cascade, group, body, query) if rows else ()
         body_sizes = dict(self.sizes)
         if query is not None:
@@ -289,10 +297,33 @@ class BlockwiseCascade:
             self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, **options
         )
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
+        # Causal: tiles below the diagonal run a step without the mask (only the tiles on
+        # it pay for it), tiles above it are skipped.
+        self.full_body: LoweredCascade | None = None
+        if self.plan.causal:
+            unmasked = plan_group(without_causal_mask(cascade, group, query), group, query)
+            full = self._globalized(unmasked.body)
+            if {t.name for t in full.inputs} <= set(self.body_inputs):
+                self.full_body = lower_cascade(full, body_sizes, **options)
         self.post = lower_program(
             self.plan.post, self.sizes, query_tile=query_tile, schedule=schedule, **options
         )
         self.body_cascade = body
+
+    def _globalized(self, body: Cascade) -> Cascade:
+        """The step with the query rank's value and size those of the whole rank."""
+        query = self.query
+        if query is None:
+            return body
+        total = self.sizes[query]
+        einsums = tuple(
+            Einsum(e.output, e.indices, _globalize(e.expr, query, self.q_tile, total), e.reduce)
+            for e in body.einsums
+        )
+        decls = body.inputs
+        if any(a == Access(QBLOCK, ()) for e in einsums for a in e.expr.walk()):
+            decls = (*decls, TensorDecl(QBLOCK, ()))
+        return Cascade(decls, einsums, body.outputs, body.sizes, body.partitions)
 
     def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
         env = dict(arrays)
@@ -365,21 +396,38 @@ class BlockwiseCascade:
             if self.plan.causal:  # key tiles wholly above the diagonal change nothing
                 upper = jnp.minimum(steps, ((j + 1) * self.q_tile - 1) // tile + 1)
 
-            def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
-                inputs = {**shared, **block, STEP: k.astype(jnp.float32)}
-                inputs[QBLOCK] = j.astype(jnp.float32)
-                for name in self.body_inputs:
-                    if name.endswith("__blk"):
-                        d = self.plan.tiles[name.removesuffix("__blk")][0]
-                        inputs[name] = lax.dynamic_slice_in_dim(inputs[name], k * tile, tile, d)
-                for t in g.carried:
-                    inputs[f"{t}__prev"] = state[t]
-                return self.body({n: inputs[n] for n in self.body_inputs})
+            def step_of(body: LoweredCascade) -> Any:
+                def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                    inputs = {**shared, **block, STEP: k.astype(jnp.float32)}
+                    inputs[QBLOCK] = j.astype(jnp.float32)
+                    for name in self.body_inputs:
+                        if name.endswith("__blk"):
+                            d = self.plan.tiles[name.removesuffix("__blk")][0]
+                            x = inputs[name]
+                            inputs[name] = lax.dynamic_slice_in_dim(x, k * tile, tile, d)
+                    for t in g.carried:
+                        inputs[f"{t}__prev"] = state[t]
+                    return body({n: inputs[n] for n, _ in body.inputs})
+
+                return step
+
+            step = step_of(self.body)
+            if not self.plan.causal:
+                return lax.fori_loop(0, steps, step, state0)
+            # lax.switch, not a dynamic trip count, so the loop stays reverse-differentiable.
+            branches = [step, lambda _, s: s]
+            full = jnp.zeros((), jnp.int32)
+            if self.full_body is not None:
+                branches.insert(0, step_of(self.full_body))
+                full = (j * self.q_tile + 1) // tile  # key tiles every query of block j sees
 
             def guarded(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
-                return lax.cond(k < upper, step, lambda _, s: s, k, state)
+                which = jnp.where(k < upper, 0, 1)
+                if self.full_body is not None:
+                    which = jnp.where(k < full, 0, which + 1)
+                return lax.switch(which, branches, k, state)
 
-            return lax.fori_loop(0, steps, guarded if self.plan.causal else step, state0)
+            return lax.fori_loop(0, steps, guarded, state0)
 
         finals = lax.map(run_block, (jnp.arange(self.q_blocks), mapped))
         if self.query is None:
