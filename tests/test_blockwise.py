@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from einfuse.backends.jax_blockwise import BlockwiseCascade, drop_true_padding_masks
+from einfuse.backends.blockwise_plan import drop_true_padding_masks
+from einfuse.backends.jax_blockwise import BlockwiseCascade
 from einfuse.backends.reference import infer_sizes, interpret
 from einfuse.einsum_cascade import attention
 from einfuse.ir import Cascade

@@ -95,7 +95,7 @@ QUERY_TILES = (128, 256, 512, 1024)
 @functools.lru_cache(maxsize=64)
 def fused_query_rank(cascade: Cascade, tile: int, sizes: tuple[tuple[str, int], ...]) -> str | None:
     """The rank the blockwise emitter tiles beside the fused loop (queries), if it fuses."""
-    from einfuse.backends.jax_blockwise import choose_query_rank
+    from einfuse.backends.blockwise_plan import choose_query_rank
     from einfuse.passes.fuse import fuse, fused_groups
 
     fused = fuse(cascade, tile=tile)

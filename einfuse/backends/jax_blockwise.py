@@ -10,14 +10,14 @@ the group with ``m1`` fixed, lowered by the ordinary JAX emitter:
 * the rank value ``m1`` (in masks) becomes the step index.
 
 The query rank is tiled too (a ``lax.map`` over its blocks), so a step holds one
-``P0 x M0`` score tile. With a causal mask ``m1*M0+m0 <= p`` the steps that would only
-see masked keys are skipped (a ``lax.cond``, so the loop stays differentiable).
+``P0 x M0`` score tile. With a causal mask ``m1*M0+m0 <= p`` a ``lax.switch`` per step
+skips the tiles above the diagonal and runs the tiles below it without the mask (so the
+loop stays differentiable). The split into programs is ``blockwise_plan``'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -25,238 +25,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from einfuse.backends.blockwise_layout import query_major
+from einfuse.backends.blockwise_plan import (
+    QBLOCK,
+    STEP,
+    choose_query_rank,
+    drop_true_padding_masks,
+    globalize,
+    plan_group,
+    row_ranks,
+    without_causal_mask,
+)
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.expr import (
     Access,
-    Const,
-    Expr,
-    Op,
-    Size,
-    Var,
-    accesses,
-    rank_vars,
-    shifted_rank,
-    substitute,
 )
 from einfuse.ir.schedule import Schedule
-from einfuse.passes.dce import reads
 from einfuse.passes.fuse import FusedGroup, fused_groups
-
-STEP, QBLOCK = "STEP__", "QBLOCK__"
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """The three programs of a blockwise group: before, one loop step, after."""
-
-    group: FusedGroup
-    query: str | None  # the tiled query rank
-    pre: Cascade  # everything before the loop, plus each carried state's initial value
-    body: Cascade  # one step: carried state in (``X__prev``), new state out
-    post: Cascade  # everything after the loop, reading the final states
-    tiles: dict[str, tuple[int, int]]  # external tensor -> (dim, ...) sliced per step
-    causal: bool
-
-
-def _flat(outer: str, inner: str) -> Expr:
-    return Op("add", (Op("mul", (Var(outer), Size(inner))), Var(inner)))
-
-
-def plan_group(c: Cascade, g: FusedGroup, query: str | None) -> BlockPlan:
-    """Split the cascade around the group; raise BackendUnsupported for shapes it cannot loop."""
-    r1, r0 = g.rank, g.inner
-    if r0 is None:
-        raise BackendUnsupported(f"group over {r1} has no inner rank")
-    members = [c.writer(n) for n in g.einsums]
-    names = set(g.einsums)
-    carried = set(g.carried)
-    flat = _flat(r1, r0)
-    tiles: dict[str, tuple[int, int]] = {}
-    body_inputs: dict[str, TensorDecl] = {}
-
-    def need(name: str, ranks: tuple[str, ...]) -> None:
-        body_inputs.setdefault(name, TensorDecl(name, ranks))
-
-    def step_read(node: Expr) -> Expr | None:
-        if isinstance(node, Var) and node.rank == r1:
-            need(STEP, ())
-            return Access(STEP, ())
-        if not isinstance(node, Access):
-            return None
-        t = node.tensor
-        if t in carried:
-            e = c.writer(t)
-            d = e.iterative_dim
-            back = shifted_rank(node.indices[d])
-            if back not in ((r1, 0), (r1, 1)):
-                raise BackendUnsupported(f"{t} is read at {node.indices[d]} inside its loop")
-            rest = tuple(i for k, i in enumerate(node.indices) if k != d)
-            if back == (r1, 0):
-                need(f"{t}__prev", _ranks_without(c, t, d))
-                return Access(f"{t}__prev", rest)
-            return Access(t, rest)
-        if t in names:
-            dims = [k for k, i in enumerate(node.indices) if r1 in rank_vars(i)]
-            if [node.indices[k] for k in dims] != [Var(r1)]:
-                raise BackendUnsupported(f"{node} is not read at the current step of {r1}")
-            return Access(t, tuple(i for k, i in enumerate(node.indices) if k != dims[0]))
-        dims = [k for k, i in enumerate(node.indices) if r1 in rank_vars(i)]
-        if not dims:
-            need(t, c.tensor_ranks(t))
-            return None
-        if len(dims) != 1 or node.indices[dims[0]] != flat:
-            raise BackendUnsupported(f"{node}: only reads at {r1}*{r0.upper()}+{r0} can be tiled")
-        d = dims[0]
-        tiles[t] = (d, 0)
-        ranks = list(c.tensor_ranks(t))
-        ranks[d] = r0
-        need(f"{t}__blk", tuple(ranks))
-        idx = list(node.indices)
-        idx[d] = Var(r0)
-        return Access(f"{t}__blk", tuple(idx))
-
-    body: list[Einsum] = []
-    init: list[Einsum] = []
-    for e in members:
-        if r1 in e.reduced_ranks:
-            raise BackendUnsupported(f"{e.output} reduces over the loop rank {r1}")
-        drop = e.iterative_dim if e.output in carried else _dim_of(e, r1)
-        indices = tuple(i for k, i in enumerate(e.indices) if k != drop)
-        body.append(Einsum(e.output, indices, substitute(e.expr, step_read), e.reduce))
-        if e.output in carried:
-            init.append(Einsum(f"{e.output}__init", indices, e.init))
-    before, after, later = [], [], set(names)
-    for e in c.einsums:
-        if e.output in names:
-            continue
-        if set(reads(e)) & later:
-            after.append(e)
-            later.add(e.output)
-        else:
-            before.append(e)
-    pre_outputs = tuple(e.output for e in before) + tuple(i.output for i in init)
-    pre = Cascade(c.inputs, (*before, *init), pre_outputs or (), c.sizes, c.partitions)
-    body_c = Cascade(
-        tuple(body_inputs.values()), tuple(body), tuple(g.carried), c.sizes, c.partitions
-    )
-    post = _post(c, g, after, before)
-    return BlockPlan(g, query, pre, body_c, post, tiles, _is_causal(c, g, query))
-
-
-def _ranks_without(c: Cascade, t: str, d: int) -> tuple[str, ...]:
-    return tuple(r for k, r in enumerate(c.tensor_ranks(t)) if k != d)
-
-
-def _dim_of(e: Einsum, rank: str) -> int | None:
-    return next((k for k, i in enumerate(e.indices) if i == Var(rank)), None)
-
-
-def _post(c: Cascade, g: FusedGroup, after: list[Einsum], before: list[Einsum]) -> Cascade:
-    """The Einsums after the loop, reading each carried state's final value ``X[M1, ...]``."""
-
-    def final(node: Expr) -> Expr | None:
-        if isinstance(node, Access) and node.tensor in g.carried:
-            d = c.writer(node.tensor).iterative_dim
-            if node.indices[d] != Size(g.rank):
-                raise BackendUnsupported(f"{node} reads a carried state before its last step")
-            return Access(node.tensor, tuple(i for k, i in enumerate(node.indices) if k != d))
-        return None
-
-    decls = {t.name: t for t in c.inputs}
-    for e in before:
-        decls[e.output] = TensorDecl(e.output, c.tensor_ranks(e.output))
-    for t in g.carried:
-        decls[t] = TensorDecl(t, _ranks_without(c, t, c.writer(t).iterative_dim))
-    for t in g.results:
-        if t not in g.carried:
-            raise BackendUnsupported(f"{t} is read after the loop but is not carried")
-    einsums = [Einsum(e.output, e.indices, substitute(e.expr, final), e.reduce) for e in after]
-    used = {t for e in einsums for t in reads(e)} | set(c.outputs)
-    inputs = tuple(d for n, d in decls.items() if n in used)
-    return Cascade(inputs, tuple(einsums), c.outputs, c.sizes)
-
-
-def _causal_query(cond: Expr, flat: Expr) -> str | None:
-    """The query rank of a causal condition ``m1*M0+m0 <= p`` (or ``p >= m1*M0+m0``)."""
-    if isinstance(cond, Op) and cond.op == "le" and cond.args[0] == flat:
-        q = cond.args[1]
-    elif isinstance(cond, Op) and cond.op == "ge" and cond.args[1] == flat:
-        q = cond.args[0]
-    else:
-        return None
-    return q.rank if isinstance(q, Var) else None
-
-
-def _is_causal(c: Cascade, g: FusedGroup, query: str | None) -> bool:
-    return _causal_member(c, g, query) is not None
-
-
-def _causal_member(c: Cascade, g: FusedGroup, query: str | None) -> str | None:
-    """A member masking scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader.
-
-    Then a key tile wholly above the diagonal of a query block only sees ``-inf``
-    scores, which leave the running max, sums and products unchanged, and a tile wholly
-    below it sees X itself.
-    """
-    if query is None:
-        return None
-    flat = _flat(g.rank, g.inner)
-    for name in g.einsums:
-        x = c.writer(name).expr
-        if not (isinstance(x, Op) and x.op == "where" and x.args[2] == Const(-float("inf"))):
-            continue
-        if _causal_query(x.args[0], flat) != query:
-            continue
-        raw = {a.tensor for a in accesses(x.args[1])}
-        others = [m for m in g.einsums if m != name and raw & set(reads(c.writer(m)))]
-        if not others:
-            return name
-    return None
-
-
-def without_causal_mask(c: Cascade, g: FusedGroup, query: str | None) -> Cascade:
-    """``c`` with the causal member computing X instead of ``where(.. <= p, X, -inf)``: the
-    step for key tiles that every query of the block sees."""
-    name = _causal_member(c, g, query)
-    if name is None:
-        return c
-    e = c.writer(name)
-    assert isinstance(e.expr, Op)
-    plain = Einsum(e.output, e.indices, e.expr.args[1], e.reduce, e.init, e.loc)
-    return c.with_einsums(tuple(plain if x.output == name else x for x in c.einsums))
-
-
-def choose_query_rank(c: Cascade, g: FusedGroup, sizes: Mapping[str, int]) -> str | None:
-    """The rank to tile besides the loop: on every member's left side, never reduced.
-
-    A rank a causal mask compares against wins; otherwise the largest one.
-    """
-    members = [c.writer(n) for n in g.einsums]
-    common = set.intersection(*(set(e.output_ranks) for e in members)) - {g.rank, g.inner}
-    if not common:
-        return None
-    flat = _flat(g.rank, g.inner)
-    for e in members:
-        for node in e.expr.walk():
-            q = _causal_query(node, flat)
-            if q in common:
-                return q
-    return max(sorted(common), key=lambda r: sizes[r])
-
-
-def _globalize(expr: Expr, query: str, q_tile: int, total: int) -> Expr:
-    """In a query block, the rank value ``p`` is ``QBLOCK*P0 + p`` and the size ``P`` is P."""
-    if isinstance(expr, Access):
-        return expr  # indices address the block, not the whole rank
-    if expr == Var(query):
-        return Op("add", (Op("mul", (Access(QBLOCK, ()), Const(q_tile))), Var(query)))
-    if expr == Size(query):
-        return Const(total)
-    if isinstance(expr, Op):
-        return Op(expr.op, tuple(_globalize(a, query, q_tile, total) for a in expr.args))
-    return expr
 
 
 class BlockwiseCascade:
@@ -287,7 +73,7 @@ class BlockwiseCascade:
         self.q_tile = min(query_tile, total) if query else 1
         self.q_blocks = -(-total // self.q_tile)
         body = self._globalized(self.plan.body)
-        self.rows = _row_ranks(cascade, group, body, query) if rows else ()
+        self.rows = row_ranks(cascade, group, body, query) if rows else ()
         body_sizes = dict(self.sizes)
         if query is not None:
             body_sizes[query] = self.q_tile
@@ -317,7 +103,7 @@ class BlockwiseCascade:
             return body
         total = self.sizes[query]
         einsums = tuple(
-            Einsum(e.output, e.indices, _globalize(e.expr, query, self.q_tile, total), e.reduce)
+            Einsum(e.output, e.indices, globalize(e.expr, query, self.q_tile, total), e.reduce)
             for e in body.einsums
         )
         decls = body.inputs
@@ -475,31 +261,6 @@ def _pad_to(x: jax.Array, d: int, n: int) -> jax.Array:
     return jnp.pad(x, [(0, pad) if k == d else (0, 0) for k in range(x.ndim)])
 
 
-def drop_true_padding_masks(c: Cascade, sizes: Mapping[str, int]) -> Cascade:
-    """Remove ``where(m1*M0+m0 < M, x, pad)`` where the bound sizes make the tile divide M.
-
-    Partitioning with symbolic sizes must mask; once sizes are known the mask is often
-    always true, and each one costs a select over a whole score tile per step.
-    """
-    true_conds = set()
-    for p in c.partitions:
-        if sizes[p.outer] * sizes[p.inner] == sizes[p.rank]:
-            true_conds.add(Op("lt", (_flat(p.outer, p.inner), Size(p.rank))))
-    if not true_conds:
-        return c
-
-    def simplify(node: Expr) -> Expr | None:
-        if isinstance(node, Op) and node.op == "where" and node.args[0] in true_conds:
-            return substitute(node.args[1], simplify)
-        return None
-
-    einsums = [
-        Einsum(e.output, e.indices, substitute(e.expr, simplify), e.reduce, e.init, loc=e.loc)
-        for e in c.einsums
-    ]
-    return c.with_einsums(einsums)
-
-
 def lower_program(
     cascade: Cascade,
     sizes: Mapping[str, int],
@@ -523,14 +284,3 @@ def lower_program(
         except BackendUnsupported:
             pass  # the Einsum-by-Einsum emitter still computes it, only not blockwise
     return lower_cascade(cascade, sizes, **options)
-
-
-def _row_ranks(c: Cascade, g: FusedGroup, body: Cascade, query: str | None) -> tuple[str, ...]:
-    """Ranks every loop tensor has besides the query (batch, heads): mapped one by one."""
-    members = [c.writer(n) for n in g.einsums]
-    common = set.intersection(*(set(e.output_ranks) for e in members))
-    common -= {g.rank, g.inner, query}
-    for t in body.inputs:
-        if t.ranks:
-            common &= set(t.ranks)
-    return tuple(r for r in c.all_ranks() if r in common)
