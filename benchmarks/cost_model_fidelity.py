@@ -28,10 +28,14 @@ from __future__ import annotations
 import os
 
 # One XLA:CPU thread: on a shared host the process's CPU time then measures the work alone
-# (see Timing.cpu_samples), where wall time also counts waiting for other tenants.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-)
+# (see Timing.cpu_samples), where wall time also counts waiting for other tenants. XLA:CPU
+# sizes its thread pool by the cores the process may use, and with two it splits large
+# slices and dots across both (``outer_dimension_partitions`` in the compiled HLO), whose
+# synchronisation on a busy host inflates CPU time well beyond the work: pin to one core
+# before jax starts. The host calibration is cached per number of usable cores.
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 
 import argparse
 import itertools

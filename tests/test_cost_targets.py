@@ -186,7 +186,7 @@ def _fake_measure(calls):
             dram_buffer_bytes=1 << 30,
             cache_bytes_per_s=tuple(rng.uniform(2e10, 1e12) for _ in host.caches),
             seconds=0.01,
-            overheads=tuple(rng.uniform(1e-10, 1e-6) for _ in range(4)),
+            overheads=tuple(rng.uniform(1e-10, 1e-6) for _ in range(5)),
         )
 
     return measure
@@ -201,6 +201,19 @@ def test_calibration_cache_round_trips(tmp_path, monkeypatch):
     second = calibrate.calibrate_host(cache_dir=tmp_path)
     assert calls == [False]
     assert second == first
+
+
+def test_the_sliced_element_cost_is_calibrated_cached_and_read_back(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(calibrate, "measure_host", _fake_measure(calls))
+    first = calibrate.calibrate_host(cache_dir=tmp_path)
+    (record,) = (json.loads(p.read_text()) for p in tmp_path.glob("*.json"))
+    stored = record["measurements"]["overheads"]
+    assert len(stored) == 5
+    assert first.overheads is not None and first.overheads.slice_element_s == stored[4] > 0
+    again = calibrate.calibrate_host(cache_dir=tmp_path)
+    assert calls == [False]
+    assert again.overheads is not None and again.overheads.slice_element_s == stored[4]
 
 
 def test_force_recalibrates_and_overwrites_the_cache(tmp_path, monkeypatch):
@@ -265,18 +278,23 @@ def test_real_quick_calibration_gives_plausible_figures(tmp_path):
     oh = target.overheads
     assert oh is not None and 0 < oh.op_s < 1e-3 and 0 <= oh.loop_step_s < 1e-3
     assert 0 <= oh.dot_operand_element_s < 1e-6 and 0 <= oh.dot_result_element_s < 1e-6
+    assert 0 <= oh.slice_element_s < 1e-6
     assert calibrate.calibrate_host(cache_dir=tmp_path, quick=True) == target
 
 
 def test_dot_element_costs_are_recovered_from_step_times():
-    shapes = ((256, 256, 256), (256, 256, 8), (512, 512, 32), (256, 16, 256), (64, 64, 64))
+    shapes = ((256, 256, 256, True), (256, 256, 8, True), (512, 512, 32, True))
+    shapes += ((256, 16, 256, True), (64, 64, 64, True), (16, 128, 512, True))
+    shapes += ((16, 128, 512, False), (64, 32, 128, True), (64, 32, 128, False))
     rng = random.Random(3)
     t0, rate = rng.uniform(1e-7, 1e-6), rng.uniform(1e10, 1e11)
     result, operand = rng.uniform(1e-10, 1e-9), rng.uniform(1e-11, 1e-10)
+    per_slice = rng.uniform(1e-10, 1e-9)
     seconds = [t0 + m * n * k / rate + result * m * n + operand * (m * k + k * n)
-               for m, n, k in shapes]  # fmt: skip
+               + per_slice * (m * k + (k * n if sliced else 0))
+               for m, n, k, sliced in shapes]  # fmt: skip
     fitted = fit_dot_element_costs(shapes, seconds)
-    assert fitted == pytest.approx((result, operand), rel=1e-6)
+    assert fitted == pytest.approx((result, operand, per_slice), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

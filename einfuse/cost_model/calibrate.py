@@ -28,7 +28,7 @@ from einfuse.cost_model.calibrate_overheads import measure_overheads, median_sec
 from einfuse.cost_model.overheads import Overheads
 from einfuse.cost_model.target import ComputeUnit, Interconnect, MemoryLevel, Target
 
-_SCHEMA = 2  # 2: loop, operation and dot-step overheads
+_SCHEMA = 3  # 2: loop, operation and dot-step overheads; 3: sliced-element cost
 _SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 # Used when neither sysfs nor lscpu tells us the caches: a typical x86 server core.
 _DEFAULT_CACHES = (("l3", 32 << 20, 1), ("l2", 1 << 20, 1), ("l1d", 32 << 10, 1))
@@ -69,7 +69,7 @@ class HostMeasurements:
     dram_buffer_bytes: int
     cache_bytes_per_s: tuple[float, ...]  # aligned with HostDescription.caches
     seconds: float
-    overheads: tuple[float, float, float, float]  # see calibrate_overheads.measure_overheads
+    overheads: tuple[float, ...]  # see calibrate_overheads.measure_overheads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +166,10 @@ def _memory_bytes() -> tuple[int, int]:
 
 def describe_host() -> HostDescription:
     """This machine; reads jax's version from its metadata so a cache hit never imports jax."""
-    cores = os.cpu_count() or 1
+    # The cores this process may run on: XLA:CPU sizes its thread pool by them, so a process
+    # pinned to fewer cores runs (and calibrates) differently and is cached separately.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    cores = cores or os.cpu_count() or 1
     caches, source = read_cpu_caches(cores)
     return HostDescription(
         hostname=socket.gethostname(),

@@ -5,10 +5,14 @@ Three small jitted kernels, each a ``fori_loop`` so that Python dispatch does no
 * an empty-ish loop (one fused element-wise update of a tiny carry): the cost of a loop step;
 * a loop whose body is a chain of tiny dependent dots: the cost of one more operation;
 * loops whose body accumulates one dot of sliced tiles, ``c += a[:, k] @ b[k, :]``, for a few
-  tile shapes ``(m, n, k)``: least squares of the time per step against ``1``, the MACs, the
-  result elements ``m n`` and the operand elements ``m k + k n`` gives what a small matrix
-  multiply costs beyond its MACs per result element (written, then added into the partial sum)
-  and per operand element (packed into the GEMM's panels). Thin tiles pay mostly these.
+  tile shapes ``(m, n, k)``, some with ``b`` used whole instead of sliced: least squares of the
+  time per step against ``1``, the MACs, the result elements ``m n``, the operand elements
+  ``m k + k n`` and the sliced elements gives what a small matrix multiply costs beyond its
+  MACs per result element (written, then added into the partial sum), per operand element
+  (packed into the GEMM's panels) and per element of a tile sliced out of a larger tensor
+  (XLA:CPU copies it into a buffer of its own, then the dot reads the copy). Thin tiles pay
+  mostly the first two; tiles sliced again every step (a loop order that re-fetches a large
+  operand) the third.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ import numpy as np
 
 _STEPS = 2000
 _CHAIN = 8
-# Tile shapes (m, n, k): fat, thin k (result-heavy), thin n (operand-heavy), small, tiny.
-_DOT_SHAPES = ((256, 256, 256), (256, 256, 8), (512, 512, 32), (256, 16, 256), (64, 64, 64))
-_DOT_SHAPES += ((16, 16, 16), (128, 128, 16))
+# Tile shapes (m, n, k, b sliced): fat, thin k (result-heavy), thin n (operand-heavy), small,
+# tiny; and pairs that differ only in whether the large b tile is sliced each step.
+_DOT_SHAPES = ((256, 256, 256, True), (256, 256, 8, True), (512, 512, 32, True))
+_DOT_SHAPES += ((256, 16, 256, True), (64, 64, 64, True), (16, 16, 16, True), (128, 128, 16, True))
+_DOT_SHAPES += ((16, 128, 512, True), (16, 128, 512, False), (16, 512, 128, True))
+_DOT_SHAPES += ((16, 512, 128, False), (64, 32, 128, True), (64, 32, 128, False))
+_DOT_SHAPES += ((256, 256, 256, False),)
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
@@ -66,41 +74,64 @@ def measure_op_s(loop_step_s: float, repeats: int) -> float:
     return max(0.0, per_step - loop_step_s) / _CHAIN
 
 
-def measure_dot_step_s(m: int, n: int, k: int, repeats: int, steps: int = 32) -> float:
-    """Seconds per step of ``c += a[:, tile] @ b[tile, :]`` with (m, k) and (k, n) tiles."""
+def measure_dot_step_s(
+    m: int, n: int, k: int, repeats: int, *, slice_b: bool = True, steps: int = 32
+) -> float:
+    """Seconds per step of ``c += a[:, tile] @ b[tile, :]`` with (m, k) and (k, n) tiles.
+
+    With ``slice_b`` false the step multiplies by one (k, n) ``b`` as it is, so only ``a`` is
+    sliced. The operands are arguments holding random values: sliced out of a constant they
+    would fold to broadcasts, and XLA would hoist the dot out of the loop.
+    """
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    a = jnp.full((m, k * steps), 0.01, jnp.float32)
-    b = jnp.full((k * steps, n), 0.01, jnp.float32)
+    keys = jax.random.split(jax.random.key(0))
+    a = jax.random.uniform(keys[0], (m, k * steps), jnp.float32, -0.01, 0.01)
+    b = jax.random.uniform(keys[1], (k * steps if slice_b else k, n), jnp.float32, -0.01, 0.01)
 
-    def body(i: Any, c: Any) -> Any:
+    def body(i: Any, c: Any, a: Any, b: Any) -> Any:
         a_tile = lax.dynamic_slice(a, (0, i * k), (m, k))
-        b_tile = lax.dynamic_slice(b, (i * k, 0), (k, n))
+        b_tile = lax.dynamic_slice(b, (i * k, 0), (k, n)) if slice_b else b
         return c + a_tile @ b_tile
 
-    fn = jax.jit(lambda c: lax.fori_loop(0, steps, body, c))
-    return median_seconds(fn, jnp.zeros((m, n), jnp.float32), repeats=repeats) / steps
+    fn = jax.jit(lambda c, a, b: lax.fori_loop(0, steps, lambda i, c: body(i, c, a, b), c))
+    c = jnp.zeros((m, n), jnp.float32)
+    return median_seconds(fn, c, a, b, repeats=repeats) / steps
 
 
 def fit_dot_element_costs(
-    shapes: tuple[tuple[int, int, int], ...], seconds: list[float]
-) -> tuple[float, float]:
-    """(seconds per result element, per operand element) of a dot step, by least squares of
-    ``t = t0 + MACs / R + c_result m n + c_operand (m k + k n)``; negative fits read as 0."""
-    rows = [[1.0, m * n * k, m * n, m * k + k * n] for m, n, k in shapes]
-    a, t = np.asarray(rows, dtype=float), np.asarray(seconds, dtype=float)
+    shapes: tuple[tuple[int, int, int, bool], ...], seconds: list[float]
+) -> tuple[float, float, float]:
+    """(seconds per result element, per operand element, per sliced element) of a dot step.
+
+    Shapes are ``(m, n, k, b sliced)``. The sliced-element cost comes from the pairs that differ
+    only in slicing ``b``: the median of their step-time difference per element of ``b``. The
+    rest is least squares of ``t - c_slice sliced = t0 + MACs / R + c_result m n + c_operand
+    (m k + k n)`` over the shapes, ``sliced`` being ``m k`` plus ``k n`` where ``b`` is sliced.
+    Negative figures read as 0.
+    """
+    measured = dict(zip(shapes, seconds))
+    pairs = [
+        (t - measured[(m, n, k, False)]) / (k * n)
+        for (m, n, k, sliced), t in measured.items()
+        if sliced and (m, n, k, False) in measured
+    ]
+    per_slice = max(0.0, float(np.median(pairs))) if pairs else 0.0
+    rows = [[1.0, m * n * k, m * n, m * k + k * n] for m, n, k, _ in shapes]
+    sliced = [m * k + (k * n if b else 0) for m, n, k, b in shapes]
+    a = np.asarray(rows, dtype=float)
+    t = np.asarray(seconds, dtype=float) - per_slice * np.asarray(sliced, dtype=float)
     scale = np.abs(a).max(axis=0)  # columns span 1 to 1e7: solve on a unit scale
     coef, *_ = np.linalg.lstsq(a / scale, t, rcond=None)
     coef = coef / scale
-    return max(0.0, float(coef[2])), max(0.0, float(coef[3]))
+    return max(0.0, float(coef[2])), max(0.0, float(coef[3])), per_slice
 
 
-def measure_overheads(repeats: int) -> tuple[float, float, float, float]:
-    """(loop step, op, dot result element, dot operand element) seconds on this host."""
+def measure_overheads(repeats: int) -> tuple[float, float, float, float, float]:
+    """(loop step, op, dot result element, dot operand element, sliced element) seconds."""
     loop_step = measure_loop_step_s(repeats)
     op = measure_op_s(loop_step, repeats)
-    seconds = [measure_dot_step_s(m, n, k, repeats) for m, n, k in _DOT_SHAPES]
-    result, operand = fit_dot_element_costs(_DOT_SHAPES, seconds)
-    return loop_step, op, result, operand
+    seconds = [measure_dot_step_s(m, n, k, repeats, slice_b=b) for m, n, k, b in _DOT_SHAPES]
+    return loop_step, op, *fit_dot_element_costs(_DOT_SHAPES, seconds)

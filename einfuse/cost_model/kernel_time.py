@@ -12,7 +12,8 @@
   compute, but data crossing the kernel boundary (tiles of inputs re-read, results written)
   does not overlap it: XLA:CPU copies it in an operation of its own, or reads it inside one that
   then runs at memory speed. Fixed costs (``Overheads``: the while-loop and op dispatch of
-  XLA:CPU, and a small matrix multiply's cost per operand element) come on top.
+  XLA:CPU, a small matrix multiply's cost per operand element, and the copy of each tile sliced
+  out of or updated into a larger tensor) come on top.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def kernel_cost(
             )  # fmt: skip
     steps = math.prod(trips for _, trips in tr.loops)
     overhead = oh.kernel_s + oh.loop_step_s * steps * (steps > 1)
-    overhead += oh.op_s * (n_ops + tr.transfers)
+    overhead += oh.op_s * (n_ops + tr.transfers) + oh.slice_element_s * tr.sliced
     if cpu:
         body, fill = serial, 0.0
     else:

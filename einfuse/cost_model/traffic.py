@@ -140,6 +140,7 @@ class KernelTraffic:
     spilled: tuple[str, ...] = ()
     in_flight: int = 1
     transfers: int = 0  # tiles moved across the kernel boundary (a slice or update each)
+    sliced: int = 0  # elements of those tiles that are part of a larger tensor (copied)
     tiles: dict[int, list[int]] = field(default_factory=dict)  # Einsum -> elements per operand
 
 
@@ -238,11 +239,17 @@ def kernel_traffic(kernel: Kernel, plan: Plan, level_index: Mapping[str, int]) -
             else:
                 row[plan.again(tensor)] += total
 
+    def moved_tiles(t: str, n: int) -> None:
+        """``n`` slices or updates of ``t``'s tile; a part of a larger tensor is copied."""
+        out.transfers += n
+        if tile_elems[t] < plan.elements(t):
+            out.sliced += n * tile_elems[t]
+
     for t in kernel.reads:
         fp = tile_elems[t] * eb
         ts = kernel.index_ranks[t]
         fetches = prefix[innermost(ts) + 1]
-        out.transfers += fetches
+        moved_tiles(t, fetches)
         charge(kernel.first_user[t], t, fetches * fp, distinct(ts) * fp)
     for t in kernel.results:
         w = kernel.writer[t]
@@ -250,14 +257,14 @@ def kernel_traffic(kernel: Kernel, plan: Plan, level_index: Mapping[str, int]) -
         ts = kernel.index_ranks[t]
         if t in kernel.final_only and lr is not None:
             writes = distinct(ts - {lr})
-            out.transfers += writes
+            moved_tiles(t, writes)
             charge(w, t, writes * fp, writes * fp)
             continue
         j = innermost(ts)
         n_distinct = distinct(ts)
         outer_reduction = any(loop_pos.get(r, j) < j for r in shapes[w].reduced)
         fetches = prefix[j + 1] if outer_reduction else n_distinct
-        out.transfers += 2 * fetches - n_distinct
+        moved_tiles(t, 2 * fetches - n_distinct)
         charge(w, t, (2 * fetches - n_distinct) * fp, n_distinct * fp)
     for t in spilled:
         w = kernel.writer[t]
@@ -266,7 +273,7 @@ def kernel_traffic(kernel: Kernel, plan: Plan, level_index: Mapping[str, int]) -
         out.moved[w][cache_level(ctx, tile_elems[t] * eb)] += n
 
     if not loops:
-        out.transfers = 0  # one untiled operation: no slicing
+        out.transfers = out.sliced = 0  # one untiled operation: no slicing
     # Operand streaming from the level holding each tile, once per step of each Einsum. With
     # caches, operations run one at a time: the smallest cache holding the operation's own
     # tiles serves them (tiles placed explicitly stay where they were placed).
