@@ -195,18 +195,18 @@ def run_case(name: str, cascade: Cascade, target: Target, args: argparse.Namespa
         "hybrid_ms": times.get("hybrid", math.nan) * 1e3,
         "sweep_best_ms": times.get("sweep", math.nan) * 1e3,
         "hybrid/best": times.get("hybrid", math.nan) / times.get("sweep", math.nan),
-        "hybrid_pick": _pick(tuned.pipeline, tuned.schedule),
-        "sweep_pick": _pick(swept["best"].pipeline, swept["best"].schedule),
+        "hybrid_pick": _pick(tuned.pipeline, hybrid.point),
+        "sweep_pick": _pick(swept["best"].pipeline, swept["best"].point),
     }
     return row
 
 
-def _pick(pipeline: str, schedule: Any) -> str:
+def _pick(pipeline: str, point: Any) -> str:
     """The pipeline, and the query tile where fusion is on (the schedule's only emitted part)."""
+    query_tile = dict(point).get("fuse.query_tile")
     if not pipeline:
         return "(none)"
-    tiles = ", ".join(f"{r}={t}" for r, t in schedule.tiles)
-    return f"{pipeline} {tiles}" if tiles else pipeline
+    return f"{pipeline} q={query_tile}" if query_tile else pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
