@@ -8,11 +8,11 @@ the repeats, which counts this process's work and not its waits; the wall-time m
 beside it. ``--twice`` measures everything again and prints the rank correlation of the two
 runs: the most any model can reach on this host.
 
-* **fused attention**: the 3-pass cascade through the ``fuse`` pass, tiles of ``p`` (queries)
-  and ``m`` (keys) varied. The JAX emitter takes no schedule yet (it cannot tile ``p``), so the
-  schedules run on the stand-in that implements exactly this loop nest: the blockwise 1-pass
-  attention of ``benchmarks/attention_explore.py`` (``block_q`` = tile of p, ``block_k`` = tile
-  of m: ``lax.map`` over query tiles, ``fori_loop`` over key tiles);
+* **fused attention**: the 3-pass cascade through ``fuse{tile=bk}`` and emitted by
+  ``emit_jax`` with the Schedule's query tile ``bq`` (``lax.map`` over query tiles and rows,
+  ``fori_loop`` over key tiles), priced as the autotuner prices that candidate; ``bq`` and
+  ``bk`` varied. ``--stand-in`` times the hand-written loop of
+  ``benchmarks/attention_explore.py`` instead (the same loop nest, session 1's measure);
 * **matmul chain** ``C2 = (A0 A1) A2``: each contraction its own loop nest of ``fori_loop``s
   over the tiled ranks in the schedule's loop order (``dynamic_slice``, a dot, accumulate);
   tiles of ``i0``, ``i1``, ``i2``, ``i3`` and two loop orders varied.
@@ -53,6 +53,7 @@ from jax import lax
 from benchmarks.attention_explore import blockwise_attention
 from einfuse.autotune.timing import time_interleaved
 from einfuse.autotune.timing_steal import cpu_steal_fraction
+from einfuse.backends.jax_backend import emit_jax
 from einfuse.cost_model.model import CostModel
 from einfuse.cost_model.target import get_target
 from einfuse.einsum_cascade import attention, matmul_chain
@@ -103,6 +104,28 @@ def attention_cases(seq: int, tiles: Sequence[int], model: CostModel) -> list[Ca
         cases.append(
             Case("attention", schedule, model.estimate(schedule), lambda fn=fn: fn(q, k, v))
         )
+    return cases
+
+
+def emitted_attention_cases(seq: int, tiles: Sequence[int], target: Any) -> list[Case]:
+    """The fused attention as einfuse emits it: ``fuse{tile=bk}``, then ``emit_jax`` with the
+    query tile ``bq`` from the schedule; priced as the autotuner prices that candidate."""
+    rng = np.random.default_rng(0)
+    cascade = attention("3pass", b=1, h=HEADS, e=HEAD_DIM, f=HEAD_DIM, p=seq, m=seq)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((1, HEADS, HEAD_DIM, seq)), jnp.float32) for _ in range(3)
+    )
+    cases = []
+    for bk in tiles:
+        fused = fuse(cascade, tile=bk)
+        model = CostModel(fused, target)
+        for bq in tiles:
+            schedule = Schedule.of(tiles={"p": bq})
+            fn = emit_jax(fused, schedule=schedule)
+            shown = Schedule.of(tiles={"p": bq, "m": bk})  # m: the fuse tile, for the table
+            cases.append(
+                Case("attention", shown, model.estimate(schedule), lambda fn=fn: fn(q, k, v))
+            )
     return cases
 
 
@@ -229,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=512, help="matmul chain size (square)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
+        "--stand-in", action="store_true",
+        help="time attention_explore's hand-written loop instead of the emitted attention",
+    )  # fmt: skip
+    parser.add_argument(
         "--twice", action="store_true", help="measure twice: Spearman of run 1 vs run 2 is "
         "the ceiling the noise of this host allows"
     )  # fmt: skip
@@ -242,8 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fused = fuse(attention("3pass", b=1, h=HEADS, e=HEAD_DIM, f=HEAD_DIM, p=args.seq, m=args.seq))
     attn_model = CostModel(fused, target)
     chain_model = CostModel(matmul_chain(2), target, {f"i{k}": args.n for k in range(4)})
+    attention_family = (
+        ("fused attention (blockwise stand-in)", attention_cases(args.seq, tiles, attn_model))
+        if args.stand_in
+        else ("fused attention (emitted)", emitted_attention_cases(args.seq, tiles, target))
+    )
     families = [
-        ("fused attention (blockwise stand-in)", attention_cases(args.seq, tiles, attn_model)),
+        attention_family,
         ("matmul chain", matmul_cases(args.n, matmul_grid(args.n, args.quick), chain_model)),
     ]
     all_p, all_m, rhos = [], [], []
