@@ -46,6 +46,8 @@ def test_the_scale_moves_onto_the_smaller_operand_and_the_product_takes_its_plac
         SCALED_SCORES.replace("QK[m, p] / sqrt(8.0)", "sqrt(8.0) / QK[m, p]"),  # not a scale
         SCALED_SCORES.replace("QK[m, p] = Q[e, p] * K[e, m]", "QK[m, p] = exp(Q[e, p] * K[e, m])"),
         SCALED_SCORES.replace("outputs S", "T[m] = max(p) QK[m, p]\noutputs S, T"),  # read twice
+        # an elementwise product, not a contraction: folding would save nothing
+        "ranks m=3, p=2\ninputs X[m, p], Y[m, p]\nZ[m, p] = X[m, p] * Y[m, p] * 0.5\noutputs Z",
     ],
 )
 def test_leaves_everything_else_alone(text: str) -> None:

@@ -42,7 +42,7 @@ def _folds(c: Cascade, rank: str) -> Iterator[_Fold]:
         if split is None or e.init is not None or e.reduce != "sum":
             continue
         factors, scale = split
-        if len(factors) == 2 and scale and (not rank or rank in e.ranks):
+        if len(factors) == 2 and scale and e.reduced_ranks and (not rank or rank in e.ranks):
             yield _Fold(e, scale, e, e.indices)
         elif len(factors) == 1 and scale and not e.reduced_ranks:
             fold = _scaled_read(c, e, factors[0], scale, rank)
@@ -58,7 +58,9 @@ def _scaled_read(c: Cascade, d: Einsum, read: Access, scale: Scale, rank: str) -
     if [g.output for g in c.consumers(read.tensor)] != [d.output]:
         return None
     split = _split(e.expr)
-    if split is None or len(split[0]) != 2 or split[1] or (rank and rank not in e.ranks):
+    if split is None or len(split[0]) != 2 or split[1] or not e.reduced_ranks:
+        return None
+    if rank and rank not in e.ranks:
         return None
     if not _plain(e.indices) or len(e.indices) != len(read.indices):
         return None
