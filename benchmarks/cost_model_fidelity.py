@@ -51,12 +51,14 @@ import numpy as np
 from jax import lax
 
 from benchmarks.attention_explore import blockwise_attention
+from einfuse.autotune.providers import fused_row_ranks
 from einfuse.autotune.timing import time_interleaved
 from einfuse.autotune.timing_steal import cpu_steal_fraction
 from einfuse.backends.jax_backend import emit_jax
 from einfuse.cost_model.model import CostModel
 from einfuse.cost_model.target import get_target
 from einfuse.einsum_cascade import attention, matmul_chain
+from einfuse.ir.cascade import bind_sizes
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import fuse
 
@@ -115,12 +117,14 @@ def emitted_attention_cases(seq: int, tiles: Sequence[int], target: Any) -> list
     q, k, v = (
         jnp.asarray(rng.standard_normal((1, HEADS, HEAD_DIM, seq)), jnp.float32) for _ in range(3)
     )
+    bound = tuple(sorted(bind_sizes(cascade, None).items()))
     cases = []
     for bk in tiles:
         fused = fuse(cascade, tile=bk)
         model = CostModel(fused, target)
+        rows = dict.fromkeys(fused_row_ranks(cascade, bk, bound), 1)  # mapped one at a time
         for bq in tiles:
-            schedule = Schedule.of(tiles={"p": bq})
+            schedule = Schedule.of(tiles={"p": bq, **rows})  # what the autotuner passes
             fn = emit_jax(fused, schedule=schedule)
             shown = Schedule.of(tiles={"p": bq, "m": bk})  # m: the fuse tile, for the table
             cases.append(

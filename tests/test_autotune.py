@@ -271,3 +271,12 @@ def test_measuring_for_a_target_that_is_not_this_machine_is_refused():
     with pytest.raises(EinfuseError, match=r"target 'h100' is a gpu.*--objective model"):
         autotune(small_attention(64), target=get_target("h100"), objective="measure",
                  storage="memory", progress=False)  # fmt: skip
+
+
+def test_fused_schedules_tile_the_rows_the_blockwise_loop_maps_one_at_a_time():
+    c = attention("3pass", b=2, h=4, e=8, f=8, p=256, m=256)
+    space = build_space(c, CPU, bind_sizes(c))
+    fused = space.candidate(space.point({"fuse": True}))
+    unfused = space.candidate(space.point({"fuse": False}))
+    assert (fused.schedule.tile("b"), fused.schedule.tile("h")) == (1, 1)
+    assert unfused.schedule.tile("h") is None

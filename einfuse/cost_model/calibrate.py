@@ -28,7 +28,8 @@ from einfuse.cost_model.calibrate_overheads import measure_overheads, median_sec
 from einfuse.cost_model.overheads import Overheads
 from einfuse.cost_model.target import ComputeUnit, Interconnect, MemoryLevel, Target
 
-_SCHEMA = 3  # 2: loop, operation and dot-step overheads; 3: sliced-element cost
+_SCHEMA = 4  # 2: loop, operation and dot-step overheads; 3: sliced-element cost;
+# 4: thin dot shapes and a relative least squares for the dot element costs
 _SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 # Used when neither sysfs nor lscpu tells us the caches: a typical x86 server core.
 _DEFAULT_CACHES = (("l3", 32 << 20, 1), ("l2", 1 << 20, 1), ("l1d", 32 << 10, 1))

@@ -33,6 +33,11 @@ _DOT_SHAPES += ((256, 16, 256, True), (64, 64, 64, True), (16, 16, 16, True), (1
 _DOT_SHAPES += ((16, 128, 512, True), (16, 128, 512, False), (16, 512, 128, True))
 _DOT_SHAPES += ((16, 512, 128, False), (64, 32, 128, True), (64, 32, 128, False))
 _DOT_SHAPES += ((256, 256, 256, False),)
+# Thin tiles against a whole operand of 16K-131K elements, shallow and deep contractions: the
+# blockwise loop's shape (a few query rows times a whole key tile), where each call re-packs
+# the large operand for few rows; without them the operand cost is barely determined.
+_THIN_OPERANDS = ((64, 256), (64, 2048), (256, 512), (32, 4096))  # (k, n)
+_DOT_SHAPES += tuple((m, n, k, False) for m in (8, 32, 128) for k, n in _THIN_OPERANDS)
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
@@ -110,7 +115,8 @@ def fit_dot_element_costs(
     only in slicing ``b``: the median of their step-time difference per element of ``b``. The
     rest is least squares of ``t - c_slice sliced = t0 + MACs / R + c_result m n + c_operand
     (m k + k n)`` over the shapes, ``sliced`` being ``m k`` plus ``k n`` where ``b`` is sliced.
-    Negative figures read as 0.
+    The least squares weighs each shape by its inverse time (relative error), so the small
+    calls a tiled loop makes count as much as the large ones. Negative figures read as 0.
     """
     measured = dict(zip(shapes, seconds))
     pairs = [
@@ -123,8 +129,9 @@ def fit_dot_element_costs(
     sliced = [m * k + (k * n if b else 0) for m, n, k, b in shapes]
     a = np.asarray(rows, dtype=float)
     t = np.asarray(seconds, dtype=float) - per_slice * np.asarray(sliced, dtype=float)
+    weight = 1.0 / np.maximum(np.asarray(seconds, dtype=float), 1e-12)[:, None]
     scale = np.abs(a).max(axis=0)  # columns span 1 to 1e7: solve on a unit scale
-    coef, *_ = np.linalg.lstsq(a / scale, t, rcond=None)
+    coef, *_ = np.linalg.lstsq(a / scale * weight, t * weight[:, 0], rcond=None)
     coef = coef / scale
     return max(0.0, float(coef[2])), max(0.0, float(coef[3])), per_slice
 
