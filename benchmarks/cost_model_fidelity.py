@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks.attention_explore import blockwise_attention
-from einfuse.autotune.providers import fused_row_ranks
+from einfuse.autotune.providers import fused_loop
 from einfuse.autotune.timing import time_interleaved
 from einfuse.autotune.timing_steal import cpu_steal_fraction
 from einfuse.backends.jax_backend import emit_jax
@@ -122,7 +122,7 @@ def emitted_attention_cases(seq: int, tiles: Sequence[int], target: Any) -> list
     for bk in tiles:
         fused = fuse(cascade, tile=bk)
         model = CostModel(fused, target)
-        rows = dict.fromkeys(fused_row_ranks(cascade, bk, bound), 1)  # mapped one at a time
+        rows = dict.fromkeys(fused_loop(cascade, bk, bound)[1], 1)  # mapped one at a time
         for bq in tiles:
             schedule = Schedule.of(tiles={"p": bq, **rows})  # what the autotuner passes
             fn = emit_jax(fused, schedule=schedule)

@@ -21,6 +21,7 @@ from einfuse.ir import (
     parse,
 )
 from einfuse.ir.expr import INFIX, OPS, arity
+from tests.cascades import ATTENTION_3PASS
 from tests.strategies import cascades, exprs, text_cascades
 
 X = Access("X", (Var("i"),))
@@ -142,20 +143,8 @@ def test_reductions_print_their_ranks() -> None:
     assert_round_trip(c)
 
 
-DESIGN_ATTENTION = """\
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p]    = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p]    = SN[m, p]
-A[m, p]  = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
-
-
 def test_design_attention_example_parses_unchanged() -> None:
-    c = parse(DESIGN_ATTENTION)
+    c = parse(ATTENTION_3PASS)
     assert [e.output for e in c.einsums] == ["QK", "GM", "SN", "SD", "A", "AV"]
     by_name = {e.output: e for e in c.einsums}
     assert by_name["QK"].reduced_ranks == ("e",)

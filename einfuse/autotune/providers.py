@@ -68,12 +68,11 @@ def fuse_params(ctx: SpaceContext) -> Sequence[Param]:
             claims=tuple(ranks),
         ),
     ]
-    bound = tuple(sorted(ctx.sizes.items()))
+    query, rows = fused_loop(ctx.cascade, default_tile, tuple(sorted(ctx.sizes.items())))
     # The blockwise loop maps its row ranks (batch, heads) one at a time: tile 1 each, fixed,
     # so the cost model prices a step as the emitter runs it rather than all rows at once.
-    for r in fused_row_ranks(ctx.cascade, default_tile, bound):
+    for r in rows:
         params.append(Param(f"fuse.rows.{r}", "tile", r, (1,), 1, when=("fuse", True)))
-    query = fused_query_rank(ctx.cascade, default_tile, bound)
     if query is not None and ctx.sizes.get(query, 0) > QUERY_TILES[0]:
         top = min(ctx.sizes[query], QUERY_TILES[-1])
         q_choices = tuple(sorted({t for t in (*QUERY_TILES, ctx.sizes[query]) if t <= top}))
@@ -98,41 +97,21 @@ QUERY_TILES = (128, 256, 512, 1024)
 
 
 @functools.lru_cache(maxsize=64)
-def fused_query_rank(cascade: Cascade, tile: int, sizes: tuple[tuple[str, int], ...]) -> str | None:
-    """The rank the blockwise emitter tiles beside the fused loop (queries), if it fuses."""
-    from einfuse.backends.blockwise_plan import choose_query_rank
-    from einfuse.passes.fuse import fuse, fused_groups
-
-    fused = fuse(cascade, tile=tile)
-    groups = fused_groups(fused)
-    return choose_query_rank(fused, groups[0], dict(sizes)) if groups else None
-
-
-@functools.lru_cache(maxsize=64)
-def fused_row_ranks(
+def fused_loop(
     cascade: Cascade, tile: int, sizes: tuple[tuple[str, int], ...]
-) -> tuple[str, ...]:
-    """The ranks the blockwise emitter maps one row at a time (batch, heads), if it fuses."""
-    from einfuse.backends.blockwise_layout import query_major
-    from einfuse.backends.blockwise_plan import (
-        choose_query_rank,
-        drop_true_padding_masks,
-        plan_group,
-        row_ranks,
-    )
+) -> tuple[str | None, tuple[str, ...]]:
+    """The query rank and the row ranks of the blockwise loop ``fuse{tile}`` leads to."""
+    from einfuse.backends.blockwise_plan import plan_loop
     from einfuse.ir.cascade import bind_sizes
     from einfuse.passes.fuse import fuse, fused_groups
 
     fused = fuse(cascade, tile=tile)
-    bound = bind_sizes(fused, {r: n for r, n in sizes if r in fused.all_ranks()})
-    fused = drop_true_padding_masks(fused, bound)
     groups = fused_groups(fused)
     if not groups:
-        return ()
-    query = choose_query_rank(fused, groups[0], bound)
-    laid_out = query_major(fused, groups[0], query)
-    body = plan_group(laid_out, groups[0], query).body
-    return row_ranks(laid_out, groups[0], body, query)
+        return None, ()
+    bound = bind_sizes(fused, {r: n for r, n in sizes if r in fused.all_ranks()})
+    _, plan, rows = plan_loop(fused, groups[0], bound)
+    return plan.query, rows
 
 
 def tiled_ranks(ctx: SpaceContext) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from einfuse.backends.blockwise_layout import query_major
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.expr import (
@@ -48,6 +49,21 @@ class BlockPlan:
 
 def _flat(outer: str, inner: str) -> Expr:
     return Op("add", (Op("mul", (Var(outer), Size(inner))), Var(inner)))
+
+
+def plan_loop(
+    c: Cascade, g: FusedGroup, sizes: Mapping[str, int]
+) -> tuple[Cascade, BlockPlan, tuple[str, ...]]:
+    """The cascade as the loop runs it (padding masks the sizes make true dropped, the
+    accumulators query-major), its plan, and the row ranks mapped one at a time.
+
+    The emitter runs this; the autotuner asks it which ranks a Schedule should tile.
+    """
+    c = drop_true_padding_masks(c, sizes)
+    query = choose_query_rank(c, g, sizes)
+    c = query_major(c, g, query)
+    plan = plan_group(c, g, query)
+    return c, plan, row_ranks(c, g, plan.body, query)
 
 
 def plan_group(c: Cascade, g: FusedGroup, query: str | None) -> BlockPlan:

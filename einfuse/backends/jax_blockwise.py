@@ -24,23 +24,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from einfuse.backends.blockwise_layout import query_major
 from einfuse.backends.blockwise_plan import (
     QBLOCK,
     STEP,
-    choose_query_rank,
-    drop_true_padding_masks,
     globalize,
     plan_group,
-    row_ranks,
+    plan_loop,
     without_causal_mask,
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
-from einfuse.ir.expr import (
-    Access,
-)
+from einfuse.ir.expr import Access
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
@@ -60,11 +55,8 @@ class BlockwiseCascade:
         **options: Any,
     ) -> None:
         self.sizes = dict(sizes)
-        cascade = drop_true_padding_masks(cascade, self.sizes)
-        query = choose_query_rank(cascade, group, self.sizes)
-        cascade = query_major(cascade, group, query)
-        self.plan = plan_group(cascade, group, query)
-        self.query = query
+        cascade, self.plan, mapped_rows = plan_loop(cascade, group, self.sizes)
+        self.query = query = self.plan.query
         total = self.sizes[query] if query else 1
         if query is not None and schedule is not None:
             query_tile = schedule.tile(query, query_tile) or query_tile
@@ -73,7 +65,7 @@ class BlockwiseCascade:
         self.q_tile = min(query_tile, total) if query else 1
         self.q_blocks = -(-total // self.q_tile)
         body = self._globalized(self.plan.body)
-        self.rows = row_ranks(cascade, group, body, query) if rows else ()
+        self.rows = mapped_rows if rows else ()
         body_sizes = dict(self.sizes)
         if query is not None:
             body_sizes[query] = self.q_tile
