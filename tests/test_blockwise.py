@@ -5,12 +5,15 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from einfuse.backends.blockwise_plan import drop_true_padding_masks
+from einfuse.backends.blockwise_plan import drop_true_padding_masks, plan_loop
 from einfuse.backends.jax_blockwise import BlockwiseCascade
 from einfuse.backends.reference import infer_sizes, interpret
 from einfuse.einsum_cascade import attention
-from einfuse.ir import Cascade
+from einfuse.ir import Cascade, parse
+from einfuse.ir.cascade import bind_sizes
 from einfuse.passes.fuse import fused_groups
 from einfuse.passes.manager import run_passes
 
@@ -128,3 +131,66 @@ def test_padding_masks_vanish_when_the_tile_divides():
     assert "< M" not in str(drop_true_padding_masks(fused, sizes))
     sizes_odd = infer_sizes(fused, {k: v.shape for k, v in _inputs(c, 8, 9).items()})
     assert "< M" in str(drop_true_padding_masks(fused, sizes_odd))
+
+
+def test_scores_are_query_major_and_q_is_copied_query_first_once():
+    """The design stores QK[m, p] and Q[e, p]: each step's dots would read transposed tiles."""
+    c = attention("3pass", b=1, h=2, e=8, f=8, p=16, m=16)
+    fused = run_passes(c, "fuse{tile=4}").cascade
+    looped, plan, rows = plan_loop(fused, fused_groups(fused)[0], bind_sizes(fused, None))
+    text = str(looped)
+    assert "Qs__qm[b, h, p, e] = Qs[b, h, e, p]" in text
+    assert "QK[b, h, m1, p, m0] = Qs__qm[b, h, p, e] * K[b, h, e, m1*M0+m0]" in text
+    assert "SN[b, h, m1, p, m0] = exp(QK[b, h, m1, p, m0]" in text
+    assert "Qs__qm" in [e.output for e in plan.pre.einsums]  # copied before the loop
+    assert rows == ("b", "h")
+
+
+def test_an_operand_already_query_first_is_not_copied():
+    c = _layout(q="p, e", qk="p, m", k="e, m", v="f, m", causal=False)
+    fused = run_passes(c, "fuse{tile=4}").cascade
+    looped, _, _ = plan_loop(fused, fused_groups(fused)[0], bind_sizes(fused, None))
+    assert "__qm" not in str(looped)
+
+
+_LAYOUT = """ranks h=2, e=8, f=8, p=12, m=12
+inputs Q[h, {q}], K[h, {k}], V[h, {v}]
+QK[h, {qk}] = Q[h, {q}] * K[h, {k}] * 0.35
+MQK[h, {qk}] = {masked}
+GM[h, p] = max(m) MQK[h, {qk}]
+SN[h, {qk}] = exp(MQK[h, {qk}] - GM[h, p])
+SD[h, p] = SN[h, {qk}]
+AV[h, f, p] = SN[h, {qk}] * V[h, {v}] / SD[h, p]
+outputs AV
+"""
+
+
+def _layout(q: str, qk: str, k: str, v: str, causal: bool) -> Cascade:
+    """Attention with its operands and scores stored in the given rank orders."""
+    scores = f"QK[h, {qk}]"
+    masked = f"where(m <= p, {scores}, -inf)" if causal else scores
+    return parse(_LAYOUT.format(q=q, qk=qk, k=k, v=v, masked=masked))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    q=st.sampled_from(["e, p", "p, e"]),
+    qk=st.sampled_from(["m, p", "p, m"]),
+    k=st.sampled_from(["e, m", "m, e"]),
+    v=st.sampled_from(["f, m", "m, f"]),
+    causal=st.booleans(),
+    tile=st.sampled_from([3, 4, 12]),
+    query_tile=st.sampled_from([1, 4, 5, 12]),
+    seed=st.integers(0, 2**16),
+)
+def test_every_operand_layout_gives_the_reference_numbers(
+    q, qk, k, v, causal, tile, query_tile, seed
+):
+    c = _layout(q, qk, k, v, causal)
+    fused = run_passes(c, f"fuse{{tile={tile}}}").cascade
+    rng = np.random.default_rng(seed)
+    ins = {t.name: rng.normal(size=c.tensor_shape(t.name, {})) for t in c.inputs}
+    sizes = infer_sizes(fused, {n: x.shape for n, x in ins.items()})
+    bw = BlockwiseCascade(fused, fused_groups(fused)[0], sizes, query_tile=query_tile)
+    got = jax.jit(bw)({n: jnp.asarray(x, jnp.float32) for n, x in ins.items()})["AV"]
+    np.testing.assert_allclose(got, interpret(c, ins)["AV"], rtol=2e-5, atol=2e-5)

@@ -1,17 +1,26 @@
-"""The storage order of a fused group's accumulators: query rank before the value ranks.
+"""The storage order of a fused group's tensors: the query rank leads, so each dot is a GEMM.
 
 A lifted attention often writes ``P V`` as ``AV[f, p]`` (the order ``jnp.einsum`` chose for
 its ``dot_general``), so the blockwise loop would accumulate ``RNV[m1, f, p]``. Each step then
 asks XLA:CPU for a ``[f, p]`` product of a ``[p, m0]`` score tile, which it computes by
 transposing the tile: 1.3x the time of the whole loop at 4096 (benchmarks/RESULTS.md). Stored
-as ``[m1, p, f]`` the same step is the plain GEMM ``P @ V``. Only the order in which a tensor
-keeps its ranks changes; every read is rewritten with it, so values do not.
+as ``[m1, p, f]`` the same step is the plain GEMM ``P @ V``.
+
+The design's cascade stores scores key-major (``QK[m, p]``) and ``Q[e, p]`` with the query
+minor. XLA:CPU (jax 0.10) then computes a ``[bk, bq]`` score tile from a transposed ``[e, bq]``
+operand at 8.7 GMAC/s when ``bq`` is thin (120 us for 1024 x 16 x 64, against 16-22 us for
+the same MACs query-major), and ``P V`` from a key-major ``P`` at a quarter of the GEMM rate
+(3.0 ms against 0.74 ms at 1024 x 1024 x 64): the emitted loop took up to 8x the hand-written
+one. So score tiles are stored query-major (``QK[p, m0]``) and an operand read by a
+contraction with a contracted rank before the query rank (``Q[e, p]``) is copied once, before
+the loop, query-first (``Q[p, e]``). Only the order in which a tensor keeps its ranks changes;
+every read is rewritten with it, so values do not.
 """
 
 from __future__ import annotations
 
 from einfuse.ir.cascade import Cascade, Einsum
-from einfuse.ir.expr import Access, Expr, Var, rank_vars, substitute
+from einfuse.ir.expr import Access, Expr, Var, accesses, rank_vars, substitute
 from einfuse.passes.fuse import FusedGroup
 
 
@@ -23,9 +32,14 @@ def query_major(c: Cascade, g: FusedGroup, query: str | None) -> Cascade:
     perms: dict[str, tuple[int, ...]] = {}
     for name in g.einsums:
         e = c.writer(name)
-        if e.is_recurrence or name in c.outputs or g.inner not in e.reduced_ranks:
+        if e.is_recurrence or name in c.outputs:
             continue
-        lead = _query_operand(e.expr, query)
+        if g.inner in e.reduced_ranks:
+            lead = _query_operand(e.expr, query)
+        elif {query, g.inner} <= set(e.output_ranks):  # a score tile: [.., p, m0]
+            lead = _before(e.output_ranks, query, g.inner)
+        else:
+            continue
         if lead is None:
             continue
         perm = _perm(e.indices, lead, g.rank)
@@ -36,9 +50,62 @@ def query_major(c: Cascade, g: FusedGroup, query: str | None) -> Cascade:
                 same = set(r.output_ranks) == set(e.output_ranks) and r.is_recurrence
                 if same and other not in c.outputs and name in r.inputs:
                     perms[other] = _perm(r.indices, _ranks_in(e.indices, perm), g.rank)
+    if perms:
+        c = c.with_einsums(tuple(_permuted(e, perms) for e in c.einsums))
+    return _operands_query_first(c, g, query)
+
+
+def _operands_query_first(c: Cascade, g: FusedGroup, query: str) -> Cascade:
+    """Copy each tensor from outside the group that a member contracts over a rank stored
+    before the query rank (``Q[e, p]``) once, query-first (``Q__qm[p, e]``), before the loop;
+    the members read the copy."""
+    names = set(g.einsums)
+    perms: dict[str, tuple[int, ...]] = {}
+    for name in g.einsums:
+        e = c.writer(name)
+        if e.reduce != "sum" or not e.reduced_ranks:
+            continue
+        for a in accesses(e.expr):
+            if a.tensor in names or not all(isinstance(i, Var) for i in a.indices):
+                continue
+            ranks = tuple(i.rank for i in a.indices)  # type: ignore[union-attr]
+            if query not in ranks or a.tensor in perms:
+                continue
+            first = next((r for r in ranks if r in e.reduced_ranks), query)
+            if ranks.index(first) < ranks.index(query):
+                lead = _before(ranks, query, first)
+                perms[a.tensor] = tuple(
+                    sorted(range(len(ranks)), key=lambda k: lead.index(ranks[k]))
+                )
     if not perms:
         return c
-    return c.with_einsums(tuple(_permuted(e, perms) for e in c.einsums))
+    copies = []
+    for t, perm in perms.items():
+        ranks = c.tensor_ranks(t)
+        out = tuple(Var(ranks[k]) for k in perm)
+        copies.append(Einsum(f"{t}__qm", out, Access(t, tuple(Var(r) for r in ranks))))
+
+    def reread(node: Expr) -> Expr | None:
+        if isinstance(node, Access) and node.tensor in perms:
+            return Access(f"{node.tensor}__qm", tuple(node.indices[k] for k in perms[node.tensor]))
+        return None
+
+    first = min(k for k, e in enumerate(c.einsums) if e.output in names)
+    einsums = [
+        e if e.output not in names else Einsum(e.output, e.indices, substitute(e.expr, reread),
+                                               e.reduce, e.init, e.loc)
+        for e in c.einsums
+    ]  # fmt: skip
+    return c.with_einsums((*einsums[:first], *copies, *einsums[first:]))
+
+
+def _before(ranks: tuple[str, ...], rank: str, anchor: str) -> tuple[str, ...]:
+    """``ranks`` with ``rank`` moved to just before ``anchor`` (unchanged if already before)."""
+    if ranks.index(rank) < ranks.index(anchor):
+        return ranks
+    rest = [r for r in ranks if r != rank]
+    rest.insert(rest.index(anchor), rank)
+    return tuple(rest)
 
 
 def _query_operand(expr: Expr, query: str) -> tuple[str, ...] | None:
