@@ -55,7 +55,7 @@ def plan_loop(
     c: Cascade, g: FusedGroup, sizes: Mapping[str, int]
 ) -> tuple[Cascade, BlockPlan, tuple[str, ...]]:
     """The cascade as the loop runs it (padding masks the sizes make true dropped, the
-    accumulators query-major), its plan, and the row ranks mapped one at a time.
+    score tiles and accumulators query-major), its plan, and the row ranks mapped one at a time.
 
     The emitter runs this; the autotuner asks it which ranks a Schedule should tile.
     """
