@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from einfuse.autotune import space as space_module
 from einfuse.autotune.measure import Backend, Bench, Prepared, jax_backend, sliceable_rank
+from einfuse.autotune.objectives import TuningError
 from einfuse.autotune.screen import ModelEvaluator, screen
 from einfuse.autotune.space import Param, SearchSpace, SpaceOptions, build_space, register_space
 from einfuse.autotune.tuner import autotune
 from einfuse.cost_model.target import get_target
 from einfuse.einsum_cascade import attention
+from einfuse.ir import parse
 from einfuse.ir.cascade import bind_sizes
 
 CPU = get_target("cpu", calibrate=False)
@@ -215,6 +219,39 @@ def test_hybrid_measures_the_models_best_programs_and_the_default():
     assert measured == {default, runner_up}  # the default always, then the model's best other
     assert result.measurements == 2
     assert result.pipeline in measured
+
+
+def test_hybrid_refuses_to_run_when_the_model_prices_no_candidate():
+    """float16 has no rate on the CPU target: hybrid would measure the default alone."""
+    c = small_attention(32)
+    c = replace(c, inputs=tuple(replace(t, dtype="float16") for t in c.inputs))
+    with pytest.raises(
+        TuningError, match=r"hybrid: the cost model refused every candidate.*float16"
+    ):
+        autotune(c, target=CPU, objective="hybrid", trials=2, storage="memory", progress=False)
+
+
+def test_bfloat16_attention_is_priced_and_tuned_by_hybrid():
+    c = small_attention(64)
+    c = replace(c, inputs=tuple(replace(t, dtype="bfloat16") for t in c.inputs))
+    result = autotune(
+        c, target=CPU, objective="hybrid", trials=2, storage="memory", progress=False, repeats=3
+    )
+    assert result.measurements == 2 and result.trials_failed == 0
+    assert result.predicted_s is not None and math.isfinite(result.predicted_s)
+
+
+def test_sizes_given_for_a_spec_replace_the_sizes_it_declares():
+    """The design's spec declares p=m=4096 in bfloat16; tuning it at 32 measures at 32."""
+    spec = Path(__file__).parents[1] / "examples" / "specs" / "attention_3pass.ein"
+    c = parse(spec.read_text())
+    sizes = {"e": 8, "f": 8, "p": 32, "m": 32}
+    result = autotune(
+        c, sizes=sizes, target=CPU, objective="hybrid", trials=2, storage="memory",
+        progress=False, repeats=3,
+    )  # fmt: skip
+    assert result.measurements == 2 and result.trials_failed == 0
+    assert {r: n for r, n in result.key.sizes} == sizes
 
 
 def test_relative_error_flags_nan_and_accepts_matching_infinities():

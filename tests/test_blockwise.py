@@ -1,5 +1,7 @@
 """The fused group emitted as one blockwise loop: same numbers, no P x M tensor."""
 
+from dataclasses import replace
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -9,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from einfuse.backends.blockwise_plan import drop_true_padding_masks, plan_loop
+from einfuse.backends.jax_backend import emit_jax
 from einfuse.backends.jax_blockwise import BlockwiseCascade
 from einfuse.backends.reference import infer_sizes, interpret
 from einfuse.einsum_cascade import attention
 from einfuse.ir import Cascade, parse
 from einfuse.ir.cascade import bind_sizes
+from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import fused_groups
 from einfuse.passes.manager import run_passes
 
@@ -116,8 +120,6 @@ def test_gradients_flow_through_the_loop():
     sizes = infer_sizes(fused, {k: v.shape for k, v in ins.items()})
     bw = BlockwiseCascade(fused, fused_groups(fused)[0], sizes, query_tile=4)
     plain = run_passes(c, "").cascade
-    from einfuse.backends.jax_backend import emit_jax
-
     ref = emit_jax(plain)
     g1 = jax.grad(lambda q: bw({**ins, "Q": q})["AV"].sum())(ins["Q"])
     g2 = jax.grad(lambda q: ref.as_dict(**{**ins, "Q": q})["AV"].sum())(ins["Q"])
@@ -194,3 +196,20 @@ def test_every_operand_layout_gives_the_reference_numbers(
     bw = BlockwiseCascade(fused, fused_groups(fused)[0], sizes, query_tile=query_tile)
     got = jax.jit(bw)({n: jnp.asarray(x, jnp.float32) for n, x in ins.items()})["AV"]
     np.testing.assert_allclose(got, interpret(c, ins)["AV"], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_loop_carries_float32_state_and_returns_bfloat16(causal):
+    """The tiles stay bfloat16; the running max, sums and P V are float32, as in flash kernels."""
+    c = _layout(q="e, p", qk="m, p", k="e, m", v="f, m", causal=causal)
+    c = replace(c, inputs=tuple(replace(t, dtype="bfloat16") for t in c.inputs))
+    fused = run_passes(c, "fuse{tile=4}").cascade
+    rng = np.random.default_rng(3)
+    ins = {t.name: jnp.asarray(rng.normal(size=c.tensor_shape(t.name, {})), jnp.bfloat16)
+           for t in c.inputs}  # fmt: skip
+    want = interpret(c, {n: np.asarray(x, np.float64) for n, x in ins.items()})["AV"]
+    got = emit_jax(fused, schedule=Schedule.of(tiles={"p": 4}))(**ins)[0]
+    plain = emit_jax(c)(**ins)[0]
+    assert got.dtype == plain.dtype == jnp.bfloat16
+    error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+    assert error < 1e-2

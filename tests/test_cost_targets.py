@@ -180,7 +180,7 @@ def _fake_measure(calls):
         rng = random.Random(len(calls))
         return calibrate.HostMeasurements(
             matmul_macs_per_s=(("float32", 64, rng.uniform(1e9, 1e11)),),
-            vector_ops_per_s=rng.uniform(1e10, 2e10),
+            vector_ops_per_s=(("float32", rng.uniform(1e10, 2e10)), ("bfloat16", 5e9)),
             exp_per_s=rng.uniform(1e8, 1e9),
             dram_bytes_per_s=rng.uniform(1e9, 1e10),
             dram_buffer_bytes=1 << 30,

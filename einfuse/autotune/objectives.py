@@ -315,6 +315,11 @@ def _hybrid_round(job: Job, search: MeasuredSearch, trials: int) -> dict[str, Po
     backend ignores (placement, loop order) keep the model's choice.
     """
     screening = _screen(job, job.settings.model_trials, "screen")
+    if not math.isfinite(screening.scores[0].seconds):  # measuring the default alone is no search
+        raise TuningError(
+            "objective hybrid: the cost model refused every candidate, so it cannot screen "
+            f"(the best: {screening.scores[0].reason}); use objective measure"
+        )
     best_point: dict[str, Point] = {}
     for scored in screening.scores:
         if not math.isfinite(scored.seconds):

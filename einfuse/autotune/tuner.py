@@ -98,8 +98,7 @@ def autotune(
     target_obj = _target(target, calibrate=objective != "measure")
     store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
     if isinstance(cascade_or_function, Cascade):
-        bound = _bind(cascade_or_function, sizes)
-        return _tune(cascade_or_function, bound, target_obj, store, settings)
+        return _tune(*_bind(cascade_or_function, sizes), target_obj, store, settings)
     if not callable(cascade_or_function):
         raise EinfuseError(f"autotune needs a Cascade or a function, got {cascade_or_function!r}")
     results = [
@@ -115,9 +114,21 @@ def _target(target: str | Target, calibrate: bool) -> Target:
     return get_target(target, calibrate=calibrate) if isinstance(target, str) else target
 
 
-def _bind(cascade: Cascade, sizes: Mapping[str, int] | None) -> dict[str, int]:
+def _bind(cascade: Cascade, sizes: Mapping[str, int] | None) -> tuple[Cascade, dict[str, int]]:
+    """The cascade at ``sizes`` and every rank's size. A size given for a rank the cascade
+    declares at another number replaces it (tuning a spec at another size), so the emitted
+    programs and the model see the same sizes."""
+    sizes = dict(sizes or {})
+    ranks = set(cascade.all_ranks())
+    resized = {
+        r: int(n)
+        for r, n in sizes.items()
+        if r in ranks and isinstance(cascade.size(r), int) and cascade.size(r) != int(n)
+    }
+    if resized:
+        cascade = cascade.with_sizes(**resized)
     try:
-        return bind_sizes(cascade, sizes or {})
+        return cascade, bind_sizes(cascade, sizes)
     except ValueError as exc:
         raise EinfuseError(f"autotune needs every size bound: {exc} (pass sizes=...)") from exc
 
@@ -198,7 +209,7 @@ def tuned_pipeline(
     For ``einfuse.jit``: never tunes, never measures, never calibrates; ``storage`` as in
     `autotune` (a ``.json`` export replays it).
     """
-    key = make_key(cascade, _bind(cascade, sizes), _target(target, calibrate=False))
+    key = make_key(*_bind(cascade, sizes), _target(target, calibrate=False))
     record = _lookup(key, storage)
     return None if record is None else (record.pipeline, parse_schedule(record.schedule))
 

@@ -95,7 +95,7 @@ def lower_cascade(
     max_blowup: float = DEFAULT_MAX_BLOWUP,
 ) -> LoweredCascade:
     """Lower every Einsum for concrete ``sizes`` (one int per rank, as ``infer_sizes`` gives)."""
-    compute = _compute_dtype(cascade, dtype)
+    compute = compute_dtype(cascade, dtype)
     policy = Policy(
         compute,
         None if accumulate_dtype is None else canonical_dtype(accumulate_dtype),
@@ -127,7 +127,8 @@ def canonical_dtype(dtype: Any) -> np.dtype:
     return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype)))
 
 
-def _compute_dtype(cascade: Cascade, dtype: Any) -> np.dtype:
+def compute_dtype(cascade: Cascade, dtype: Any = None) -> np.dtype:
+    """``dtype`` if given, else the promoted dtype of the cascade's float inputs."""
     if dtype is not None:
         return canonical_dtype(dtype)
     floats = [canonical_dtype(t.dtype) for t in cascade.inputs]

@@ -13,6 +13,11 @@ The query rank is tiled too (a ``lax.map`` over its blocks), so a step holds one
 ``P0 x M0`` score tile. With a causal mask ``m1*M0+m0 <= p`` a ``lax.switch`` per step
 skips the tiles above the diagonal and runs the tiles below it without the mask (so the
 loop stays differentiable). The split into programs is ``blockwise_plan``'s.
+
+Dtypes: the tiles keep the cascade's dtype, but the carried state (running max, sums,
+products) is at least float32, as flash-attention kernels keep it: a bfloat16 running sum
+over many key tiles would lose what one reduction over all keys keeps. The results come out
+in the cascade's compute dtype, as the Einsum-by-Einsum emitter gives them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from einfuse.backends.blockwise_plan import (
@@ -32,7 +38,7 @@ from einfuse.backends.blockwise_plan import (
     plan_loop,
     without_causal_mask,
 )
-from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
+from einfuse.backends.jax_backend import LoweredCascade, compute_dtype, lower_cascade
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.expr import Access
@@ -55,6 +61,9 @@ class BlockwiseCascade:
         **options: Any,
     ) -> None:
         self.sizes = dict(sizes)
+        self.out_dtype = compute_dtype(cascade, options.get("dtype"))
+        acc = options.get("accumulate_dtype") or jnp.float32
+        self.carry_dtype = np.dtype(jnp.promote_types(self.out_dtype, acc))
         cascade, self.plan, mapped_rows = plan_loop(cascade, group, self.sizes)
         self.query = query = self.plan.query
         total = self.sizes[query] if query else 1
@@ -74,19 +83,37 @@ class BlockwiseCascade:
         self.pre = lower_program(
             self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, **options
         )
-        self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
+        typed = {k: v for k, v in options.items() if k != "dtype"}  # declared dtypes hold
+        self._sources = {t.name: t.dtype for t in cascade.inputs} if "dtype" not in options else {}
+        body = self._typed(body)
+        self.body: LoweredCascade = lower_cascade(body, body_sizes, **typed)
         # Causal: tiles below the diagonal run a step without the mask (only the tiles on
         # it pay for it), tiles above it are skipped.
         self.full_body: LoweredCascade | None = None
         if self.plan.causal:
             unmasked = plan_group(without_causal_mask(cascade, group, query), group, query)
-            full = self._globalized(unmasked.body)
+            full = self._typed(self._globalized(unmasked.body))
             if {t.name for t in full.inputs} <= set(self.body_inputs):
-                self.full_body = lower_cascade(full, body_sizes, **options)
+                self.full_body = lower_cascade(full, body_sizes, **typed)
         self.post = lower_program(
-            self.plan.post, self.sizes, query_tile=query_tile, schedule=schedule, **options
-        )
+            self._typed(self.plan.post), self.sizes, query_tile=query_tile, schedule=schedule,
+            **typed,
+        )  # fmt: skip
         self.body_cascade = body
+
+    def _typed(self, c: Cascade) -> Cascade:
+        """``c`` with each input declared in the dtype it arrives in: a cascade input (or its
+        tile) as declared, carried state in ``carry_dtype``, anything else as computed."""
+        carried = set(self.plan.group.carried)
+
+        def dtype(name: str) -> str:
+            base = name.removesuffix("__blk").removesuffix("__prev")
+            if name.endswith("__prev") or name in carried:
+                return self.carry_dtype.name
+            return self._sources.get(base, self.out_dtype.name)
+
+        decls = tuple(TensorDecl(t.name, t.ranks, dtype(t.name), t.loc) for t in c.inputs)
+        return Cascade(decls, c.einsums, c.outputs, c.sizes, c.partitions)
 
     def _globalized(self, body: Cascade) -> Cascade:
         """The step with the query rank's value and size those of the whole rank."""
@@ -119,7 +146,7 @@ class BlockwiseCascade:
                 x = _pad_to(x, self.plan.tiles[base][0], steps * tile)
             raw[name] = x
         for t in g.carried:
-            raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"])
+            raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"], self.carry_dtype)
         if self.rows:
             # One (batch, head) row at a time: every product in the loop is a plain 2-D
             # GEMM, which XLA:CPU runs faster than the batched form.
@@ -129,7 +156,7 @@ class BlockwiseCascade:
         else:
             finals = self._run_row(raw)
         env.update(finals)
-        return self.post(env)
+        return {o: x.astype(self.out_dtype) for o, x in self.post(env).items()}
 
     def _ranks(self, name: str) -> tuple[str, ...]:
         t = name.removesuffix("__prev")

@@ -24,12 +24,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from einfuse.cost_model.calibrate_overheads import measure_overheads, median_seconds
+from einfuse.cost_model.calibrate_kernels import (
+    _FULL_MATMULS,
+    _QUICK_MATMULS,
+    DTYPES,
+    measure_exp_rate,
+    measure_matmul,
+    measure_stream_bandwidth,
+    measure_vector_rate,
+)
+from einfuse.cost_model.calibrate_overheads import measure_overheads
 from einfuse.cost_model.overheads import Overheads
 from einfuse.cost_model.target import ComputeUnit, Interconnect, MemoryLevel, Target
 
-_SCHEMA = 4  # 2: loop, operation and dot-step overheads; 3: sliced-element cost;
-# 4: thin dot shapes and a relative least squares for the dot element costs
+_SCHEMA = 5  # 2: loop, operation and dot-step overheads; 3: sliced-element cost;
+# 4: thin dot shapes and a relative least squares for the dot element costs; 5: element-wise
+# and exp rates per dtype
 _SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 # Used when neither sysfs nor lscpu tells us the caches: a typical x86 server core.
 _DEFAULT_CACHES = (("l3", 32 << 20, 1), ("l2", 1 << 20, 1), ("l1d", 32 << 10, 1))
@@ -64,8 +74,8 @@ class HostMeasurements:
     """Raw calibration results; rates in ops/s, bandwidths in bytes/s (read + write)."""
 
     matmul_macs_per_s: tuple[tuple[str, int, float], ...]  # (dtype, n, rate) per size tried
-    vector_ops_per_s: float
-    exp_per_s: float
+    vector_ops_per_s: tuple[tuple[str, float], ...]  # (dtype, rate)
+    exp_per_s: float  # float32; other dtypes keep its cost in element-wise ops
     dram_bytes_per_s: float
     dram_buffer_bytes: int
     cache_bytes_per_s: tuple[float, ...]  # aligned with HostDescription.caches
@@ -183,75 +193,6 @@ def describe_host() -> HostDescription:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernels. Each runs inside one jitted call (a fori_loop where the work is small) so that
-# Python dispatch does not dominate; the median of `repeats` timed calls after a warm-up.
-
-
-def measure_matmul(dtype: str, n: int, repeats: int) -> float:
-    """MACs per second of an n x n x n jnp.dot."""
-    import jax
-    import jax.numpy as jnp
-
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.uniform(k, (n, n), jnp.float32, 0.5, 1.5).astype(dtype) for k in keys)
-    return n**3 / median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
-
-
-def measure_stream_bandwidth(n_bytes: int, target_bytes: int, repeats: int) -> float:
-    """Read+write bytes per second of an affine update of an `n_bytes` f32 buffer, in place."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    def step(i: Any, y: Any) -> Any:  # one read and one write of the buffer per step
-        return y * 0.999 + i.astype(jnp.float32) * 1e-9
-
-    n = max(256, n_bytes // 4)
-    iterations = max(1, target_bytes // (8 * n))
-    fn = jax.jit(lambda x: lax.fori_loop(0, iterations, step, x))
-    x = jnp.full((n,), 0.5, jnp.float32)
-    return 8 * n * iterations / median_seconds(fn, x, repeats=repeats)
-
-
-def measure_exp_rate(n_bytes: int, target_elements: int, repeats: int) -> float:
-    """exp results per second, y <- exp(-y) on an in-cache buffer (stays in (0, 1])."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    n = max(256, n_bytes // 4)
-    iterations = max(1, target_elements // n)
-    fn = jax.jit(lambda x: lax.fori_loop(0, iterations, lambda i, y: jnp.exp(-y), x))
-    x = jnp.full((n,), 0.5, jnp.float32)
-    return n * iterations / median_seconds(fn, x, repeats=repeats)
-
-
-_HORNER_STEPS = 16
-_FULL_MATMULS = (("float32", 256), ("float32", 1024), ("bfloat16", 512))
-_QUICK_MATMULS = (("float32", 128), ("bfloat16", 128))
-
-
-def measure_vector_rate(n_bytes: int, target_elements: int, repeats: int) -> float:
-    """Element-wise ops per second: a Horner polynomial (one multiply-add per step) per element."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    def body(i: Any, y: Any) -> Any:
-        z = y
-        for k in range(_HORNER_STEPS):
-            z = z * y + 0.01 * k
-        return z * 1e-3
-
-    n = max(256, n_bytes // 4)
-    iterations = max(1, target_elements // n)
-    fn = jax.jit(lambda x: lax.fori_loop(0, iterations, body, x))
-    x = jnp.full((n,), 0.5, jnp.float32)
-    ops = (_HORNER_STEPS + 1) * n * iterations
-    return ops / median_seconds(fn, x, repeats=repeats)
-
-
 def measure_host(host: HostDescription, *, quick: bool = False) -> HostMeasurements:
     """Run every kernel; about 5-10 s (quick: about 2 s, for tests)."""
     start = time.perf_counter()
@@ -260,9 +201,12 @@ def measure_host(host: HostDescription, *, quick: bool = False) -> HostMeasureme
     matmuls = _QUICK_MATMULS if quick else _FULL_MATMULS
     matmul = tuple((dt, n, measure_matmul(dt, n, repeats)) for dt, n in matmuls)
     smallest, second = host.caches[-1], host.caches[-2] if len(host.caches) > 1 else None
-    vector = measure_vector_rate(smallest.size_bytes // 4, volume // 16, repeats)
-    exp_buffer = (second or smallest).size_bytes // 4
-    exp = measure_exp_rate(min(exp_buffer, 1 << 20), volume // 16, repeats)
+    exp_buffer = min((second or smallest).size_bytes // 4, 1 << 20)
+    vector = tuple(
+        (dt, measure_vector_rate(smallest.size_bytes // 4, volume // 16, repeats, dt))
+        for dt in DTYPES
+    )
+    exp = measure_exp_rate(exp_buffer, volume // 16, repeats)
     caches = []
     for cache in host.caches:  # a quarter of the cache: in place, with room for neighbours
         buffer = max(4096, cache.size_bytes // 4)
@@ -295,15 +239,15 @@ def host_target(host: HostDescription, measured: HostMeasurements) -> Target:
     matmul: dict[str, float] = {}
     for dtype, _, rate in measured.matmul_macs_per_s:
         matmul[dtype] = max(rate, matmul.get(dtype, 0.0))
-    exp_cost = measured.vector_ops_per_s / measured.exp_per_s
-    vector = ComputeUnit("xla_elementwise", "vector", {"float32": measured.vector_ops_per_s})
+    vector = dict(measured.vector_ops_per_s)
+    exp_cost = vector["float32"] / measured.exp_per_s
     units = (
         ComputeUnit("xla_dot", "matrix", matmul),
-        vector,
+        ComputeUnit("xla_elementwise", "vector", vector),
         ComputeUnit(
             "xla_exp",
             "transcendental",
-            {"float32": vector.rate("float32") / exp_cost},
+            {dtype: rate / exp_cost for dtype, rate in vector.items()},
             emulated_on="xla_elementwise",
         ),
     )
@@ -371,6 +315,8 @@ def _load_cached(
         measured = dict(record["measurements"])
         measured["matmul_macs_per_s"] = tuple(tuple(m) for m in measured["matmul_macs_per_s"])
         measured["cache_bytes_per_s"] = tuple(measured["cache_bytes_per_s"])
+        vector = measured["vector_ops_per_s"]
+        measured["vector_ops_per_s"] = tuple((str(d), float(r)) for d, r in vector)
         measured["overheads"] = tuple(measured["overheads"])
         return HostDescription(**host), HostMeasurements(**measured)
     except (OSError, ValueError, KeyError, TypeError):
