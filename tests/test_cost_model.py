@@ -281,3 +281,19 @@ def test_fusemax_2d_array_utilization_rises_with_sequence_length():
 def test_fusemax_mapping_refuses_an_unfused_cascade():
     with pytest.raises(CostModelError, match="fused 1-pass"):
         fusemax_mapping(attention("3pass", b=1, h=1, e=64, f=64, p=256, m=256))
+
+
+def test_carried_state_and_what_reads_it_are_priced_in_the_carry_dtype():
+    """The JAX blockwise loop keeps a bfloat16 attention's running state in float32."""
+    fused = fuse(attention("3pass", heads=False, batch=False, e=64, f=64, p=1024, m=1024), tile=256)
+    plain = CostModel(fused, CPU, dtype="bfloat16")
+    wide = CostModel(fused, CPU, dtype="bfloat16", carry_dtype="float32")
+    dtypes = dict(zip((e.output for e in fused.einsums), wide.einsum_dtypes))
+    assert dtypes["QK"] == dtypes["LM"] == "bfloat16"  # tiles of bfloat16 inputs
+    assert dtypes["RM"] == dtypes["SN"] == dtypes["RNV"] == dtypes["AV"] == "float32"
+    assert set(plain.einsum_dtypes) == {"bfloat16"}
+    # XLA:CPU runs bfloat16 element-wise ops at an eighth of the float32 rate (cpu.toml)
+    schedule = Schedule.of(tiles={"p": 256})
+    assert wide.estimate(schedule) < 0.8 * plain.estimate(schedule)
+    same = CostModel(fused, CPU, carry_dtype="float32")  # a float32 cascade: nothing widens
+    assert set(same.einsum_dtypes) == {"float32"}

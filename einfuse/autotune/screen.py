@@ -42,6 +42,11 @@ class Score:
     reason: str = ""
 
 
+def _carry(dtype: str | None) -> str | None:
+    """The dtype the JAX backend's blockwise loop keeps its state in (``jax_blockwise``)."""
+    return "float32" if dtype in ("bfloat16", "float16") else None
+
+
 class ModelEvaluator:
     """Predicted time of candidates: pipelines and cost models cached per pipeline."""
 
@@ -69,8 +74,9 @@ class ModelEvaluator:
                 sizes = bind_sizes(transformed, self.sizes)
                 same = (transformed.fingerprint(), tuple(sorted(sizes.items())))
                 if same not in self._by_cascade:  # pipelines that change nothing share one
+                    dtype = compute_dtype(self.cascade)
                     self._by_cascade[same] = self._cost_model(
-                        transformed, self.target, sizes, dtype=compute_dtype(self.cascade)
+                        transformed, self.target, sizes, dtype=dtype, carry_dtype=_carry(dtype)
                     )
                 self._models[pipeline] = self._by_cascade[same]
             except Exception as exc:

@@ -11,6 +11,10 @@ is remembered under everything it depends on (the sizes and tiles of its ranks a
 tensors it touches, and its part of the loop order, placements, units and parallel ranks), so a
 search that changes one tile reprices only the kernels that tile touches. It returns seconds,
 ``inf`` when a tile does not fit.
+
+Work is priced in the cascade's ``dtype``, except, with ``carry_dtype``, what the JAX backend's
+blockwise loop runs wider: its carried state and everything computed from it (the loop keeps a
+bfloat16 cascade's running max, sums and ``P V`` in float32; see ``jax_blockwise``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from einfuse.cost_model.units import (
     Charge,
     default_dtype,
     einsum_charges,
-    unit_rates,
 )
 from einfuse.cost_model.work import einsum_work
 from einfuse.ir.cascade import Cascade, bind_sizes
@@ -67,6 +70,7 @@ class CostModel:
         sizes: Mapping[str, int] | None = None,
         dtype: str | None = None,
         overheads: Overheads | None = None,
+        carry_dtype: str | None = None,
     ) -> None:
         self.cascade = cascade
         self.target = get_target(target) if isinstance(target, str) else target
@@ -108,7 +112,7 @@ class CostModel:
             u.name: "cores" if t.device_kind == "cpu" else (u.emulated_on or u.name)
             for u in t.units
         }
-        self.rates = unit_rates(t, self.dtype)
+        self.einsum_dtypes = _einsum_dtypes(cascade, self.dtype, carry_dtype)
         self.engines = tuple(dict.fromkeys(self.engine_of.values()))
         self._default: ScheduleView | None = None
         self.work_cache: dict[tuple, dict] = {}  # see ``kernel_time.einsum_work_s``
@@ -135,7 +139,7 @@ class CostModel:
         cached = self._charge_cache.get(key)
         if cached is None:
             cached = einsum_charges(
-                self.target, self.dtype, self.rates, self.einsums, self.work, binding
+                self.target, self.einsum_dtypes, self.einsums, self.work, binding
             )
             self._charge_cache[key] = cached
         return cached
@@ -299,6 +303,22 @@ class CostModel:
         return CostReport(
             t.name, self.dtype, total, bound, True, "", tuple(rows), tuple(kernels), levels
         )
+
+
+def _einsum_dtypes(cascade: Cascade, dtype: str, carry_dtype: str | None) -> tuple[str, ...]:
+    """Per Einsum, the dtype its work runs in: ``carry_dtype`` for a fused group's carried
+    state and every Einsum that reads such a value (directly or not), ``dtype`` otherwise."""
+    if carry_dtype is None or canonical_dtype(carry_dtype) == dtype:
+        return tuple(dtype for _ in cascade.einsums)
+    from einfuse.passes.fuse import fused_groups
+
+    wide = {t for g in fused_groups(cascade) for t in g.carried}
+    out = []
+    for e in cascade.einsums:
+        if e.output in wide or wide & set(e.inputs):
+            wide.add(e.output)
+        out.append(canonical_dtype(carry_dtype) if e.output in wide else dtype)
+    return tuple(out)
 
 
 def estimate(

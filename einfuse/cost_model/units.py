@@ -53,13 +53,13 @@ def _unit(target: Target, kind: str) -> ComputeUnit | None:
 
 def einsum_charges(
     target: Target,
-    dtype: str,
-    rates: Mapping[str, float],
+    dtypes: Sequence[str],
     einsums: Sequence[Einsum],
     work: Sequence[Work],
     binding: Mapping[str, str],
 ) -> tuple[tuple[Charge, ...], ...]:
-    """Per Einsum, the units its work runs on under ``binding`` (Einsum output -> unit name)."""
+    """Per Einsum, the units its work runs on under ``binding`` (Einsum output -> unit name),
+    at the rates of the Einsum's dtype (``dtypes``, one per Einsum)."""
     units = {u.name: u for u in target.units}
     for name, unit in binding.items():
         if unit not in units:
@@ -68,8 +68,10 @@ def einsum_charges(
                 f"{', '.join(units)}"
             )
     exp_cost = target.exp_cost_in_macs
+    by_dtype = {dtype: unit_rates(target, dtype) for dtype in set(dtypes)}
     out = []
-    for e, w in zip(einsums, work):
+    for e, w, dtype in zip(einsums, work, dtypes, strict=True):
+        rates = by_dtype[dtype]
         coef: dict[str, list[float]] = {}
         bound = binding.get(e.output)
         has_trans = any(tr for _, _, tr in w.terms)
