@@ -408,3 +408,20 @@ def test_random_cascades_match_reference_in_float64(case) -> None:
         out = emit_jax(c, dtype=jnp.float64, max_blowup=math.inf).as_dict(**ins)
         for name, want in ref.items():
             np.testing.assert_allclose(np.asarray(out[name]), want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_the_blockwise_loop_lowers_for_accelerators_without_one(platform):
+    """jax.export lowers for a platform this machine does not have: the fused, causal,
+    bfloat16 loop (switch over tile kinds, float32 state) is plain JAX on TPU and GPU too."""
+    from einfuse.ir.schedule import Schedule
+    from einfuse.passes.fuse import fuse
+
+    c = attention("3pass", causal=True, b=1, h=2, e=64, f=64, p=256, m=256)
+    fn = emit_jax(fuse(c, tile=64), schedule=Schedule.of(tiles={"p": 128}))
+    args = [jax.ShapeDtypeStruct((1, 2, 64, 256), jnp.bfloat16)] * 3
+    exported = jax.export.export(jax.jit(fn), platforms=[platform])(*args)
+    text = exported.mlir_module()
+    assert exported.platforms == (platform,)
+    assert "stablehlo.while" in text and "stablehlo.case" in text  # the loop and the switch
+    assert "bf16" in text and "f32" in text
