@@ -42,11 +42,6 @@ class Score:
     reason: str = ""
 
 
-def _carry(dtype: str | None) -> str | None:
-    """The dtype the JAX backend's blockwise loop keeps its state in (``jax_blockwise``)."""
-    return "float32" if dtype in ("bfloat16", "float16") else None
-
-
 class ModelEvaluator:
     """Predicted time of candidates: pipelines and cost models cached per pipeline."""
 
@@ -74,9 +69,12 @@ class ModelEvaluator:
                 sizes = bind_sizes(transformed, self.sizes)
                 same = (transformed.fingerprint(), tuple(sorted(sizes.items())))
                 if same not in self._by_cascade:  # pipelines that change nothing share one
+                    from einfuse.backends.jax_blockwise import carry_dtype
+
                     dtype = compute_dtype(self.cascade)
+                    carry = None if dtype is None else carry_dtype(dtype).name
                     self._by_cascade[same] = self._cost_model(
-                        transformed, self.target, sizes, dtype=dtype, carry_dtype=_carry(dtype)
+                        transformed, self.target, sizes, dtype=dtype, carry_dtype=carry
                     )
                 self._models[pipeline] = self._by_cascade[same]
             except Exception as exc:

@@ -46,6 +46,12 @@ from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
 
+def carry_dtype(dtype: Any, accumulate: Any = None) -> np.dtype:
+    """The dtype the loop carries its state in: ``dtype`` widened to ``accumulate`` and to at
+    least float32 (the cost model prices the loop with it too)."""
+    return np.dtype(jnp.promote_types(dtype, accumulate or jnp.float32))
+
+
 class BlockwiseCascade:
     """Runs a fused cascade as pre-loop, blockwise loop, post-loop programs."""
 
@@ -62,8 +68,7 @@ class BlockwiseCascade:
     ) -> None:
         self.sizes = dict(sizes)
         self.out_dtype = compute_dtype(cascade, options.get("dtype"))
-        acc = options.get("accumulate_dtype") or jnp.float32
-        self.carry_dtype = np.dtype(jnp.promote_types(self.out_dtype, acc))
+        self.carry_dtype = carry_dtype(self.out_dtype, options.get("accumulate_dtype"))
         cascade, self.plan, mapped_rows = plan_loop(cascade, group, self.sizes)
         self.query = query = self.plan.query
         total = self.sizes[query] if query else 1
