@@ -1,11 +1,16 @@
 """Fused attention from ``einfuse.jit(passes="fuse")`` against XLA's attention, on this CPU.
 
-For each sequence length and mask, three implementations of the same user function:
+For each sequence length and mask, four implementations of the same attention:
 
 * ``einfuse``: ``einfuse.jit(attention, passes="fuse{tile=T}")`` — lifted, fused (FuseMax
   1-pass), emitted as one blockwise loop;
 * ``dpa_xla``: ``jax.jit(jax.nn.dot_product_attention(..., implementation="xla"))``;
-* ``jit_softmax``: ``jax.jit`` of a plain softmax(QK^T/sqrt(d))V.
+* ``jit_softmax``: ``jax.jit`` of a plain softmax(QK^T/sqrt(d))V;
+* ``pallas_mha``: Pallas' own flash-attention kernel
+  (``jax.experimental.pallas.ops.gpu.attention.mha``, blocks 128 x 128) with
+  ``interpret=True``, the only way a Pallas kernel runs on a CPU: its grid becomes XLA loops.
+  On a GPU Triton compiles the same kernel; here it shows what the blockwise structure alone
+  buys against einfuse's emitted loop.
 
 Each (implementation, length, mask) runs in its own process, so peak memory is its own:
 reported as the whole process (peak RSS) and as the rise over the RSS it had after
@@ -29,7 +34,7 @@ from einfuse.autotune.timing_subprocess import measure_in_subprocess
 from einfuse.autotune.timing_table import format_table
 
 BATCH, HEADS, DIM = 1, 8, 64
-IMPLS = ("einfuse", "dpa_xla", "jit_softmax")
+IMPLS = ("einfuse", "dpa_xla", "jit_softmax", "pallas_mha")
 
 
 def softmax_attention(q: Any, k: Any, v: Any, causal: bool) -> Any:
@@ -66,6 +71,15 @@ def make(impl: str, seq: int, causal: bool, tile: int = 512) -> Any:
         )
     elif impl == "jit_softmax":
         fn = jax.jit(softmax_attention, static_argnums=3)
+    elif impl == "pallas_mha":
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        fn = jax.jit(
+            lambda q, k, v, causal: mha(
+                q, k, v, None, sm_scale=DIM**-0.5, causal=causal, interpret=True
+            ),
+            static_argnums=3,
+        )
     else:
         raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
     return lambda: fn(q, k, v, causal)
@@ -94,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls
         if impl == "einfuse" or seq < args.skip_xla_above
     ]
+    skipped = {
+        "dpa_xla": "skipped (XLA runs out of memory)",
+        "jit_softmax": "skipped (XLA runs out of memory)",
+        "pallas_mha": "skipped (interpret mode: minutes a call)",
+    }
     random.Random(0).shuffle(runs)  # spread slow drifts of the machine over the alternatives
     results: dict[tuple[str, int, bool], dict[str, Any]] = {}
     for i, (impl, seq, causal) in enumerate(runs, 1):
@@ -116,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"seq": seq, "mask": "causal" if causal else "none"}
                 row["impl"] = impl
                 if r is None:
-                    rows.append({**row, "status": "skipped (XLA runs out of memory)"})
+                    rows.append({**row, "status": skipped.get(impl, "skipped")})
                     continue
                 t = _median(r)
                 rows.append(
