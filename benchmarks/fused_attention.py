@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-limit-mib", type=float, default=20_000)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--long-from", type=int, default=16384, help="one timed run above this")
-    ap.add_argument("--skip-xla-above", type=int, default=16384, help="XLA runs out of memory")
+    ap.add_argument(
+        "--skip-xla-above", type=int, default=16384,
+        help="run only einfuse from here: XLA runs out of memory, Pallas (interpret) takes minutes",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     seqs = [int(s) for s in args.seqs.split(",")]
     masks = [m == "causal" for m in args.masks.split(",")]

@@ -90,13 +90,15 @@ def _operands_query_first(c: Cascade, g: FusedGroup, query: str) -> Cascade:
             return Access(f"{node.tensor}__qm", tuple(node.indices[k] for k in perms[node.tensor]))
         return None
 
-    first = min(k for k, e in enumerate(c.einsums) if e.output in names)
-    einsums = [
-        e if e.output not in names else Einsum(e.output, e.indices, substitute(e.expr, reread),
-                                               e.reduce, e.init, e.loc)
-        for e in c.einsums
-    ]  # fmt: skip
-    return c.with_einsums((*einsums[:first], *copies, *einsums[first:]))
+    einsums: list[Einsum] = []
+    for e in c.einsums:
+        if e.output in names:
+            if copies:  # before the group's first member
+                einsums += copies
+                copies = []
+            e = Einsum(e.output, e.indices, substitute(e.expr, reread), e.reduce, e.init, e.loc)
+        einsums.append(e)
+    return c.with_einsums(einsums)
 
 
 def _before(ranks: tuple[str, ...], rank: str, anchor: str) -> tuple[str, ...]:

@@ -112,10 +112,9 @@ class BlockwiseCascade:
         carried = set(self.plan.group.carried)
 
         def dtype(name: str) -> str:
-            base = name.removesuffix("__blk").removesuffix("__prev")
             if name.endswith("__prev") or name in carried:
                 return self.carry_dtype.name
-            return self._sources.get(base, self.out_dtype.name)
+            return self._sources.get(name.removesuffix("__blk"), self.out_dtype.name)
 
         decls = tuple(TensorDecl(t.name, t.ranks, dtype(t.name), t.loc) for t in c.inputs)
         return Cascade(decls, c.einsums, c.outputs, c.sizes, c.partitions)

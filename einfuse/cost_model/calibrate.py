@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from einfuse.cost_model.calibrate_kernels import (
-    _FULL_MATMULS,
-    _QUICK_MATMULS,
     DTYPES,
+    FULL_MATMULS,
+    QUICK_MATMULS,
     measure_exp_rate,
     measure_matmul,
     measure_stream_bandwidth,
@@ -39,7 +39,7 @@ from einfuse.cost_model.target import ComputeUnit, Interconnect, MemoryLevel, Ta
 
 _SCHEMA = 5  # 2: loop, operation and dot-step overheads; 3: sliced-element cost;
 # 4: thin dot shapes and a relative least squares for the dot element costs; 5: element-wise
-# and exp rates per dtype
+# rates per dtype
 _SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 # Used when neither sysfs nor lscpu tells us the caches: a typical x86 server core.
 _DEFAULT_CACHES = (("l3", 32 << 20, 1), ("l2", 1 << 20, 1), ("l1d", 32 << 10, 1))
@@ -198,7 +198,7 @@ def measure_host(host: HostDescription, *, quick: bool = False) -> HostMeasureme
     start = time.perf_counter()
     repeats = 3 if quick else 5
     volume = (16 << 20) if quick else (128 << 20)  # bytes moved per timed in-cache call
-    matmuls = _QUICK_MATMULS if quick else _FULL_MATMULS
+    matmuls = QUICK_MATMULS if quick else FULL_MATMULS
     matmul = tuple((dt, n, measure_matmul(dt, n, repeats)) for dt, n in matmuls)
     smallest, second = host.caches[-1], host.caches[-2] if len(host.caches) > 1 else None
     exp_buffer = min((second or smallest).size_bytes // 4, 1 << 20)

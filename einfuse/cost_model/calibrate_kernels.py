@@ -54,8 +54,8 @@ def measure_exp_rate(n_bytes: int, target_elements: int, repeats: int) -> float:
 
 
 _HORNER_STEPS = 16
-_FULL_MATMULS = (("float32", 256), ("float32", 1024), ("bfloat16", 512))
-_QUICK_MATMULS = (("float32", 128), ("bfloat16", 128))
+FULL_MATMULS = (("float32", 256), ("float32", 1024), ("bfloat16", 512))
+QUICK_MATMULS = (("float32", 128), ("bfloat16", 128))
 DTYPES = ("float32", "bfloat16")  # priced on every unit of the host
 
 

@@ -308,7 +308,8 @@ class CostModel:
 def _einsum_dtypes(cascade: Cascade, dtype: str, carry_dtype: str | None) -> tuple[str, ...]:
     """Per Einsum, the dtype its work runs in: ``carry_dtype`` for a fused group's carried
     state and every Einsum that reads such a value (directly or not), ``dtype`` otherwise."""
-    if carry_dtype is None or canonical_dtype(carry_dtype) == dtype:
+    carry = dtype if carry_dtype is None else canonical_dtype(carry_dtype)
+    if carry == dtype:
         return tuple(dtype for _ in cascade.einsums)
     from einfuse.passes.fuse import fused_groups
 
@@ -317,7 +318,7 @@ def _einsum_dtypes(cascade: Cascade, dtype: str, carry_dtype: str | None) -> tup
     for e in cascade.einsums:
         if e.output in wide or wide & set(e.inputs):
             wide.add(e.output)
-        out.append(canonical_dtype(carry_dtype) if e.output in wide else dtype)
+        out.append(carry if e.output in wide else dtype)
     return tuple(out)
 
 
