@@ -14,6 +14,7 @@ from einfuse.backends.program import run_program
 from einfuse.einsum_cascade.lift import Program, Region, lift
 from einfuse.einsum_cascade.lift_views import reshape_plan
 from einfuse.ir import Access, Op, Size, Var, parse, verify
+from einfuse.ir.dtypes import tensor_dtypes
 
 
 def lifted(f, *args) -> Program:
@@ -115,15 +116,16 @@ def test_reshape_plan_maps_source_dims_to_split_destination_dims(src, dst, plan)
     assert reshape_plan(src, dst) == plan
 
 
-def test_float_cast_is_a_region_boundary_and_bfloat16_regions_lift():
+def test_float_casts_lift_inside_one_region_as_cast_operators():
     def mixed(x):
         y = jnp.tanh(x).astype(jnp.bfloat16)
         return jnp.exp(y) * y
 
     program = runs_like_jax(mixed, normal(4, 8), atol=1e-2)
-    assert [o.primitive for o in program.opaques] == ["convert_element_type"]
-    dtypes = [{t.dtype for t in r.cascade.inputs} for r in program.regions]
-    assert dtypes == [{"float32"}, {"bfloat16"}]
+    region = only_region(program)
+    assert not program.opaques
+    assert "bfloat16(tanh(" in str(region.cascade)
+    assert tensor_dtypes(region.cascade)[region.output_tensors[0]] == "bfloat16"
 
 
 def test_integer_results_are_recomputed_by_jax_not_stored_as_floats():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -111,6 +112,7 @@ OP_CASES: dict[str, tuple[str, ...]] = {
     "and": ("Z", "Y"),
     "or": ("Z", "W"),
     "where": ("Z", "X", "Y"),
+    **{op: ("X",) for op in ("bfloat16", "float16", "float32", "float64")},
 }
 NUMPY_OPS = {
     "neg": lambda x: -x,
@@ -142,6 +144,11 @@ NUMPY_OPS = {
     "and": lambda a, b: ((a != 0) & (b != 0)) * 1.0,
     "or": lambda a, b: ((a != 0) | (b != 0)) * 1.0,
     "where": lambda c, a, b: np.where(c != 0, a, b),
+    # 16-bit casts round to nearest even; float32 and float64 stand for exact values.
+    "bfloat16": lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64),
+    "float16": lambda x: x.astype(np.float16).astype(np.float64),
+    "float32": lambda x: x,
+    "float64": lambda x: x,
 }
 
 

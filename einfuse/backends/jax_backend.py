@@ -6,12 +6,14 @@ name -> array dict. Sizes missing from ``sizes`` are read off the input shapes a
 time, and each set of sizes is lowered once. The lowering (see ``jax_lower``) is data, so
 ``emit_jax_source`` prints exactly the statements that run.
 
-Dtypes: inputs are cast to their declared dtype (or to ``dtype`` when given) and the cascade
-computes in that dtype; outputs come back in it. With ``accumulate_dtype=jnp.float32`` (for
-bfloat16 inputs) every sum and contraction accumulates in float32, and the softmax
-statistics (max/sum reductions that are not contractions, recurrence state, and maps of
-those alone) are stored in float32; contraction results and other maps are stored in the
-compute dtype, as flash-attention kernels do.
+Dtypes follow the IR's rule (``einfuse.ir.dtypes``): inputs are cast to their declared dtype
+(every float input to ``dtype`` when given), each Einsum's result is stored in its output's
+dtype, casts (``float32(x)``) are ``astype``, and outputs come back in their own dtypes. A
+contraction of operands cast up (``float32(Q) * float32(K)``) is one ``einsum`` of the narrow
+operands with ``preferred_element_type``, as JAX's own mixed-precision dot. With
+``accumulate_dtype=jnp.float32`` every sum and contraction accumulates in float32, and the
+softmax statistics (max/sum reductions that are not contractions, recurrence state, and maps
+of those alone) are stored in at least float32, as flash-attention kernels do.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 
 from einfuse.backends.jax_lower import Names, Policy, lower_einsum
 from einfuse.backends.jax_ops import Stmt, format_stmt, format_value, run
-from einfuse.backends.jax_values import BackendUnsupported, TensorInfo
+from einfuse.backends.jax_values import BackendUnsupported, TensorInfo, canonical_dtype
 from einfuse.backends.reference import infer_sizes
 from einfuse.ir.cascade import Cascade, bind_sizes
+from einfuse.ir.dtypes import tensor_dtypes, with_input_dtype
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.schedule import Schedule
 from einfuse.ir.verify import verify
@@ -56,7 +59,7 @@ class LoweredCascade:
     outputs: tuple[str, ...]
     stmts: tuple[Stmt, ...]
     sizes: tuple[tuple[str, int], ...]
-    out_dtype: np.dtype
+    out_dtypes: tuple[np.dtype, ...]
 
     def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
         env: dict[str, Any] = {}
@@ -68,7 +71,7 @@ class LoweredCascade:
                 )
             env[name] = x.astype(info.dtype)
         run(self.stmts, env)
-        return {o: jnp.asarray(env[o]).astype(self.out_dtype) for o in self.outputs}
+        return {o: jnp.asarray(env[o]).astype(d) for o, d in zip(self.outputs, self.out_dtypes)}
 
     def source(self, fn_name: str = "cascade") -> str:
         """The emitted program as Python text: one line per Einsum, more for a scan."""
@@ -95,9 +98,10 @@ def lower_cascade(
     max_blowup: float = DEFAULT_MAX_BLOWUP,
 ) -> LoweredCascade:
     """Lower every Einsum for concrete ``sizes`` (one int per rank, as ``infer_sizes`` gives)."""
-    compute = compute_dtype(cascade, dtype)
+    cascade = with_dtype(cascade, dtype)
+    weak = canonical_dtype(dtype or np.float32).name
+    dtypes = {k: canonical_dtype(v) for k, v in tensor_dtypes(cascade, weak).items()}
     policy = Policy(
-        compute,
         None if accumulate_dtype is None else canonical_dtype(accumulate_dtype),
         precision,
         max_blowup,
@@ -105,35 +109,24 @@ def lower_cascade(
     tensors: dict[str, TensorInfo] = {}
     inputs = []
     for t in cascade.inputs:
-        info = TensorInfo(
-            tuple(sizes[r] for r in t.ranks),
-            compute if dtype is not None else canonical_dtype(t.dtype),
-        )
+        info = TensorInfo(tuple(sizes[r] for r in t.ranks), dtypes[t.name])
         tensors[t.name] = info
         inputs.append((t.name, info))
     names = Names({t.name for t in cascade.inputs} | {e.output for e in cascade.einsums})
     stmts: list[Stmt] = []
     for e in cascade.einsums:
-        new, info = lower_einsum(e, sizes, tensors, policy, names)
+        new, info = lower_einsum(e, sizes, tensors, policy, names, dtypes[e.output])
         stmts += new
         tensors[e.output] = info
+    out_dtypes = tuple(tensors[o].dtype for o in cascade.outputs)
     return LoweredCascade(
-        tuple(inputs), cascade.outputs, tuple(stmts), tuple(sorted(sizes.items())), compute
+        tuple(inputs), cascade.outputs, tuple(stmts), tuple(sorted(sizes.items())), out_dtypes
     )
 
 
-def canonical_dtype(dtype: Any) -> np.dtype:
-    """The dtype JAX will really use (float64 is float32 unless x64 is enabled)."""
-    return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype)))
-
-
-def compute_dtype(cascade: Cascade, dtype: Any = None) -> np.dtype:
-    """``dtype`` if given, else the promoted dtype of the cascade's float inputs."""
-    if dtype is not None:
-        return canonical_dtype(dtype)
-    floats = [canonical_dtype(t.dtype) for t in cascade.inputs]
-    floats = [d for d in floats if jnp.issubdtype(d, jnp.floating)]
-    return np.dtype(jnp.result_type(*floats)) if floats else np.dtype(np.float32)
+def with_dtype(cascade: Cascade, dtype: Any) -> Cascade:
+    """``cascade`` with every float input declared ``dtype`` (None: as declared)."""
+    return cascade if dtype is None else with_input_dtype(cascade, canonical_dtype(dtype).name)
 
 
 class JaxCascade:

@@ -14,10 +14,11 @@ The query rank is tiled too (a ``lax.map`` over its blocks), so a step holds one
 skips the tiles above the diagonal and runs the tiles below it without the mask (so the
 loop stays differentiable). The split into programs is ``blockwise_plan``'s.
 
-Dtypes: the tiles keep the cascade's dtype, but the carried state (running max, sums,
-products) is at least float32, as flash-attention kernels keep it: a bfloat16 running sum
-over many key tiles would lose what one reduction over all keys keeps. The results come out
-in the cascade's compute dtype, as the Einsum-by-Einsum emitter gives them.
+Dtypes: every tile and step result has its tensor's dtype in the IR (so the program's casts
+hold where it put them), but the carried state (running max, sums, products) is at least
+float32, as flash-attention kernels keep it: a bfloat16 running sum over many key tiles
+would lose what one reduction over all keys keeps. The results come out in their own
+dtypes, as the Einsum-by-Einsum emitter gives them.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from einfuse.backends.blockwise_plan import (
     plan_loop,
     without_causal_mask,
 )
-from einfuse.backends.jax_backend import LoweredCascade, compute_dtype, lower_cascade
-from einfuse.backends.jax_values import BackendUnsupported
+from einfuse.backends.jax_backend import LoweredCascade, lower_cascade, with_dtype
+from einfuse.backends.jax_values import BackendUnsupported, canonical_dtype
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
+from einfuse.ir.dtypes import tensor_dtypes
 from einfuse.ir.expr import Access
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup, fused_groups
@@ -67,8 +69,9 @@ class BlockwiseCascade:
         **options: Any,
     ) -> None:
         self.sizes = dict(sizes)
-        self.out_dtype = compute_dtype(cascade, options.get("dtype"))
-        self.carry_dtype = carry_dtype(self.out_dtype, options.get("accumulate_dtype"))
+        self.dtypes = {k: canonical_dtype(v) for k, v in tensor_dtypes(cascade).items()}
+        accumulate = options.get("accumulate_dtype")
+        self.carry = {t: carry_dtype(self.dtypes[t], accumulate) for t in group.carried}
         cascade, self.plan, mapped_rows = plan_loop(cascade, group, self.sizes)
         self.query = query = self.plan.query
         total = self.sizes[query] if query else 1
@@ -88,8 +91,7 @@ class BlockwiseCascade:
         self.pre = lower_program(
             self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, **options
         )
-        typed = {k: v for k, v in options.items() if k != "dtype"}  # declared dtypes hold
-        self._sources = {t.name: t.dtype for t in cascade.inputs} if "dtype" not in options else {}
+        typed = options
         body = self._typed(body)
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **typed)
         # Causal: tiles below the diagonal run a step without the mask (only the tiles on
@@ -107,14 +109,14 @@ class BlockwiseCascade:
         self.body_cascade = body
 
     def _typed(self, c: Cascade) -> Cascade:
-        """``c`` with each input declared in the dtype it arrives in: a cascade input (or its
-        tile) as declared, carried state in ``carry_dtype``, anything else as computed."""
-        carried = set(self.plan.group.carried)
+        """``c`` with each input declared in the dtype it arrives in: carried state in its
+        ``carry_dtype``, anything else (a tile too) in its tensor's dtype in the cascade."""
 
         def dtype(name: str) -> str:
-            if name.endswith("__prev") or name in carried:
-                return self.carry_dtype.name
-            return self._sources.get(name.removesuffix("__blk"), self.out_dtype.name)
+            base = name.removesuffix("__prev").removesuffix("__blk")
+            if base in self.carry:
+                return self.carry[base].name
+            return self.dtypes.get(base, np.dtype(np.float32)).name
 
         decls = tuple(TensorDecl(t.name, t.ranks, dtype(t.name), t.loc) for t in c.inputs)
         return Cascade(decls, c.einsums, c.outputs, c.sizes, c.partitions)
@@ -150,7 +152,7 @@ class BlockwiseCascade:
                 x = _pad_to(x, self.plan.tiles[base][0], steps * tile)
             raw[name] = x
         for t in g.carried:
-            raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"], self.carry_dtype)
+            raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"], self.carry[t])
         if self.rows:
             # One (batch, head) row at a time: every product in the loop is a plain 2-D
             # GEMM, which XLA:CPU runs faster than the batched form.
@@ -160,7 +162,7 @@ class BlockwiseCascade:
         else:
             finals = self._run_row(raw)
         env.update(finals)
-        return {o: x.astype(self.out_dtype) for o, x in self.post(env).items()}
+        return {o: x.astype(self.dtypes[o]) for o, x in self.post(env).items()}
 
     def _ranks(self, name: str) -> tuple[str, ...]:
         t = name.removesuffix("__prev")
@@ -300,9 +302,15 @@ def lower_program(
     """
     groups = fused_groups(cascade)
     if groups:
+        typed = {k: v for k, v in options.items() if k != "dtype"}  # declared from here on
         try:
             return BlockwiseCascade(
-                cascade, groups[0], sizes, query_tile=query_tile, schedule=schedule, **options
+                with_dtype(cascade, options.get("dtype")),
+                groups[0],
+                sizes,
+                query_tile=query_tile,
+                schedule=schedule,
+                **typed,
             )
         except BackendUnsupported:
             pass  # the Einsum-by-Einsum emitter still computes it, only not blockwise

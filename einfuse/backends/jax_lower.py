@@ -24,9 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from einfuse.backends.jax_ops import Assign, Lit, Node, Ref, ScanLoop, Stmt, call
-from einfuse.backends.jax_values import BackendUnsupported, ExprLowering, TensorInfo, Val
+from einfuse.backends.jax_values import (
+    BackendUnsupported,
+    ExprLowering,
+    TensorInfo,
+    Val,
+    canonical_dtype,
+)
 from einfuse.ir.cascade import Einsum
-from einfuse.ir.expr import Access, Const, Expr, Op, accesses, rank_vars
+from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, accesses, rank_vars
 
 CUMULATIVE = {"add": "cumsum", "max": "cummax", "min": "cummin", "mul": "cumprod"}
 
@@ -35,7 +41,6 @@ CUMULATIVE = {"add": "cumsum", "max": "cummax", "min": "cummin", "mul": "cumprod
 class Policy:
     """Dtype and safety choices shared by every Einsum of a cascade."""
 
-    compute_dtype: np.dtype
     accumulate_dtype: np.dtype | None
     precision: Any
     max_blowup: float
@@ -78,9 +83,10 @@ def lower_einsum(
     tensors: Mapping[str, TensorInfo],
     policy: Policy,
     names: Names,
+    dtype: np.dtype,
 ) -> tuple[list[Stmt], TensorInfo]:
-    """Statements that assign ``e.output``, and the stored tensor they produce."""
-    return _EinsumLowering(e, sizes, tensors, policy, names).run()
+    """Statements that assign ``e.output`` (of the IR's ``dtype``), and the tensor they store."""
+    return _EinsumLowering(e, sizes, tensors, policy, names, dtype).run()
 
 
 class _EinsumLowering:
@@ -91,6 +97,7 @@ class _EinsumLowering:
         tensors: Mapping[str, TensorInfo],
         policy: Policy,
         names: Names,
+        dtype: np.dtype,
     ) -> None:
         self.e, self.sizes, self.policy, self.names = e, sizes, policy, names
         self.left = e.output_ranks
@@ -99,14 +106,13 @@ class _EinsumLowering:
             shape[e.iterative_dim] += 1
         statistic = is_statistic(e, tensors)
         acc = policy.accumulate_dtype
-        dtype = acc if statistic and acc is not None else policy.compute_dtype
+        if statistic and acc is not None:
+            dtype = np.dtype(jnp.promote_types(dtype, acc))
         self.out = TensorInfo(tuple(shape), dtype, statistic)
         operands = [math.prod(tensors[t].shape) for t in e.inputs]
         limit = policy.max_blowup * max([*operands, math.prod(shape), 1])
-        float_dtypes = [tensors[t].dtype for t in e.inputs if _is_float(tensors[t].dtype)]
-        compute = jnp.result_type(*float_dtypes) if float_dtypes else policy.compute_dtype
         tensors = {**tensors, e.output: self.out}
-        self.lw = ExprLowering(e.output, sizes, tensors, (), np.dtype(compute), limit)
+        self.lw = ExprLowering(e.output, sizes, tensors, (), dtype, limit)
 
     def run(self) -> tuple[list[Stmt], TensorInfo]:
         e = self.e
@@ -171,13 +177,10 @@ class _EinsumLowering:
         e = self.e
         reduced = set(e.reduced_ranks)
         factors = list(_factors(expr, reduced))
-        vals = []
-        for f, _ in factors:
-            if reduced & set(rank_vars(f)):
-                lw = self.lw.over(self.canonical(f, ()))
-                vals.append(lw.as_float(lw.lower(f)))
+        inner = [f for f, _ in factors if reduced & set(rank_vars(f))]
+        vals, widened = self.contraction_operands(inner)
         if len(vals) >= 2:
-            val = self.einsum(vals)
+            val = self.einsum(vals, widened)
         else:  # one factor (or none: a sum of a constant) needs no einsum
             one = vals[0] if vals else Val(Lit(1), (), "int", None)
             val = self.reduce(one, "sum", e.reduced_ranks)
@@ -187,13 +190,30 @@ class _EinsumLowering:
             val = lw.apply("div" if reciprocal else "mul", [val, lw.lower(f)], f)
         return val
 
-    def einsum(self, vals: list[Val]) -> Val:
+    def contraction_operands(self, factors: list[Expr]) -> tuple[list[Val], np.dtype | None]:
+        """The factors lowered; ``float32(Q) * float32(K)`` of narrower ``Q``, ``K`` gives
+        the narrow operands and float32, for one dot with ``preferred_element_type``."""
+
+        def lower(f: Expr) -> Val:
+            lw = self.lw.over(self.canonical(f, ()))
+            return lw.as_float(lw.lower(f))
+
+        to = _cast_dtype(factors) if len(factors) >= 2 else None
+        if to is not None:
+            bare = [lower(f.args[0]) for f in factors]  # type: ignore[attr-defined]
+            if all(_widens(v.dtype, to) for v in bare):
+                return bare, to
+        return [lower(f) for f in factors], None
+
+    def einsum(self, vals: list[Val], preferred: np.dtype | None = None) -> Val:
         letters = _letters(self.e.ranks)
         present = {r for v in vals for r in v.ranks}
         out_ranks = tuple(r for r in self.left if r in present)
         subscripts = ",".join("".join(letters[r] for r in v.ranks) for v in vals)
         spec = f"{subscripts}->{''.join(letters[r] for r in out_ranks)}"
         acc = self.policy.accumulate_dtype
+        if preferred is not None:
+            acc = preferred if acc is None else np.dtype(jnp.promote_types(acc, preferred))
         node = call(
             "einsum",
             Lit(spec),
@@ -359,5 +379,13 @@ def _state_free(expr: Expr, tensor: str) -> Iterator[Expr]:
             yield from _state_free(a, tensor)
 
 
-def _is_float(dtype: np.dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating)
+def _cast_dtype(factors: list[Expr]) -> np.dtype | None:
+    """The dtype every factor is cast to, when each is a cast to the same one; else None."""
+    ops = {f.op if isinstance(f, Op) else None for f in factors}
+    op = ops.pop() if len(ops) == 1 else None
+    return canonical_dtype(op) if op in CAST_OPS else None
+
+
+def _widens(dtype: np.dtype | None, to: np.dtype) -> bool:
+    """A cast from ``dtype`` up to ``to`` is exact (and not a no-op)."""
+    return dtype is not None and dtype != to and np.dtype(jnp.promote_types(dtype, to)) == to

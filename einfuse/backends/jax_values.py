@@ -16,18 +16,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from einfuse.backends.jax_ops import Lit, Node, Ref, call
 from einfuse.ir.errors import EinfuseError
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, rank_vars
+from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
 
 INT32 = np.dtype(np.int32)
 # Ops that keep integers integral (rank arithmetic in masks stays exact in bfloat16).
 INT_CLOSED = frozenset({"add", "sub", "mul", "neg", "max", "min", "abs", "sign"})
 COMPARE = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 LOGIC = frozenset({"and", "or", "not"})
+
+
+def canonical_dtype(dtype: Any) -> np.dtype:
+    """The dtype JAX will really use (float64 is float32 unless x64 is enabled)."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype)))
 
 
 class BackendUnsupported(EinfuseError, NotImplementedError):
@@ -122,6 +128,8 @@ class ExprLowering:
     def apply(self, op: str, args: list[Val], what: object = None) -> Val:
         """``op`` on lowered operands, converting kinds as the IR's semantics need."""
         what = what if what is not None else op
+        if op in CAST_OPS:
+            return self.cast(args[0], canonical_dtype(op))
         if op == "where":
             cond = self.as_bool(args[0])
             a, b = self._unify(args[1:])
@@ -163,6 +171,13 @@ class ExprLowering:
         return Val(
             call("astype", v.node, dtype=self.compute_dtype), v.ranks, "float", self.compute_dtype
         )
+
+    def cast(self, v: Val, dtype: np.dtype) -> Val:
+        """``v`` rounded to ``dtype`` (a no-op where it already is)."""
+        v = self.as_float(v)
+        if v.dtype == dtype:
+            return v
+        return Val(call("astype", v.node, dtype=dtype), v.ranks, "float", dtype)
 
     def as_int(self, v: Val) -> Val:
         if v.kind == "int":

@@ -15,6 +15,13 @@ Semantics, kept deliberately literal so that a backend or pass can be checked ag
 - A recurrence is stepped along its iterative rank ``r``: the output holds ``size(r) + 1``
   slots along ``iterative_dim``, slot 0 is ``init``; step ``k`` evaluates the map with ``r``
   fixed to ``k`` (so ``T[r, ...]`` reads slot ``k``) and writes slot ``k + 1``.
+- **Dtypes** (``einfuse.ir.dtypes``): inputs are rounded to their declared dtype, each
+  Einsum's result (each step of a recurrence) to its output dtype, and each cast
+  (``bfloat16(x)``) where it stands; everything between is exact float64. So a bfloat16
+  cascade is checked against its own rounding points, not against float64 arithmetic.
+  Only the 16-bit floats round by default: float32 stands for the exact value, as it always
+  has here (``round_float32=True`` rounds it too), so a float32 rewrite still compares at
+  float64 tolerance.
 - A sum over a product (``Q[e, p] * K[e, m]``) is contracted with ``np.einsum`` over each
   factor evaluated on its own ranks, so the full iteration space is never built;
   ``contract=False`` forces the literal path, to cross-check the two.
@@ -26,12 +33,14 @@ import math
 import string
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 import sympy
 
 from einfuse.ir.cascade import Cascade, Einsum
+from einfuse.ir.dtypes import tensor_dtypes
 from einfuse.ir.errors import EinfuseError
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, rank_vars
+from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
 from einfuse.ir.verify import verify
 
 # Elementwise semantics of every operator in ``einfuse.ir.expr.OPS``, on float64 arrays.
@@ -74,6 +83,16 @@ BINARY = {
     "and": lambda a, b: _bool((a != 0) & (b != 0)),
     "or": lambda a, b: _bool((a != 0) | (b != 0)),
 }
+_NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def round_to(x: np.ndarray | float, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` (to nearest even), held in float64."""
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    x = np.asarray(x, dtype=np.float64)
+    return x if np_dtype is None else x.astype(np_dtype).astype(np.float64)
+
+
 REDUCERS = {"sum": np.sum, "max": np.max, "min": np.min, "prod": np.prod}
 
 DEFAULT_MAX_ELEMENTS = 2**27  # one 1 GiB float64 intermediate; beyond that, refuse
@@ -86,6 +105,7 @@ def interpret(
     *,
     contract: bool = True,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    round_float32: bool = False,
 ) -> dict[str, np.ndarray]:
     """Evaluate ``cascade`` in float64 and return its outputs by name.
 
@@ -97,11 +117,16 @@ def interpret(
     verify(cascade)
     arrays = _check_inputs(cascade, inputs)
     bound = infer_sizes(cascade, {k: v.shape for k, v in arrays.items()}, sizes)
-    tensors: dict[str, np.ndarray] = dict(arrays)
+    rounded = set(_NUMPY_DTYPES) if round_float32 else {"bfloat16", "float16"}
+    dtypes = {k: v if v in rounded else "float64" for k, v in tensor_dtypes(cascade).items()}
+    tensors: dict[str, np.ndarray] = {k: round_to(v, dtypes[k]) for k, v in arrays.items()}
     with np.errstate(all="ignore"):
         for e in cascade.einsums:
-            ev = _Evaluator(e, tensors, bound, max_elements)
-            tensors[e.output] = ev.recurrence() if e.is_recurrence else ev.einsum(contract)
+            ev = _Evaluator(e, tensors, bound, max_elements, dtypes[e.output], rounded)
+            if e.is_recurrence:
+                tensors[e.output] = ev.recurrence()
+            else:
+                tensors[e.output] = round_to(ev.einsum(contract), dtypes[e.output])
     return {name: tensors[name].copy() for name in cascade.outputs}
 
 
@@ -223,8 +248,12 @@ class _Evaluator:
         tensors: dict[str, np.ndarray],
         sizes: dict[str, int],
         max_elements: int,
+        dtype: str = "float64",
+        rounded: set[str] | None = None,
     ) -> None:
         self.e = einsum
+        self.dtype = dtype
+        self.rounded = rounded or set()
         self.tensors = tensors
         self.sizes = sizes
         self.max_elements = max_elements
@@ -294,9 +323,10 @@ class _Evaluator:
         def slot(k: int) -> tuple[slice, ...]:
             return tuple(slice(k, k + 1) if d == dim else slice(None) for d in range(len(shape)))
 
-        out[slot(0)] = self.full(e.init, self.space(e.output_ranks, {r: 0}))
+        out[slot(0)] = round_to(self.full(e.init, self.space(e.output_ranks, {r: 0})), self.dtype)
         for k in range(self.sizes[r]):
-            out[slot(k + 1)] = self.full(e.expr, self.space(e.output_ranks, {r: k}))
+            step = self.full(e.expr, self.space(e.output_ranks, {r: k}))
+            out[slot(k + 1)] = round_to(step, self.dtype)
         return out
 
     # -- expressions -----------------------------------------------------------
@@ -313,6 +343,8 @@ class _Evaluator:
         args = [self.value(a, env) for a in expr.args]
         if expr.op == "where":
             return np.where(np.asarray(args[0]) != 0, args[1], args[2])
+        if expr.op in CAST_OPS:
+            return round_to(args[0], expr.op if expr.op in self.rounded else "float64")
         fn = UNARY.get(expr.op) or BINARY[expr.op]
         return fn(*(np.asarray(a, dtype=np.float64) for a in args))
 

@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
 from jax._src import core
 
 from einfuse.einsum_cascade.lift_flatten import Atom, FlatEqn, FlatProgram, flatten
@@ -119,10 +117,7 @@ def lift(closed: core.ClosedJaxpr, *, check: bool = True) -> Program:
     builder: RegionBuilder | None = None
     for k, eqn in enumerate(flat.eqns):
         lifts = lifts_at[k]
-        dtype = _float_dtype(eqn) if lifts else None
-        if builder is not None and (
-            not lifts or (dtype is not None and builder.float_dtype not in (None, dtype))
-        ):  # a region computes in one float dtype, as the backend does
+        if builder is not None and not lifts:
             segments.extend(_close(builder, last_use, k - 1, check))
             builder = None
         if not lifts:
@@ -137,17 +132,10 @@ def lift(closed: core.ClosedJaxpr, *, check: bool = True) -> Program:
             segments.append(Opaque(eqn))
             builder = None
             continue
-        builder.float_dtype = builder.float_dtype or dtype
         builder.eqns.append(eqn)
     if builder is not None:
         segments.extend(_close(builder, last_use, len(flat.eqns) - 1, check))
     return Program(flat.inputs, tuple(flat.consts), tuple(segments), flat.outputs, dict(flat.avals))
-
-
-def _float_dtype(eqn: FlatEqn) -> np.dtype | None:
-    dtypes = {np.dtype(a.dtype) for a in [*eqn.in_avals(), *eqn.out_avals()]}
-    floats = [d for d in dtypes if kind(d) == "float"]
-    return floats[0] if floats else None
 
 
 def _uses(flat: FlatProgram, lifts: list[bool]) -> tuple[dict[int, int], dict[int, float]]:
@@ -176,15 +164,12 @@ def _uses(flat: FlatProgram, lifts: list[bool]) -> tuple[dict[int, int], dict[in
 def _close(b: RegionBuilder, last_use: dict[int, float], end: int, check: bool) -> list[Segment]:
     """Finish a region: store what later segments read; drop it when nothing is read.
 
-    The backend stores every tensor in the region's float dtype, so integer results are
-    not region outputs: the equations computing them are re-bound as opaque segments.
-    Likewise a region whose float dtype its inputs do not fix is left to JAX entirely.
+    Integers are index values in the IR, never stored, so integer results are not region
+    outputs: the equations computing them are re-bound as opaque segments.
     """
     needed = [v for v in b.defined if last_use.get(v, -1) > end]
     ints = {v for v in needed if kind(b.avals[v].dtype) == "int"}
     outputs = [v for v in needed if v not in ints]
-    if b.float_dtype is not None and b.float_dtype != _compute_dtype(b):
-        return [Opaque(e) for e in _original(b.eqns)]
     regions: list[Segment] = []
     if outputs:
         tensors = [b.output(v) for v in outputs]
@@ -205,11 +190,6 @@ def _close(b: RegionBuilder, last_use: dict[int, float], end: int, check: bool) 
             )
         )
     return regions + [Opaque(e) for e in _slice(b.eqns, ints)]
-
-
-def _compute_dtype(b: RegionBuilder) -> np.dtype:
-    floats = [np.dtype(d.dtype) for _, d in b.inputs if kind(d.dtype) == "float"]
-    return np.dtype(jnp.result_type(*floats)) if floats else np.dtype(np.float32)
 
 
 def _original(eqns: list[FlatEqn]) -> list[FlatEqn]:

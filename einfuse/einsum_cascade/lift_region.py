@@ -26,6 +26,7 @@ from jax._src import source_info_util
 
 from einfuse.einsum_cascade.lift_flatten import FlatEqn, literal_value
 from einfuse.ir.cascade import Cascade, Einsum, SourceLoc, TensorDecl
+from einfuse.ir.dtypes import DEFAULT_DTYPE, FLOAT_DTYPES, cast, expr_dtype
 from einfuse.ir.expr import Access, Const, Expr, Size, Var, accesses, rank_vars, substitute
 
 Index = tuple[Expr, ...]
@@ -105,7 +106,7 @@ class RegionBuilder:
     sizes: dict[str, int] = field(default_factory=dict)
     eqns: list[FlatEqn] = field(default_factory=list)
     defined: list[int] = field(default_factory=list)
-    float_dtype: np.dtype | None = None
+    dtypes: dict[str, str] = field(default_factory=dict)  # each tensor's, as the IR infers it
     _names: dict[str, int] = field(default_factory=dict)
     _ranks: Any = field(default_factory=_rank_names)
 
@@ -152,6 +153,7 @@ class RegionBuilder:
         name = self.tensor_name("X")
         dtype = np.dtype(aval.dtype)
         self.inputs.append((atom, TensorDecl(name, ranks, dtype.name)))
+        self.dtypes[name] = dtype.name
         value = Value(Base(shape, dtype, ranks, "X", tensor=name), shape, dtype, ranks)
         self.values[atom] = value
         return value
@@ -216,7 +218,9 @@ class RegionBuilder:
         if all(i.rank in present for i in idx if isinstance(i, Var)):
             return read
         own = tuple(Var(r) for r in self.choose_ranks(value.ranks, value.shape))
-        name = self.emit("BCAST", own, self.access(value, own), value.base.source)
+        name = self.emit(
+            "BCAST", own, self.access(value, own), value.base.source, dtype=value.dtype
+        )
         return Access(name, idx)
 
     def materialize(self, base: Base) -> None:
@@ -224,13 +228,38 @@ class RegionBuilder:
         ranks = self.choose_ranks(base.ranks, base.shape)
         idx = tuple(Var(r) for r in ranks)
         expr = base.build(idx)
-        name = self.emit(base.hint, idx, expr, base.source)
+        name = self.emit(base.hint, idx, expr, base.source, dtype=base.dtype)
         base.tensor, base.build, base.ranks = name, None, ranks
 
-    def emit(self, hint: str, idx: Index, expr: Expr, source: Any, reduce: str = "sum") -> str:
+    def emit(
+        self,
+        hint: str,
+        idx: Index,
+        expr: Expr,
+        source: Any,
+        reduce: str = "sum",
+        dtype: np.dtype | None = None,
+    ) -> str:
+        """Append ``hint<k>[idx] = reduce expr``, cast so its tensor has JAX's ``dtype``."""
         name = self.tensor_name(hint)
+        if dtype is not None:
+            want = np.dtype(dtype).name
+            expr = self.typed(expr, want if want in FLOAT_DTYPES else DEFAULT_DTYPE)
         self.einsums.append(Einsum(name, idx, expr, reduce, loc=source_loc(source)))
+        self.dtypes[name] = self.dtype_of(expr) or DEFAULT_DTYPE
         return name
+
+    def dtype_of(self, expr: Expr) -> str | None:
+        """The IR's dtype of an expression over this region's tensors (None: weak)."""
+        return expr_dtype(expr, self.dtypes.get)
+
+    def typed(self, expr: Expr, dtype: str, weak_ok: bool = False) -> Expr:
+        """``expr``, cast to ``dtype`` unless the IR already infers that dtype for it (or,
+        with ``weak_ok``, infers none: a weak expression takes its consumer's dtype)."""
+        got = self.dtype_of(expr)
+        if got == dtype or (got is None and (weak_ok or dtype == DEFAULT_DTYPE)):
+            return expr
+        return cast(dtype, expr)
 
     def stored(self, var: int, eqn: FlatEqn, name: str, ranks: tuple[str, ...]) -> Value:
         """Define ``var`` as the tensor ``name`` an Einsum just wrote."""
@@ -254,7 +283,7 @@ class RegionBuilder:
         ranks = self.choose_ranks(value.ranks, value.shape)
         idx = tuple(Var(r) for r in ranks)
         hint = "COPY" if is_input else base.hint
-        return self.emit(hint, idx, self.expr(value, idx), base.source)
+        return self.emit(hint, idx, self.expr(value, idx), base.source, dtype=value.dtype)
 
     def cascade(self, outputs: Sequence[str]) -> Cascade:
         """The region's cascade, ranks renamed ``a, b, c, ...`` in order of appearance."""

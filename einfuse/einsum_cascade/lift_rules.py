@@ -4,8 +4,10 @@ A rule is data: ``check(eqn)`` decides statically (from params, avals and litera
 the equation lifts, and ``lift(builder, eqn)`` defines its outputs. Anything without a rule,
 or whose check fails, stays an opaque equation that the backend binds unchanged, so the
 rules only need to be right, not complete. Checks refuse what the IR cannot say exactly:
-float-to-float casts (the IR has one dtype per region), integer division, non-default
-matmul precision, strided slices, reshapes that merge dims.
+integer division, non-default matmul precision, strided slices, reshapes that merge dims.
+Casts between float dtypes lift as the IR's cast operators (``float32(x)``), and every
+lifted expression is cast where the IR's dtype rule (``einfuse.ir.dtypes``) would give
+another dtype than JAX's, so a mixed-precision program lifts as one region.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from einfuse.einsum_cascade.lift_views import (
     squeeze,
     transpose,
 )
+from einfuse.ir.dtypes import cast, promote
 from einfuse.ir.expr import Const, Expr, Op, Var, rank_vars
 
 
@@ -107,8 +110,11 @@ def _pending(b: RegionBuilder, e: FlatEqn, make: Callable[[list[Expr]], Expr]) -
             return ()
         return tuple(Const(0) if v.shape[d] != n else i for d, (i, n) in enumerate(zip(idx, shape)))
 
+    out_dtype = np.dtype(e.out_avals()[0].dtype)
+
     def build(idx: Index) -> Expr:
-        return simplify(make([b.expr(v, at(v, idx)) for v in vals]), kind(e.out_avals()[0].dtype))
+        expr = simplify(make([b.expr(v, at(v, idx)) for v in vals]), kind(out_dtype))
+        return b.typed(expr, out_dtype.name, weak_ok=True) if kind(out_dtype) == "float" else expr
 
     b.pending(e.outvars[0], e, build, ranks, vals)
 
@@ -237,6 +243,7 @@ def _convert_ok(e: FlatEqn) -> bool:
         or (src == "bool" and dst in ("float", "int"))
         or (src in ("float", "int") and dst == "bool")
         or (src == "int" and dst == "float")
+        or (src == "float" and dst == "float")
     )
 
 
@@ -245,9 +252,9 @@ def _convert(b: RegionBuilder, e: FlatEqn) -> None:
         alias(b, e)
         return
     src, dst = kind(e.in_avals()[0].dtype), kind(e.params["new_dtype"])
-    if src == "int" and dst == "float":
-        # The backend converts integers to the region's float dtype, which is this one.
-        _pending(b, e, lambda a: Op("mul", (a[0], Const(1.0))))
+    if dst == "float" and src in ("int", "float"):
+        new = np.dtype(e.params["new_dtype"]).name
+        _pending(b, e, lambda a: cast(new, a[0]))
     elif src == "bool":
         one, zero = (Const(1.0), Const(0.0)) if dst == "float" else (Const(1), Const(0))
         _pending(b, e, lambda a: Op("where", (a[0], one, zero)))
@@ -275,10 +282,8 @@ def _dot_ok(e: FlatEqn) -> bool:
         p is None or str(p).endswith("DEFAULT")
         for p in (precision if isinstance(precision, tuple) else (precision,))
     )
-    same = np.dtype(lhs.dtype) == np.dtype(rhs.dtype) == np.dtype(out.dtype)
     return (
-        kind(out.dtype) == "float"
-        and same
+        kind(out.dtype) == kind(lhs.dtype) == kind(rhs.dtype) == "float"
         and (pref is None or np.dtype(pref) == np.dtype(out.dtype))
         and default
         and e.params.get("out_sharding") is None
@@ -314,9 +319,17 @@ def _dot(b: RegionBuilder, e: FlatEqn) -> None:
     read = set(rank_vars(left)) | set(rank_vars(right))
     if any(r not in read for r in con):  # both operands broadcast along a contracted dim
         left = b.access_all(lhs, tuple(li))
-    expr = Op("mul", (left, right))
+    # A wider result than the operands (``preferred_element_type=float32`` on bfloat16) is
+    # the product of the operands cast up: exact, and what the backends emit as that dot.
+    want = np.dtype(e.out_avals()[0].dtype).name
+
+    def widened(x: Expr) -> Expr:
+        got = b.dtype_of(x)
+        return cast(want, x) if got != want and promote(got, want) == want else x
+
+    expr = Op("mul", (widened(left), widened(right)))
     idx = tuple(Var(r) for r in out)
-    name = b.emit("DOT", idx, expr, e.source)
+    name = b.emit("DOT", idx, expr, e.source, dtype=np.dtype(want))
     b.stored(e.outvars[0], e, name, out)
 
 
@@ -343,7 +356,8 @@ def _reduce(b: RegionBuilder, e: FlatEqn) -> None:
         full[d] = Var(r)
     idx = tuple(Var(r) for r in out)
     read = b.access_all(v, tuple(full))
-    name = b.emit(_hint_of(e), idx, read, e.source, _REDUCERS[e.primitive])
+    dtype = np.dtype(e.out_avals()[0].dtype)
+    name = b.emit(_hint_of(e), idx, read, e.source, _REDUCERS[e.primitive], dtype=dtype)
     b.stored(e.outvars[0], e, name, out)
 
 

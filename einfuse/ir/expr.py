@@ -32,6 +32,10 @@ UNARY_OPS = frozenset(
         "not",
     }
 )
+# Casts round their operand to a float dtype (``bfloat16(x)``, ``float32(x)``): the mixed
+# precision of a program is part of its cascade, so the reference can model every rounding.
+CAST_OPS = frozenset({"bfloat16", "float16", "float32", "float64"})
+UNARY_OPS = UNARY_OPS | CAST_OPS
 BINARY_OPS = frozenset(
     {
         "add",

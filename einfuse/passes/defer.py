@@ -22,7 +22,18 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from einfuse.ir.cascade import Cascade, Einsum
-from einfuse.ir.expr import Access, Const, Expr, Op, Var, accesses, rank_vars, rename_ranks
+from einfuse.ir.dtypes import cast
+from einfuse.ir.expr import (
+    CAST_OPS,
+    Access,
+    Const,
+    Expr,
+    Op,
+    Var,
+    accesses,
+    rank_vars,
+    rename_ranks,
+)
 from einfuse.passes.dce import remove_unread
 from einfuse.passes.manager import register_pass
 
@@ -99,6 +110,8 @@ class _Split:
             return cls([negated], inner.kept_den, inner.free_num, inner.free_den, inner.inlined)
         if isinstance(expr, Op) and expr.op == "where":
             return cls._masked(expr, reduced, writers)
+        if isinstance(expr, Op) and expr.op in CAST_OPS:
+            return cls._cast(expr, reduced, writers)
         if isinstance(expr, Access):
             inlined = cls._inline(expr, reduced, writers)
             if inlined is not None:
@@ -118,6 +131,17 @@ class _Split:
         kept = quotient(product(inner.kept_num), inner.kept_den)
         masked = Op("where", (cond, Const(0.0), kept) if zero_first else (cond, kept, Const(0.0)))
         return cls([masked], [], inner.free_num, inner.free_den, inner.inlined)
+
+    @classmethod
+    def _cast(cls, expr: Op, reduced: frozenset[str], writers: dict[str, Einsum]) -> _Split:
+        """``bfloat16(n / d) = bfloat16(n) / d`` up to where it rounds: the cast stays with the
+        kept part (a bfloat16 ``P`` before ``P V``, as flash kernels round it), the free
+        factors move out in the dtype they have."""
+        inner = cls.of(expr.args[0], reduced, writers)
+        if not inner.worth_hoisting():
+            return cls(kept_num=[expr])
+        kept = cast(expr.op, quotient(product(inner.kept_num), inner.kept_den))
+        return cls([kept], [], inner.free_num, inner.free_den, inner.inlined)
 
     @classmethod
     def _inline(

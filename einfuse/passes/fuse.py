@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from einfuse.ir.cascade import Cascade, Einsum, Partition
+from einfuse.ir.dtypes import cast, expr_dtype, keep_output_dtypes, tensor_dtypes
 from einfuse.ir.errors import EinfuseError, VerifyError
 from einfuse.ir.expr import (
     Access,
@@ -143,6 +144,7 @@ def _fuse_rank(c: Cascade, rank: str, tile: int) -> tuple[Cascade, RankFusion]:
         return unchanged(
             f"{_why_not(after, problems)}; {p.outer} would still take {after.passes} passes"
         )
+    work = keep_output_dtypes(c, work)
     what = f"running max {', '.join(done)}; " if done else ""
     carried = [e.output for e in work.einsums if e.iterative_rank == p.outer]
     reason = f"{what}one loop over {p.outer} carrying {', '.join(carried)}"
@@ -243,6 +245,7 @@ def _rewrite(c: Cascade, plan: ChainPlan) -> tuple[Cascade, str]:
         return out
 
     step, nxt, o = Var(r1), Op("add", (Var(r1), Const(1))), src.out
+    dtypes = tensor_dtypes(c)
     new: list[Einsum] = []
     rm = src.tensor
     g = c.writer(src.tensor)
@@ -253,7 +256,7 @@ def _rewrite(c: Cascade, plan: ChainPlan) -> tuple[Cascade, str]:
             lm = fresh("LM")
             new.append(Einsum(lm, (step, *o), g.expr, "max", loc=g.loc))
             local = Access(lm, (step, *o))
-        new_max = Op("max", (Access(rm, (step, *o)), local))
+        new_max = Op("max", (Access(rm, (step, *o)), widened(local, dtypes)))
         new.append(Einsum(rm, (nxt, *o), new_max, init=Const(-math.inf), loc=g.loc))
         new.append(Einsum(g.output, g.indices, Access(rm, (Size(r1), *o)), loc=g.loc))
     else:
@@ -298,7 +301,8 @@ def _rewrite(c: Cascade, plan: ChainPlan) -> tuple[Cascade, str]:
             out.append(e)
             continue
         at = tuple(e.indices[d] for d in td.dims)
-        out.extend(_running(e, r1, taken, Access(prm[td.coef], (step, *at))))
+        rescale = Access(prm[td.coef], (step, *at))
+        out.extend(_running(e, r1, taken, rescale, c.with_einsums([*out, e])))
     return c.with_einsums(out), rm
 
 
@@ -307,16 +311,28 @@ def _stem(name: str) -> str:
     return name[1:] if 1 < len(name) <= 3 and name[0] in "SG" else name
 
 
-def _running(e: Einsum, r1: str, taken: set[str], rescale: Expr | None) -> list[Einsum]:
+def widened(x: Expr, dtypes: dict[str, str]) -> Expr:
+    """``x`` in at least float32: the state a loop carries across steps never rounds to
+    bfloat16 (a product's factors are cast each, so a bfloat16 ``P V`` stays one dot that
+    accumulates in float32, as flash kernels run it)."""
+    if expr_dtype(x, dtypes.get) not in ("bfloat16", "float16"):
+        return x
+    if isinstance(x, Op) and x.op == "mul":
+        return Op("mul", tuple(widened(a, dtypes) for a in x.args))
+    return cast("float32", x)
+
+
+def _running(e: Einsum, r1: str, taken: set[str], rescale: Expr | None, c: Cascade) -> list[Einsum]:
     """``S[o] = reduce(r1, rest) x`` as ``L[r1, o] = reduce(rest) x``, a recurrence
-    ``R[r1+1, o] = R[r1, o] (*rescale) (+) L[r1, o]`` and ``S[o] = R[R1, o]``."""
+    ``R[r1+1, o] = R[r1, o] (*rescale) (+) L[r1, o]`` and ``S[o] = R[R1, o]``; ``L`` and
+    ``R`` in at least float32 (``c`` gives the dtypes ``x`` reads)."""
     step, o = Var(r1), e.indices
     out: list[Einsum] = []
-    local = e.expr
+    local = widened(e.expr, tensor_dtypes(c))
     if len(e.reduced_ranks) > 1:
         lname = unique_name(f"L{_stem(e.output)}", taken)
         taken.add(lname)
-        out.append(Einsum(lname, (step, *o), e.expr, e.reduce, loc=e.loc))
+        out.append(Einsum(lname, (step, *o), local, e.reduce, loc=e.loc))
         local = Access(lname, (step, *o))
     rname = unique_name(f"R{_stem(e.output)}", taken)
     taken.add(rname)
@@ -342,7 +358,7 @@ def _running_reductions(c: Cascade, r1: str) -> Cascade:
         if e.is_recurrence or r1 not in e.reduced_ranks:
             out.append(e)
         else:
-            out.extend(_running(e, r1, taken, None))
+            out.extend(_running(e, r1, taken, None, c))
     return c.with_einsums(out)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from einfuse.ir.cascade import Cascade
+from einfuse.ir.dtypes import keep_output_dtypes
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.verify import verify
 
@@ -130,7 +131,7 @@ def run_passes(
     history = [("input", cascade)]
     for spec in specs:
         try:
-            cascade = passes[spec.name](cascade, **dict(spec.options))
+            cascade = keep_output_dtypes(cascade, passes[spec.name](cascade, **dict(spec.options)))
         except EinfuseError:
             raise
         except (TypeError, ValueError) as exc:

@@ -24,7 +24,18 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from einfuse.ir.cascade import Cascade, Einsum, Partition
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, accesses, rank_vars, shifted_rank
+from einfuse.ir.expr import (
+    CAST_OPS,
+    Access,
+    Const,
+    Expr,
+    Op,
+    Size,
+    Var,
+    accesses,
+    rank_vars,
+    shifted_rank,
+)
 
 FREE, AFFINE, SCALED = "free", "affine", "scaled"
 
@@ -240,6 +251,8 @@ _RULES: dict[str, Callable[[tuple[Expr, ...], list[Dep]], Dep | None]] = {
     # max(u*e, v*e) = max(u, v)*e and max(u + kG, v + kG) = max(u, v) + kG
     "max": lambda args, d: _either(args, d, {0.0, -math.inf, math.inf}),
     "min": lambda args, d: _either(args, d, {0.0, -math.inf, math.inf}),
+    # A cast is the identity in real arithmetic: the rewrite keeps it where it stands.
+    **{op: (lambda args, d: d[0]) for op in CAST_OPS},
 }
 
 
