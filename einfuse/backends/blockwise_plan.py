@@ -11,7 +11,7 @@ emitter can skip tiles above the diagonal and drop the mask below it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from einfuse.backends.blockwise_layout import query_major
 from einfuse.backends.jax_values import BackendUnsupported
@@ -174,10 +174,12 @@ def _post(c: Cascade, g: FusedGroup, after: list[Einsum], before: list[Einsum]) 
     for t in g.results:
         if t not in g.carried:
             raise BackendUnsupported(f"{t} is read after the loop but is not carried")
-    einsums = [Einsum(e.output, e.indices, substitute(e.expr, final), e.reduce) for e in after]
+    # Keep each Einsum whole (a recurrence's initial value) and the partitions: what runs
+    # after the loop may be a second fused group (``o.sum()`` of fused attention ``o``).
+    einsums = [replace(e, expr=substitute(e.expr, final)) for e in after]
     used = {t for e in einsums for t in reads(e)} | set(c.outputs)
     inputs = tuple(d for n, d in decls.items() if n in used)
-    return Cascade(inputs, tuple(einsums), c.outputs, c.sizes)
+    return Cascade(inputs, tuple(einsums), c.outputs, c.sizes, c.partitions)
 
 
 def _causal_query(cond: Expr, flat: Expr) -> str | None:
