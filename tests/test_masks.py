@@ -102,6 +102,15 @@ def test_scores_near_the_fill_still_match_jax(mask):
     _check(mask, -1e4, ins, tol=1e-4)
 
 
+def test_a_window_whose_scores_are_all_very_negative_matches_jax():
+    """Every score -225 and a -inf fill: at a window's first tile the running max was -inf,
+    and rescaling the (zero) sums by exp(0 - SM) = inf once gave 0 * inf = NaN."""
+    col = np.eye(E)[0] * 30.0
+    q, k = np.tile(-col, (P, 1)), np.tile(col, (P, 1))
+    ins = {**_inputs(7), "Q": jnp.asarray(q, jnp.float32), "K": jnp.asarray(k, jnp.float32)}
+    _check("window", -np.inf, ins)
+
+
 @pytest.mark.parametrize("fill", [-np.inf, -1e9])
 def test_a_fully_masked_row_matches_jax(fill):
     """Row 0 of a strict ``m < p`` band sees no key: the uniform average for a finite fill,
