@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,7 @@ def available_memory_bytes() -> float:
 def describe_error(exc: BaseException) -> str:
     """A one-line reason, classified: out of memory, or the exception's first line."""
     text = str(exc).strip().splitlines()
-    first = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    first = f"{type(exc).__name__}: {text[0] if text else _where(exc)}".strip()
     if (
         isinstance(exc, MemoryError)
         or "RESOURCE_EXHAUSTED" in str(exc)
@@ -187,6 +188,16 @@ def describe_error(exc: BaseException) -> str:
     ):
         return f"out of memory: {first}"
     return first[:500]
+
+
+def _where(exc: BaseException) -> str:
+    """For an exception without a message (a failed ``assert``): where it was raised, so
+    the recorded reason points at the bug rather than reading "AssertionError:"."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "internal error (no message)"
+    last = frames[-1]
+    return f"internal error at {Path(last.filename).name}:{last.lineno} ({last.line or '?'})"
 
 
 # --------------------------------------------------------------------------- the bench

@@ -4,16 +4,18 @@
 runs before the loop (and each carried state's initial value), one step of it with the loop
 rank fixed (reads of the partitioned rank become reads of one tile, ``STEP__`` its index),
 and what runs after it on the final states. The query rank chosen here is tiled too (its
-block index ``QBLOCK__``); a causal mask over the loop and query ranks is recognized so the
-emitter can skip tiles above the diagonal and drop the mask below it.
+block index ``QBLOCK__``); a band mask over the loop and query ranks (causal, sliding
+window, whatever its fill: see ``blockwise_mask``) is recognized so the emitter can skip
+the tiles outside the band and drop the mask inside it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from einfuse.backends.blockwise_layout import query_major
+from einfuse.backends.blockwise_mask import MaskBand, find_mask, flat_key, mask_query
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.expr import (
@@ -23,7 +25,6 @@ from einfuse.ir.expr import (
     Op,
     Size,
     Var,
-    accesses,
     rank_vars,
     shifted_rank,
     substitute,
@@ -44,11 +45,12 @@ class BlockPlan:
     body: Cascade  # one step: carried state in (``X__prev``), new state out
     post: Cascade  # everything after the loop, reading the final states
     tiles: dict[str, tuple[int, int]]  # external tensor -> (dim, ...) sliced per step
-    causal: bool
+    mask: MaskBand | None  # a band mask over the loop and query ranks (causal, window)
 
-
-def _flat(outer: str, inner: str) -> Expr:
-    return Op("add", (Op("mul", (Var(outer), Size(inner))), Var(inner)))
+    @property
+    def causal(self) -> bool:
+        """Whether key tiles outside the mask band are skipped (see ``blockwise_mask``)."""
+        return self.mask is not None and self.mask.skips
 
 
 def plan_loop(
@@ -74,7 +76,7 @@ def plan_group(c: Cascade, g: FusedGroup, query: str | None) -> BlockPlan:
     members = [c.writer(n) for n in g.einsums]
     names = set(g.einsums)
     carried = set(g.carried)
-    flat = _flat(r1, r0)
+    flat = flat_key(r1, r0)
     tiles: dict[str, tuple[int, int]] = {}
     body_inputs: dict[str, TensorDecl] = {}
 
@@ -144,7 +146,7 @@ def plan_group(c: Cascade, g: FusedGroup, query: str | None) -> BlockPlan:
         tuple(body_inputs.values()), tuple(body), tuple(g.carried), c.sizes, c.partitions
     )
     post = _post(c, g, after, before)
-    return BlockPlan(g, query, pre, body_c, post, tiles, _is_causal(c, g, query))
+    return BlockPlan(g, query, pre, body_c, post, tiles, find_mask(c, g, query))
 
 
 def _ranks_without(c: Cascade, t: str, d: int) -> tuple[str, ...]:
@@ -174,77 +176,29 @@ def _post(c: Cascade, g: FusedGroup, after: list[Einsum], before: list[Einsum]) 
     for t in g.results:
         if t not in g.carried:
             raise BackendUnsupported(f"{t} is read after the loop but is not carried")
-    einsums = [Einsum(e.output, e.indices, substitute(e.expr, final), e.reduce) for e in after]
+    # Keep each Einsum whole (a recurrence's initial value) and the partitions: what runs
+    # after the loop may be a second fused group (``o.sum()`` of fused attention ``o``).
+    einsums = [replace(e, expr=substitute(e.expr, final)) for e in after]
     used = {t for e in einsums for t in reads(e)} | set(c.outputs)
     inputs = tuple(d for n, d in decls.items() if n in used)
-    return Cascade(inputs, tuple(einsums), c.outputs, c.sizes)
-
-
-def _causal_query(cond: Expr, flat: Expr) -> str | None:
-    """The query rank of a causal condition ``m1*M0+m0 <= p`` (or ``p >= m1*M0+m0``)."""
-    if isinstance(cond, Op) and cond.op == "le" and cond.args[0] == flat:
-        q = cond.args[1]
-    elif isinstance(cond, Op) and cond.op == "ge" and cond.args[1] == flat:
-        q = cond.args[0]
-    else:
-        return None
-    return q.rank if isinstance(q, Var) else None
-
-
-def _is_causal(c: Cascade, g: FusedGroup, query: str | None) -> bool:
-    return _causal_member(c, g, query) is not None
-
-
-def _causal_member(c: Cascade, g: FusedGroup, query: str | None) -> str | None:
-    """A member masking scores as ``where(m1*M0+m0 <= p, X, -inf)``; X has no other reader.
-
-    Then a key tile wholly above the diagonal of a query block only sees ``-inf``
-    scores, which leave the running max, sums and products unchanged, and a tile wholly
-    below it sees X itself.
-    """
-    if query is None:
-        return None
-    flat = _flat(g.rank, g.inner)
-    for name in g.einsums:
-        x = c.writer(name).expr
-        if not (isinstance(x, Op) and x.op == "where" and x.args[2] == Const(-float("inf"))):
-            continue
-        if _causal_query(x.args[0], flat) != query:
-            continue
-        raw = {a.tensor for a in accesses(x.args[1])}
-        others = [m for m in g.einsums if m != name and raw & set(reads(c.writer(m)))]
-        if not others:
-            return name
-    return None
-
-
-def without_causal_mask(c: Cascade, g: FusedGroup, query: str | None) -> Cascade:
-    """``c`` with the causal member computing X instead of ``where(.. <= p, X, -inf)``: the
-    step for key tiles that every query of the block sees."""
-    name = _causal_member(c, g, query)
-    if name is None:
-        return c
-    e = c.writer(name)
-    assert isinstance(e.expr, Op)
-    plain = Einsum(e.output, e.indices, e.expr.args[1], e.reduce, e.init, e.loc)
-    return c.with_einsums(tuple(plain if x.output == name else x for x in c.einsums))
+    return Cascade(inputs, tuple(einsums), c.outputs, c.sizes, c.partitions)
 
 
 def choose_query_rank(c: Cascade, g: FusedGroup, sizes: Mapping[str, int]) -> str | None:
     """The rank to tile besides the loop: on every member's left side, never reduced.
 
-    A rank a causal mask compares against wins; otherwise the largest one.
+    A rank a mask compares the key index against wins; otherwise the largest one.
     """
     members = [c.writer(n) for n in g.einsums]
     common = set.intersection(*(set(e.output_ranks) for e in members)) - {g.rank, g.inner}
     if not common:
         return None
-    flat = _flat(g.rank, g.inner)
-    for e in members:
-        for node in e.expr.walk():
-            q = _causal_query(node, flat)
-            if q in common:
-                return q
+    if g.inner is not None:
+        flat = flat_key(g.rank, g.inner)
+        for e in members:
+            for node in e.expr.walk():
+                if (q := mask_query(node, flat)) in common:
+                    return q
     return max(sorted(common), key=lambda r: sizes[r])
 
 
@@ -270,7 +224,7 @@ def drop_true_padding_masks(c: Cascade, sizes: Mapping[str, int]) -> Cascade:
     true_conds = set()
     for p in c.partitions:
         if sizes[p.outer] * sizes[p.inner] == sizes[p.rank]:
-            true_conds.add(Op("lt", (_flat(p.outer, p.inner), Size(p.rank))))
+            true_conds.add(Op("lt", (flat_key(p.outer, p.inner), Size(p.rank))))
     if not true_conds:
         return c
 

@@ -10,9 +10,10 @@ the group with ``m1`` fixed, lowered by the ordinary JAX emitter:
 * the rank value ``m1`` (in masks) becomes the step index.
 
 The query rank is tiled too (a ``lax.map`` over its blocks), so a step holds one
-``P0 x M0`` score tile. With a causal mask ``m1*M0+m0 <= p`` a ``lax.switch`` per step
-skips the tiles above the diagonal and runs the tiles below it without the mask (so the
-loop stays differentiable). The split into programs is ``blockwise_plan``'s.
+``P0 x M0`` score tile. With a band mask (causal ``m1*M0+m0 <= p``, a sliding window, any
+fill: ``blockwise_mask``) a ``lax.switch`` per step skips the tiles outside the band and runs
+the tiles inside it without the mask (so the loop stays differentiable); a finite fill is
+checked per query block (``jax_mask``). The split into programs is ``blockwise_plan``'s.
 
 Dtypes: every tile and step result has its tensor's dtype in the IR (so the program's casts
 hold where it put them), but the carried state (running max, sums, products) is at least
@@ -31,15 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from einfuse.backends.blockwise_mask import MaskBand, without_mask
 from einfuse.backends.blockwise_plan import (
     QBLOCK,
     STEP,
     globalize,
     plan_group,
     plan_loop,
-    without_causal_mask,
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade, with_dtype
+from einfuse.backends.jax_mask import band_tiles, masked_top, skip_is_exact
 from einfuse.backends.jax_values import BackendUnsupported, canonical_dtype
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.dtypes import tensor_dtypes
@@ -72,6 +74,7 @@ class BlockwiseCascade:
         self.dtypes = {k: canonical_dtype(v) for k, v in tensor_dtypes(cascade).items()}
         accumulate = options.get("accumulate_dtype")
         self.carry = {t: carry_dtype(self.dtypes[t], accumulate) for t in group.carried}
+        self.carry_dtype = np.dtype(jnp.result_type(*self.carry.values(), np.float32))
         cascade, self.plan, mapped_rows = plan_loop(cascade, group, self.sizes)
         self.query = query = self.plan.query
         total = self.sizes[query] if query else 1
@@ -94,11 +97,11 @@ class BlockwiseCascade:
         typed = options
         body = self._typed(body)
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **typed)
-        # Causal: tiles below the diagonal run a step without the mask (only the tiles on
-        # it pay for it), tiles above it are skipped.
+        # A band mask (causal, window): tiles inside the band run a step without the mask
+        # (only the tiles on its edges pay for it), tiles outside it are skipped.
         self.full_body: LoweredCascade | None = None
-        if self.plan.causal:
-            unmasked = plan_group(without_causal_mask(cascade, group, query), group, query)
+        if self.plan.mask is not None:
+            unmasked = plan_group(without_mask(cascade, self.plan.mask), group, query)
             full = self._typed(self._globalized(unmasked.body))
             if {t.name for t in full.inputs} <= set(self.body_inputs):
                 self.full_body = lower_cascade(full, body_sizes, **typed)
@@ -153,14 +156,18 @@ class BlockwiseCascade:
             raw[name] = x
         for t in g.carried:
             raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"], self.carry[t])
+        mask = self.plan.mask
+        top = None
+        if mask is not None and mask.skips and not mask.skips_unchecked:
+            top = masked_top(mask, env, self.carry_dtype)
         if self.rows:
             # One (batch, head) row at a time: every product in the loop is a plain 2-D
             # GEMM, which XLA:CPU runs faster than the batched form.
             folded = {n: self._rows_to_front(x, self._dims(n, self.rows)) for n, x in raw.items()}
-            finals = lax.map(self._run_row, folded)
+            finals = lax.map(lambda row: self._run_row(row, top), folded)
             finals = {t: self._rows_back(y, self._dims(t, self.rows)) for t, y in finals.items()}
         else:
-            finals = self._run_row(raw)
+            finals = self._run_row(raw, top)
         env.update(finals)
         return {o: x.astype(self.dtypes[o]) for o, x in self.post(env).items()}
 
@@ -187,8 +194,9 @@ class BlockwiseCascade:
         y = y.reshape((*(self.sizes[r] for r in self.rows), *y.shape[1:]))
         return jnp.moveaxis(y, list(range(len(dims))), dims)
 
-    def _run_row(self, raw: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """The loop for every query block of one row; returns each carried state's last step."""
+    def _run_row(self, raw: dict[str, jax.Array], top: jax.Array | None) -> dict[str, jax.Array]:
+        """The loop for every query block of one row; returns each carried state's last step.
+        ``top`` bounds the masked scores where skipping them must be checked."""
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
         mapped: dict[str, jax.Array] = {}
@@ -203,9 +211,6 @@ class BlockwiseCascade:
         def run_block(xs: tuple[jax.Array, dict[str, jax.Array]]) -> dict[str, jax.Array]:
             j, block = xs
             state0 = {t: block[f"{t}__prev"] for t in g.carried}
-            upper = steps
-            if self.plan.causal:  # key tiles wholly above the diagonal change nothing
-                upper = jnp.minimum(steps, ((j + 1) * self.q_tile - 1) // tile + 1)
 
             def step_of(body: LoweredCascade) -> Any:
                 def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -223,27 +228,49 @@ class BlockwiseCascade:
                 return step
 
             step = step_of(self.body)
-            if not self.plan.causal:
+            mask = self.plan.mask
+            if mask is None:
                 return lax.fori_loop(0, steps, step, state0)
-            # lax.switch, not a dynamic trip count, so the loop stays reverse-differentiable.
-            branches = [step, lambda _, s: s]
-            full = jnp.zeros((), jnp.int32)
-            if self.full_body is not None:
-                branches.insert(0, step_of(self.full_body))
-                full = (j * self.q_tile + 1) // tile  # key tiles every query of block j sees
-
-            def guarded(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
-                which = jnp.where(k < upper, 0, 1)
-                if self.full_body is not None:
-                    which = jnp.where(k < full, 0, which + 1)
-                return lax.switch(which, branches, k, state)
-
-            return lax.fori_loop(0, steps, guarded, state0)
+            fast = lax.fori_loop(0, steps, self._banded(mask, j, step, step_of), state0)
+            if mask.skips_unchecked or not mask.skips:
+                return fast
+            # A finite fill: the skipped tiles were exact zeros only if every row's running
+            # max clears the masked scores by the underflow margin; else visit every tile.
+            rm = fast[mask.running_max]
+            d = self._qdim_of(mask.running_max)
+            valid = jnp.ones(rm.shape, bool)
+            if d is not None:
+                rows = j * self.q_tile + jnp.arange(self.q_tile) < self.sizes[self.query]
+                valid = jnp.expand_dims(rows, [k for k in range(rm.ndim) if k != d])
+            return lax.cond(
+                skip_is_exact(top, rm, valid),
+                lambda: fast,
+                lambda: lax.fori_loop(0, steps, step, state0),
+            )
 
         finals = lax.map(run_block, (jnp.arange(self.q_blocks), mapped))
         if self.query is None:
             return {t: finals[t][0] for t in g.carried}
         return {t: self._q_merge(finals[t], self._qdim_of(t)) for t in g.carried}
+
+    def _banded(self, mask: MaskBand, j: jax.Array, step: Any, step_of: Any) -> Any:
+        """One step of block ``j``'s loop: tiles inside the band without the mask, tiles on
+        its edges with it, tiles outside it skipped (if ``mask.skips``). A ``lax.switch``,
+        not a dynamic trip count, so the loop stays reverse-differentiable."""
+        g = self.plan.group
+        tile, steps = self.sizes[g.inner], self.sizes[g.rank]
+        t = band_tiles(mask, j, self.q_tile, tile, steps, self.sizes[self.query])
+        branches = [step, lambda _, s: s]
+        if self.full_body is not None:
+            branches.insert(0, step_of(self.full_body))
+
+        def guarded(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            which = jnp.where((k >= t.first) & (k < t.upper) | (not mask.skips), 0, 1)
+            if self.full_body is not None:
+                which = jnp.where((k >= t.full_lo) & (k < t.full_hi), 0, which + 1)
+            return lax.switch(which, branches, k, state)
+
+        return guarded
 
     def source(self, fn_name: str = "cascade") -> str:
         """The three programs, for ``explain``: before, one step of the loop, after."""
@@ -251,7 +278,7 @@ class BlockwiseCascade:
         head = (
             f"# blockwise loop over {g.rank} (tile {g.inner}={self.sizes[g.inner]}), "
             f"query rank {self.query} in blocks of {self.q_tile}"
-            + (", causal tiles skipped" if self.plan.causal else "")
+            + (f", {self.plan.mask.describe()}" if self.plan.mask else "")
         )
         parts = [head]
         if self.plan.pre.einsums:

@@ -33,6 +33,7 @@ from einfuse.backends.jax_values import (
 )
 from einfuse.ir.cascade import Einsum
 from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, accesses, rank_vars
+from einfuse.ir.verify import recurrence_parts
 
 CUMULATIVE = {"add": "cumsum", "max": "cummax", "min": "cummin", "mul": "cumprod"}
 
@@ -250,12 +251,11 @@ class _EinsumLowering:
     # -- recurrences ---------------------------------------------------------
     def recurrence(self) -> list[Stmt]:
         e = self.e
-        r, dim = e.iterative_rank, e.iterative_dim
-        assert r is not None and dim is not None and e.init is not None
+        r, dim, first = recurrence_parts(e)
         state = tuple(q for q in self.left if q != r)
         dtype = self.out.dtype
         init = self.names.fresh(f"{e.output}_init")
-        init_val = self.lw.over(self.canonical(e.init, state)).lower(e.init)
+        init_val = self.lw.over(self.canonical(first, state)).lower(first)
         stmts: list[Stmt] = [Assign(init, self.finish(init_val, state, dtype))]
         before = call("index", Ref(init), index=(slice(None),) * dim + (None,))
         cumulative = self.cumulative(before)

@@ -41,7 +41,7 @@ from einfuse.ir.cascade import Cascade, Einsum
 from einfuse.ir.dtypes import tensor_dtypes
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
-from einfuse.ir.verify import verify
+from einfuse.ir.verify import recurrence_parts, verify
 
 # Elementwise semantics of every operator in ``einfuse.ir.expr.OPS``, on float64 arrays.
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -313,8 +313,7 @@ class _Evaluator:
     def recurrence(self) -> np.ndarray:
         """Step along the iterative rank, each step reading the slot the last one wrote."""
         e = self.e
-        r, dim = e.iterative_rank, e.iterative_dim
-        assert r is not None and dim is not None and e.init is not None
+        r, dim, init = recurrence_parts(e)
         shape = [self.sizes[q] for q in e.output_ranks]
         shape[dim] += 1
         out = np.empty(shape)
@@ -323,7 +322,7 @@ class _Evaluator:
         def slot(k: int) -> tuple[slice, ...]:
             return tuple(slice(k, k + 1) if d == dim else slice(None) for d in range(len(shape)))
 
-        out[slot(0)] = round_to(self.full(e.init, self.space(e.output_ranks, {r: 0})), self.dtype)
+        out[slot(0)] = round_to(self.full(init, self.space(e.output_ranks, {r: 0})), self.dtype)
         for k in range(self.sizes[r]):
             step = self.full(e.expr, self.space(e.output_ranks, {r: k}))
             out[slot(k + 1)] = round_to(step, self.dtype)

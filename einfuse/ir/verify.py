@@ -182,7 +182,12 @@ def _check_access(c: Cascade, e: Einsum, a: Access, ndim: int) -> None:
                 )
 
 
-def _check_recurrence(c: Cascade, e: Einsum) -> None:
+def recurrence_parts(e: Einsum) -> tuple[str, int, Expr]:
+    """A recurrence's iterative rank, its left dimension and its initial value.
+
+    Emitters call this rather than assert: a cascade built by a pass or by hand that lost
+    a recurrence's initial value is then a located VerifyError, not a bare AssertionError.
+    """
     r, dim = e.iterative_rank, e.iterative_dim
     if r is None or dim is None:
         raise _fail(
@@ -194,9 +199,14 @@ def _check_recurrence(c: Cascade, e: Einsum) -> None:
         idx = list(e.indices)
         idx[dim] = Const(0)
         raise _fail(e, f"recurrence has no initial value: add {Access(e.output, tuple(idx))} = ...")
-    if r in rank_vars(e.init) or any(a.tensor == e.output for a in accesses(e.init)):
+    return r, dim, e.init
+
+
+def _check_recurrence(c: Cascade, e: Einsum) -> None:
+    r, dim, init = recurrence_parts(e)
+    if r in rank_vars(init) or any(a.tensor == e.output for a in accesses(init)):
         raise _fail(e, f"initial value may not depend on the iterative rank {r} or on itself")
-    stray = [v for v in rank_vars(e.init) if v not in e.output_ranks]
+    stray = [v for v in rank_vars(init) if v not in e.output_ranks]
     if stray:
         raise _fail(
             e,

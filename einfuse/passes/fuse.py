@@ -274,13 +274,17 @@ def _rewrite(c: Cascade, plan: ChainPlan) -> tuple[Cascade, str]:
     prm: dict[float, str] = {}
     for scale in plan.scales:
         prm[scale] = fresh("PRM")
-        shift: Expr = Op("sub", (_safe(running_max(step)), Access(sm, (step, *o))))
+        shift: Expr = Op("sub", (running_max(step), Access(sm, (step, *o))))
         if scale != 1:
             shift = Op("mul", (Const(float(scale)), shift))
-        # Step 0 has nothing to rescale (and exp(0 - SM) may overflow there).
-        first = Op("gt", (step, Const(0)))
+        # Nothing to rescale before the first step, nor while every score so far was -inf
+        # (the sums are still 0; a sliding window's first tiles): there exp(0 - SM) could
+        # overflow and 0 * inf give NaN. Elsewhere RM <= SM, so exp never overflows.
+        seen = Op(
+            "and", (Op("gt", (step, Const(0))), Op("gt", (running_max(step), Const(-math.inf))))
+        )
         new.append(
-            Einsum(prm[scale], (step, *o), Op("where", (first, Op("exp", (shift,)), Const(1.0))))
+            Einsum(prm[scale], (step, *o), Op("where", (seen, Op("exp", (shift,)), Const(1.0))))
         )
 
     def to_running(node: Expr) -> Expr | None:
