@@ -125,7 +125,7 @@ def race_table(rows: Sequence[Mapping[str, Any]]) -> str:
     run's summary and ``einfuse autotune --show`` alike."""
     shown = [
         {
-            "": ("chosen" if r["chosen"] else "") + (" default" if r["default"] else ""),
+            "": " ".join(k for k in ("chosen", "default") if r[k]),
             "pipeline": r["pipeline"] or "(none)",
             "schedule": r["schedule"],
             "race_ms": r["median_s"] * 1e3,
