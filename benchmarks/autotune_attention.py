@@ -113,7 +113,7 @@ def model_rate(cascade: Cascade, target: Target) -> dict[str, Any]:
 
 
 def sweep(cascade: Cascade, target: Target, bench: Bench, repeats: int) -> dict[str, Any]:
-    """Measure every distinct program of the measured space; race the best three."""
+    """Measure every distinct program of the measured space; race them all, as the tuner does."""
     import optuna
 
     space = build_space(cascade, target, bench.sizes)
@@ -131,7 +131,7 @@ def sweep(cascade: Cascade, target: Target, bench: Bench, repeats: int) -> dict[
     todo = [search.candidate(p) for p in search.searched.points()]
     for start in range(0, len(todo), 4):
         search.measure([(None, c) for c in todo[start : start + 4]])
-    race = search.race(search.finalists(3))
+    race = search.race(search.finalists())
     if race is None:
         raise RuntimeError(f"every candidate failed: {search.tally.failures}")
     return {

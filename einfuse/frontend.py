@@ -25,7 +25,8 @@ import jax
 from jax._src import core
 
 from einfuse.backends.program import ProgramRunner
-from einfuse.einsum_cascade.lift import Program, Region, format_program, lift
+from einfuse.compile_path import Compiled, lift_canonical, region_sizes, run_pipeline
+from einfuse.einsum_cascade.lift import Program, Region, format_program
 from einfuse.ir.errors import EinfuseError
 
 TARGETS = ("cpu", "gpu", "tpu")
@@ -35,7 +36,10 @@ COST_TARGETS = {"cpu": "cpu", "gpu": "h100", "tpu": "tpu_v5e"}
 
 @dataclass(frozen=True)
 class Traced:
-    """One specialization: the jaxpr, the lifted and the passed Program, and the runner."""
+    """One specialization: the jaxpr, the lifted (canonical) and the passed Program, the runner.
+
+    ``compiled`` holds, per region, the pipeline run on its canonical cascade (`compile_path`).
+    """
 
     jaxpr: core.ClosedJaxpr
     lifted: Program
@@ -44,6 +48,7 @@ class Traced:
     out_tree: Any
     runner: ProgramRunner
     seconds: dict[str, float] = field(default_factory=dict)
+    compiled: tuple[Compiled, ...] = ()
 
     def cascade(self) -> str:
         return format_program(self.program)
@@ -188,43 +193,36 @@ class JitFunction:
         t0 = time.perf_counter()
         closed = jax.make_jaxpr(flat_fun)(*structs)
         t1 = time.perf_counter()
-        lifted = lift(closed, check=bool(self.passes))
+        lifted = lift_canonical(closed, check=bool(self.passes))
         t2 = time.perf_counter()
-        program, history = self._run_passes(lifted)
+        compiled = self._run_passes(lifted)
+        program = lifted.with_regions(
+            [r.with_cascade(c.cascade, c.schedule) for r, c in zip(lifted.regions, compiled)]
+        )
         t3 = time.perf_counter()
         runner = ProgramRunner(program)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
-        return Traced(closed, lifted, program, history, out_tree[0], runner, seconds)
+        history = tuple(c.history() for c in compiled)
+        return Traced(closed, lifted, program, history, out_tree[0], runner, seconds, compiled)
 
-    def _run_passes(self, program: Program) -> tuple[Program, tuple]:
-        if not self.passes and self.autotune is None:
-            return program, tuple(() for _ in program.regions)
-        from einfuse.passes.manager import run_passes
-
-        regions: list[Region] = []
-        history = []
+    def _run_passes(self, program: Program) -> tuple[Compiled, ...]:
+        """Each canonical region through its pipeline: the tuned one if stored, else ``passes``."""
+        out = []
         for region in program.regions:
-            tuned = self._tuned(region.cascade)
-            passes = tuned[0] if tuned else self.passes
-            if not passes:
-                regions.append(region)
-                history.append(())
-                continue
-            # Lifted rank names are local to each equation; give each axis one name first,
-            # so the passes can follow it (fuse partitions the key axis across the chain).
-            result = run_passes(region.cascade, f"unify-ranks,{passes}")
-            regions.append(region.with_cascade(result.cascade, tuned[1] if tuned else None))
-            history.append(tuple((name, str(c)) for name, c in result.history[1:]))
-        return program.with_regions(regions), tuple(history)
+            tuned = self._tuned(program, region)
+            pipeline, schedule = tuned if tuned else (self.passes, None)
+            out.append(run_pipeline(region.cascade, pipeline, schedule, check=bool(pipeline)))
+        return tuple(out)
 
-    def _tuned(self, cascade: Any) -> tuple[str, Any] | None:
+    def _tuned(self, program: Program, region: Region) -> tuple[str, Any] | None:
         """The pipeline and Schedule a tuning run stored for this region, target and shapes."""
         if self.autotune is None:
             return None
         from einfuse.autotune.tuner import tuned_pipeline
 
         storage = None if self.autotune is True else self.autotune
-        return tuned_pipeline(cascade, None, COST_TARGETS[self.target], storage)
+        sizes = region_sizes(program, region)
+        return tuned_pipeline(region.cascade, sizes, COST_TARGETS[self.target], storage)
 
     # -- inspection ------------------------------------------------------------
     def trace(self, *args: Any, **kwargs: Any) -> Traced:
@@ -251,7 +249,10 @@ class JitFunction:
         from einfuse.backends.inspection import inspect_hlo
 
         traced = self.trace(*args, **kwargs)
-        text = explain_program(traced, self.passes, self.target, _name(self.fun))
+        passes = self.passes or "none"
+        if self.autotune is not None:
+            passes += f" (stored results first: autotune={self.autotune!r})"
+        text = explain_program(traced, passes, self.target, _name(self.fun))
         summary = inspect_hlo(self.lower(*args, **kwargs)).table()
         return text + "\nHLO summary:\n" + summary + "\n"
 
@@ -281,8 +282,11 @@ def explain_program(traced: Traced, passes: str | None, target: str, name: str) 
         lines.append("  from " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
         if fallback:
             lines.append(f"  runs as plain JAX: {fallback}")
-        for name, _ in traced.pass_history[k] if k < len(traced.pass_history) else ():
-            lines.append(f"  pass {name}")
+        compiled = traced.compiled[k] if k < len(traced.compiled) else None
+        if compiled is not None and compiled.schedule is not None:
+            pipeline = compiled.pipeline or "(no pass)"
+            lines.append(f"  tuned: {pipeline}; schedule {compiled.schedule}")
+        lines += [f"  {step.verdict()}" for step in (compiled.steps if compiled else ())]
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")

@@ -64,3 +64,15 @@ def test_unbound_sizes_unknown_targets_and_bad_sizes_are_one_line_errors(spec, c
     assert "--sizes: expected NAME=POSITIVE_INT" in capsys.readouterr().err
     assert main(["explain", spec, "--target", "h100", "--sizes", SIZES, "--schedule", "tile"]) == 2
     assert "--schedule:1" in capsys.readouterr().err
+
+
+def test_each_pass_says_what_it_did(spec, capsys):
+    assert main(["explain", spec, "--target", "h100", "--sizes", SIZES, "--pipeline", "fuse"]) == 0
+    assert "fuse: fused m (tile 512)\n" in capsys.readouterr().out
+
+
+def test_a_schedule_naming_a_rank_the_cascade_lacks_is_a_one_line_error(spec, capsys):
+    args = ["explain", spec, "--target", "h100", "--sizes", SIZES, "--schedule", "tile g=64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "names rank(s) g" in err and "Traceback" not in err

@@ -276,3 +276,17 @@ def test_load_function_returns_the_callable():
     x, w = random_inputs(parse_arg_specs("f32[3,5] f32[5,2]"), seed=0)
     np.testing.assert_allclose(matmul(x, w), np.asarray(x) @ np.asarray(w), rtol=1e-5)
     assert jax.jit(matmul)(x, w).shape == (3, 2)
+
+
+def test_hlo_dump_reruns_with_the_same_passes(capsys, tmp_path, monkeypatch):
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(hlo_command.subprocess, "run", run)
+    argv = ["hlo", f"{MODEL}:matmul", "--args", "f32[4,8] f32[8,2]", "--passes", "fuse{tile=16}"]
+    _assert_user_error(capsys, *argv, "--dump", str(tmp_path))  # the fake run wrote no files
+    (command,) = commands
+    assert command[command.index("--passes") + 1] == "fuse{tile=16}"

@@ -26,14 +26,14 @@ def test_jit_reuses_the_stored_pipeline(tmp_path):
     (tuned,) = {r.pipeline for r in result.results}
     compiled = jit(attn, autotune=store)
     history = compiled.trace(q, k, v).pass_history[0]
-    assert [name for name, _ in history] == ["unify-ranks", *filter(None, tuned.split(","))]
+    assert [name for name, _ in history] == [*filter(None, tuned.split(","))]
     np.testing.assert_allclose(compiled(q, k, v), jax.jit(attn)(q, k, v), rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_stored_result_the_given_passes_run(tmp_path):
     q, k, v = _inputs(256)
     compiled = jit(attn, passes="dce", autotune=str(tmp_path / "empty.db"))
-    assert [name for name, _ in compiled.trace(q, k, v).pass_history[0]] == ["unify-ranks", "dce"]
+    assert [name for name, _ in compiled.trace(q, k, v).pass_history[0]] == ["dce"]
 
 
 def test_jit_emits_the_stored_schedules_query_tile(tmp_path):

@@ -54,6 +54,7 @@ class Prepared:
     compile_s: float
     check: str
     check_error: float
+    hlo: str = ""  # `hlo_fingerprint` of the program timed: what ``einfuse.jit`` must replay
 
 
 # --------------------------------------------------------------------------- backends
@@ -89,6 +90,28 @@ def jax_backend() -> Backend:
         return module.emit_jax(cascade, dict(sizes))
 
     return Backend("jax", emit, frozenset(kinds))
+
+
+def program_hlo(
+    cascade: Cascade,
+    sizes: Mapping[str, int],
+    pipeline: str,
+    schedule: Any,
+    backend: Backend | None = None,
+) -> str:
+    """`hlo_fingerprint` of the program a candidate of a canonical cascade emits, as `Bench`
+    lowers it: what ``einfuse.jit`` must run when it replays that candidate."""
+    import jax
+
+    from einfuse.backends.inspection import hlo_fingerprint
+    from einfuse.compile_path import run_pipeline
+
+    transformed = run_pipeline(cascade, pipeline, schedule).cascade
+    fn = (backend or jax_backend()).emit(transformed, bind_sizes(transformed, sizes), schedule)
+    structs = [
+        jax.ShapeDtypeStruct(cascade.tensor_shape(t.name, sizes), t.dtype) for t in cascade.inputs
+    ]
+    return hlo_fingerprint(jax.jit(fn).lower(*structs))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -236,10 +259,10 @@ class Bench:
     def transformed(self, pipeline: str) -> Cascade | Failure:
         """The cascade after ``pipeline`` (cached; a failing pass is a `Failure`)."""
         if pipeline not in self._passes:
-            from einfuse.passes.manager import run_passes
+            from einfuse.compile_path import run_pipeline
 
             try:
-                self._passes[pipeline] = run_passes(self.cascade, pipeline).cascade
+                self._passes[pipeline] = run_pipeline(self.cascade, pipeline).cascade
             except Exception as exc:
                 reason = f"pipeline {pipeline!r} failed: {describe_error(exc)}"
                 self._passes[pipeline] = Failure(reason)
@@ -249,14 +272,20 @@ class Bench:
         """Emit, compile, run once and check ``candidate``; never raises."""
         import jax
 
+        from einfuse.backends.inspection import hlo_fingerprint
+        from einfuse.compile_path import check_schedule
+
         cascade = self.transformed(candidate.pipeline)
         if isinstance(cascade, Failure):
             return cascade
         start = time.perf_counter()
         try:
+            check_schedule(candidate.schedule, self.cascade, cascade)
             sizes = bind_sizes(cascade, self.sizes)
             fn = self.backend.emit(cascade, sizes, candidate.schedule)
-            compiled = jax.jit(fn).lower(*self.inputs).compile()
+            lowered = jax.jit(fn).lower(*self.inputs)
+            hlo = hlo_fingerprint(lowered)
+            compiled = lowered.compile()
         except Exception as exc:
             return Failure(f"compile failed: {describe_error(exc)}")
         need = _footprint_bytes(compiled)
@@ -285,7 +314,7 @@ class Bench:
             return Failure(
                 f"wrong numbers: relative error {error:.3g} > {self.tolerance:g} ({check})"
             )
-        return Prepared(candidate, lambda: compiled(*inputs), compile_s, check, error)
+        return Prepared(candidate, lambda: compiled(*inputs), compile_s, check, error, hlo)
 
     # -- numerics ---------------------------------------------------------------
     def _check(self, candidate: Candidate, cascade: Cascade, outputs: Any) -> tuple[str, float]:

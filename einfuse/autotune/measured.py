@@ -7,9 +7,12 @@ so a candidate measured before, by this process or another, is never measured ag
 
 Timing is relative: each batch of candidates is timed interleaved with the default (the
 *anchor*), so drift of a shared machine between batches cancels out of ``anchor_ratio``.
-The winner is decided by a final race of the best few and the default, timed together; a
-winner that looks suspiciously fast is raced again, and candidates within noise of the
-fastest are tied, the tie going to the default, then to the smaller tiles.
+Times from different batches are not comparable, so they never decide: the winner is the
+fastest of a final race in which every measured candidate (or the best ``finalists`` of
+them) and the default are timed together, interleaved; its medians are what the result
+reports for the chosen and the default candidate. A winner that looks suspiciously fast is
+raced again, and candidates within `MIN_TIE` of the fastest are tied, the tie going to the
+default, then to the smaller tiles.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from einfuse.autotune.space import Candidate, Point, SearchSpace
 from einfuse.autotune.timing import Timing
 
 ANCHOR = "<default>"
-MIN_TIE = 0.03  # candidates within 3% (or their noise, if larger) of the fastest are tied
+MIN_TIE = 0.03  # candidates within 3% of the fastest are tied (the tie goes to the default)
 SUSPICIOUS_GAIN = 0.75  # a winner racing 25% faster than it measured is raced again
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -44,12 +47,32 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class RaceResult:
-    """The final race: its winner's key, every finalist's timing and full-space point."""
+    """The final race: its winner's key, every finalist's timing, full-space point and
+    program (`hlo_fingerprint`), and the default's key."""
 
     winner: str
     timings: dict[str, Timing]
     points: dict[str, Point]
     raced_again: bool
+    hlo: dict[str, str] = field(default_factory=dict)
+    default: str = ""
+
+    def rows(self, candidates: dict[str, Candidate]) -> list[dict[str, Any]]:
+        """One row per racer, fastest first: what the study stores and ``--show`` prints."""
+        order = sorted(self.timings, key=lambda k: (self.timings[k].median, k))
+        return [
+            {
+                "candidate": k,
+                "pipeline": candidates[k].pipeline,
+                "schedule": str(candidates[k].schedule),
+                "median_s": self.timings[k].median,
+                "iqr_s": self.timings[k].iqr,
+                "samples": len(self.timings[k].samples),
+                "chosen": k == self.winner,
+                "default": k == self.default,
+            }
+            for k in order
+        ]
 
 
 class MeasuredSearch:
@@ -76,6 +99,7 @@ class MeasuredSearch:
         self.on_trial = on_trial or (lambda: None)
         self.default = self.candidate(self.searched.default_point())
         self.prepared: dict[str, Prepared | Failure] = {}
+        self.racers: dict[str, Candidate] = {}  # the last race's candidates by key
         self.tally = Tally()
         # fresh: trials stored before this call are ignored (kept, but re-measured)
         self.first_trial = len(study.get_trials(deepcopy=False)) if fresh else 0
@@ -198,6 +222,7 @@ class MeasuredSearch:
             attrs = {
                 "median_s": t.median,
                 "iqr_s": t.iqr,
+                "hlo": prepared.hlo,
                 "compile_s": prepared.compile_s,
                 "check": prepared.check,
                 "check_error": prepared.check_error,
@@ -209,8 +234,9 @@ class MeasuredSearch:
             self.on_trial()
 
     # -- the decision -----------------------------------------------------------
-    def finalists(self, count: int) -> list[tuple[str, Point]]:
-        """The best ``count`` measured candidates (by ratio to the default), with their points."""
+    def finalists(self, count: int | None = None) -> list[tuple[str, Point]]:
+        """The best ``count`` measured candidates (by ratio to the default; all of them when
+        ``count`` is None), with their points."""
         from optuna.trial import TrialState
 
         done = [
@@ -219,18 +245,21 @@ class MeasuredSearch:
             if t.state == TrialState.COMPLETE and t.value is not None
         ]
         done.sort(key=lambda t: (t.user_attrs.get("anchor_ratio", t.value), t.number))
-        return [(t.user_attrs["candidate"], tuple(t.params.items())) for t in done[:count]]
+        chosen = done if count is None else done[:count]
+        return [(t.user_attrs["candidate"], tuple(t.params.items())) for t in chosen]
 
     def race(self, finalists: Sequence[tuple[str, Point]]) -> RaceResult | None:
         """Time the finalists and the default together; re-race a suspiciously fast winner."""
         group: dict[str, Prepared] = {}
         points: dict[str, Point] = {}
+        self.racers = {}
         for _, searched in [*finalists, ("", self.searched.default_point())]:
             candidate = self.candidate(self.searched.point(dict(searched)))
             prepared = self.prepare(candidate)
             if isinstance(prepared, Prepared) and candidate.key not in group:
                 group[candidate.key] = prepared
                 points[candidate.key] = candidate.point
+                self.racers[candidate.key] = candidate
         if not group:
             return None
         repeats = 2 * self.repeats
@@ -245,21 +274,15 @@ class MeasuredSearch:
             again = self.bench.time(group, warmup=0, repeats=repeats, seed=self.seed + 2)
             timings = {k: Timing.from_samples(timings[k].samples + again[k].samples) for k in group}
             winner = self.pick(timings, points)
-        return RaceResult(winner, timings, points, suspicious)
+        hlo = {k: p.hlo for k, p in group.items()}
+        return RaceResult(winner, timings, points, suspicious, hlo, self.default.key)
 
     def pick(self, timings: dict[str, Timing], points: dict[str, Point]) -> str:
-        """The fastest, unless others are within noise: then the default, then smaller tiles."""
-        best = min(timings, key=lambda k: timings[k].median)
-        fastest = timings[best]
-
-        def noise(t: Timing) -> float:
-            return t.iqr / t.median / 2 if t.median > 0 else 0.0
-
-        tied = [
-            k
-            for k, t in timings.items()
-            if t.median <= fastest.median * (1 + max(MIN_TIE, noise(t), noise(fastest)))
-        ]
+        """The fastest, unless others are within `MIN_TIE` of it: then the default, then
+        smaller tiles. The window is fixed, not the samples' spread: a noisy race must not
+        let a clearly slower candidate win (a 120 ms "best" beside a 109 ms one)."""
+        fastest = min(t.median for t in timings.values())
+        tied = [k for k, t in timings.items() if t.median <= fastest * (1 + MIN_TIE)]
         return min(
             tied,
             key=lambda k: (

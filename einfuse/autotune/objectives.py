@@ -23,7 +23,7 @@ from einfuse.autotune.measured import WORKER, MeasuredSearch
 from einfuse.autotune.result import TuneResult
 from einfuse.autotune.screen import ModelEvaluator, Screening, screen
 from einfuse.autotune.space import Candidate, Point, SearchSpace, SpaceOptions
-from einfuse.autotune.store import BEST_ATTR, BestRecord, TuningStore
+from einfuse.autotune.store import BEST_ATTR, RACE_ATTR, BestRecord, TuningStore
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.errors import EinfuseError
 
@@ -54,7 +54,7 @@ class Settings:
     backend: Backend | None
     warmup: int
     repeats: int
-    finalists: int
+    finalists: int | None
     model_trials: int
     compile_timeout: float
     fresh: bool
@@ -89,6 +89,10 @@ class Job:
     def result(self, record: BestRecord, *, reused: bool, **counts: Any) -> TuneResult:
         point = self.space.point(record.params)
         default = self.space.candidate(self.space.default_point())
+        race: list[dict[str, Any]] = []
+        if record.objective != "model":
+            with self.store.guard():
+                race = list(self.study.user_attrs.get(RACE_ATTR, ()))
         return TuneResult(
             key=self.key,
             objective=record.objective,
@@ -111,6 +115,10 @@ class Job:
             study=self.study,
             failures=tuple(counts.get("failures", ())),
             candidates_per_s=counts.get("rate"),
+            race=tuple(race),
+            hlo=record.hlo,
+            cascade=self.cascade,
+            sizes=dict(self.sizes),
         )
 
 
@@ -250,7 +258,10 @@ def tune_measured(job: Job) -> TuneResult:
         predicted_s=job.predict(point),
         measured_s=race.timings[race.winner].median,
         default_s=default_timing.median if default_timing else None,
+        hlo=race.hlo.get(race.winner),
     )
+    with store.guard():
+        study.set_user_attr(RACE_ATTR, race.rows(search.racers))
     store.save_best(study, record)
     tally = search.tally
     return job.result(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ class TuneResult:
     pruned before compiling); ``measurements`` counts those compiled, checked and timed.
     ``reused`` is True when the stored choice was returned without any new trial.
     ``candidates_per_s`` is the model's scoring rate (model objective only).
+    Measured: ``measured_s`` and ``default_measured_s`` are medians of one final race,
+    whose rows (every racer, fastest first) are ``race``; ``hlo`` is the chosen program's
+    `hlo_fingerprint`, which ``einfuse.jit(autotune=...)`` replays (`program_hlo` gives it
+    for any candidate of ``cascade``).
     """
 
     key: TuningKey
@@ -38,6 +43,10 @@ class TuneResult:
     study: Any = None
     failures: tuple[tuple[str, str], ...] = ()
     candidates_per_s: float | None = None
+    race: tuple[dict[str, Any], ...] = ()
+    hlo: str | None = None
+    cascade: Any = None  # the canonical cascade tuned (`einfuse.compile_path`)
+    sizes: dict[str, int] | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -86,6 +95,8 @@ class TuneResult:
         if self.study is not None:
             summary += f"; study {self.study.study_name}"
         lines.append(summary)
+        if self.race:
+            lines.append(race_table(self.race))
         for key, reason in self.failures[:10]:
             lines.append(f"  failed: {key}: {reason}")
         return "\n".join(lines)
@@ -107,6 +118,26 @@ class ProgramTuneResult:
 
 
 _FORMATS = {"predicted_ms": ".4g", "measured_ms": ".4g"}
+
+
+def race_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The final race (stored rows, fastest first): the numbers the result reports, for the
+    run's summary and ``einfuse autotune --show`` alike."""
+    shown = [
+        {
+            "": " ".join(k for k in ("chosen", "default") if r[k]),
+            "pipeline": r["pipeline"] or "(none)",
+            "schedule": r["schedule"],
+            "race_ms": r["median_s"] * 1e3,
+            "iqr_ms": r["iqr_s"] * 1e3,
+            "runs": r["samples"],
+        }
+        for r in rows
+    ]
+    columns = ["", "pipeline", "schedule", "race_ms", "iqr_ms", "runs"]
+    table = format_table(shown, columns, formats={"race_ms": ".4g", "iqr_ms": ".2g"})
+    head = "final race (interleaved; chosen: the fastest, a near-tie going to the default):"
+    return f"{head}\n{table}"
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 KEY_ATTR = "einfuse_key"  # study user attr: the full key, so a study explains itself
 BEST_ATTR = "einfuse_best"  # study user attr: the chosen candidate (a `BestRecord` dict)
+RACE_ATTR = "einfuse_race"  # study user attr: the final race's rows (`RaceResult.rows`)
 IMPORTED_ATTR = "einfuse_imported"  # study user attr: the best came from a JSON import
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -51,8 +52,9 @@ class BestRecord:
     params: dict[str, Any] = field(default_factory=dict)
     objective: str = "model"
     predicted_s: float | None = None
-    measured_s: float | None = None
-    default_s: float | None = None
+    measured_s: float | None = None  # measured: the chosen candidate's median in the final race
+    default_s: float | None = None  # measured: the default's median in that same race
+    hlo: str | None = None  # measured: `hlo_fingerprint` of the chosen program
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from einfuse.autotune.key import TuningKey, make_key
+from einfuse.autotune.key import TuningKey
 from einfuse.autotune.measure import Backend
 from einfuse.autotune.objectives import (
     DEFAULT_MODEL_TRIALS,
@@ -37,6 +37,7 @@ from einfuse.autotune.store import (
     default_storage_path,
     quiet_optuna,
 )
+from einfuse.compile_path import canonicalize, region_key, region_sizes, trace_canonical
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
 
@@ -63,7 +64,7 @@ def autotune(
     backend: Backend | None = None,
     warmup: int = 1,
     repeats: int = 5,
-    finalists: int = 3,
+    finalists: int | None = None,
     model_trials: int = DEFAULT_MODEL_TRIALS,
     compile_timeout: float = 300.0,
     fresh: bool = False,
@@ -72,8 +73,10 @@ def autotune(
 
     ``trials`` is the number of points the model scores (``model``, default 20,000) or of
     candidates measured (``measure``/``hybrid``, default 8); ``model_trials`` is the hybrid's
-    screening budget. ``storage`` is a storage URL, ``journal:PATH``, ``memory``, a
-    ``.json`` export to replay, or None for the per-user SQLite file. ``timeout`` bounds the
+    screening budget. ``finalists`` caps the final race to the best few measured candidates
+    (and the default); by default every measured candidate races. ``storage`` is a storage
+    URL, ``journal:PATH``, ``memory``, a ``.json`` export to replay, or None for the per-user
+    SQLite file. ``timeout`` bounds the
     measuring (seconds). ``fresh`` tunes again even where a choice is stored (stored trials
     are kept; new ones are added). A function is lifted and each distinct cascade tuned.
     """
@@ -98,7 +101,7 @@ def autotune(
     target_obj = _target(target, calibrate=objective != "measure")
     store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
     if isinstance(cascade_or_function, Cascade):
-        return _tune(*_bind(cascade_or_function, sizes), target_obj, store, settings)
+        return _tune(*_canonical(cascade_or_function, sizes), target_obj, store, settings)
     if not callable(cascade_or_function):
         raise EinfuseError(f"autotune needs a Cascade or a function, got {cascade_or_function!r}")
     results = [
@@ -133,21 +136,21 @@ def _bind(cascade: Cascade, sizes: Mapping[str, int] | None) -> tuple[Cascade, d
         raise EinfuseError(f"autotune needs every size bound: {exc} (pass sizes=...)") from exc
 
 
+def _canonical(cascade: Cascade, sizes: Mapping[str, int] | None) -> tuple[Cascade, dict[str, int]]:
+    """The canonical form (`compile_path`) of a cascade bound to ``sizes``, and its sizes."""
+    bound, bound_sizes = _bind(cascade, sizes)
+    canonical = canonicalize(bound)
+    ranks = set(canonical.all_ranks())
+    return canonical, {r: n for r, n in bound_sizes.items() if r in ranks}
+
+
 def _regions(function: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tuple[Cascade, dict]]:
-    """Each distinct region cascade of a traced function, with its sizes from the trace."""
-    import jax
-
-    from einfuse.backends.reference import infer_sizes
-    from einfuse.einsum_cascade.lift import lift
-
-    program = lift(jax.make_jaxpr(function)(*args))
+    """Each distinct canonical region of a traced function (as ``einfuse.jit`` compiles it),
+    with its sizes from the trace."""
+    program = trace_canonical(function, args)
     seen: set[tuple[str, tuple]] = set()
     for region in program.regions:
-        shapes = {
-            name: tuple(program.avals[value].shape)
-            for name, value in zip(region.input_tensors, region.inputs)
-        }
-        bound = infer_sizes(region.cascade, shapes)
+        bound = region_sizes(program, region)
         marker = (region.cascade.fingerprint(), tuple(sorted(bound.items())))
         if marker not in seen:
             seen.add(marker)
@@ -157,7 +160,7 @@ def _regions(function: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tu
 def _tune(
     cascade: Cascade, sizes: dict[str, int], target: Target, store: TuningStore, s: Settings
 ) -> TuneResult:
-    key = make_key(cascade, sizes, target)
+    key = region_key(cascade, sizes, target)
     space = build_space(cascade, target, sizes, s.space_options)
     name = s.study or key.study_name("model" if s.objective == "model" else "measured")
     with quiet_optuna():
@@ -207,9 +210,10 @@ def tuned_pipeline(
     """``(pipeline, Schedule)`` stored for this cascade, sizes and target, or None.
 
     For ``einfuse.jit``: never tunes, never measures, never calibrates; ``storage`` as in
-    `autotune` (a ``.json`` export replays it).
+    `autotune` (a ``.json`` export replays it). The key is that of the canonical cascade,
+    as `autotune` stored it; the Schedule names that cascade's ranks.
     """
-    key = make_key(*_bind(cascade, sizes), _target(target, calibrate=False))
+    key = region_key(*_canonical(cascade, sizes), _target(target, calibrate=False))
     record = _lookup(key, storage)
     return None if record is None else (record.pipeline, parse_schedule(record.schedule))
 

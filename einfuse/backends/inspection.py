@@ -11,6 +11,8 @@ is the one interface that stays stable across jax versions and that users can pa
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -39,6 +41,18 @@ def hlo_text(obj: jax.stages.Lowered | jax.stages.Compiled, stage: Stage = "opti
     if text is None:
         raise RuntimeError("this XLA backend does not provide the optimized HLO text")
     return text
+
+
+def hlo_fingerprint(lowered: jax.stages.Lowered) -> str:
+    """A short hash of a Lowered's StableHLO, module name and locations left out: two programs
+    share it only if XLA is handed the same computation (what the tuner measured and what
+    ``einfuse.jit`` replays are compared by it)."""
+    text = _MODULE_NAME.sub("module @m", lowered.as_text())
+    return hashlib.sha256(_LOCATION.sub("", text).encode()).hexdigest()[:16]
+
+
+_MODULE_NAME = re.compile(r"module @[\w.$-]+")
+_LOCATION = re.compile(r"\s*loc\([^\n]*?\)(?=\s*$)", re.M)
 
 
 def inspect_hlo(obj: jax.stages.Lowered | jax.stages.Compiled | str) -> HloSummary:

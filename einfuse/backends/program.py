@@ -71,6 +71,23 @@ class ProgramRunner:
                 self.fallbacks[k] = f"{type(exc).__name__}: {exc}"
             self._fns[k] = _region_fn(region, self.emitted.get(k), program.avals, k)
 
+    def region_hlo(self, k: int) -> str | None:
+        """`hlo_fingerprint` of region ``k``'s emitted program alone, lowered as the autotuner's
+        bench lowers a candidate: equal to a measured candidate's only if it is that program.
+        None for a region that runs as plain JAX."""
+        from einfuse.backends.inspection import hlo_fingerprint
+
+        emitted = self.emitted.get(k)
+        if emitted is None:
+            return None
+        region = self.program.regions[k]
+        avals = {t: self.program.avals[v] for t, v in zip(region.input_tensors, region.inputs)}
+        structs = [
+            jax.ShapeDtypeStruct(avals[t.name].shape, avals[t.name].dtype)
+            for t in emitted.cascade.inputs
+        ]
+        return hlo_fingerprint(jax.jit(emitted).lower(*structs))
+
     def __call__(self, *args: Any) -> list[Any]:
         p = self.program
         if len(args) != len(p.inputs):

@@ -165,7 +165,8 @@ def _list_table(store: Any) -> str:
 def _show_study(store: Any, name: str) -> str:
     import json
 
-    from einfuse.autotune.store import BEST_ATTR, KEY_ATTR
+    from einfuse.autotune.result import race_table
+    from einfuse.autotune.store import BEST_ATTR, KEY_ATTR, RACE_ATTR
     from einfuse.autotune.timing_table import format_table
 
     study = store.find_study(name)
@@ -180,6 +181,16 @@ def _show_study(store: Any, name: str) -> str:
     best = attrs.get(BEST_ATTR)
     if best:
         lines.append(f"best pipeline: {best['pipeline'] or '(none)'}; schedule: {best['schedule']}")
+        figures = [
+            f"{label} {best[field] * 1e3:.4g} ms"
+            for label, field in (("measured", "measured_s"), ("default", "default_s"))
+            if best.get(field) is not None and best.get("objective") != "model"
+        ]
+        if figures:
+            lines.append("in the final race: " + ", ".join(figures))
+    if attrs.get(RACE_ATTR):
+        lines.append(race_table(attrs[RACE_ATTR]))
+        lines.append("trials (each timed in its own batch beside the default; the race decides):")
     rows = [
         {
             "#": t.number,

@@ -1,6 +1,8 @@
 """`einfuse explain SPEC --target T [--sizes ...] [--schedule ...]`: the cost model's breakdown.
 
-Loads a cascade spec, runs an optional pass pipeline, binds the sizes and prints the cost model's
+Loads a cascade spec, runs an optional pass pipeline (on the canonical form, as `einfuse.jit`
+and `einfuse autotune` do: `einfuse.compile_path`; one line per pass says what it did), binds
+the sizes and prints the cost model's
 per-Einsum and per-kernel table (work, bytes per memory level, time, bound) and a paragraph that
 names the bottleneck. Without `--schedule` the model picks tiles that fit the target
 (`CostModel.default_tiles`); `--fusemax-mapping` uses FuseMax's mapping for a fused attention
@@ -69,15 +71,14 @@ def parse_sizes(text: str) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from einfuse.cli.load import load_spec
+    from einfuse.compile_path import canonicalize, check_schedule, run_pipeline
     from einfuse.cost_model.model import CostModel
     from einfuse.cost_model.target import get_target, load_target
     from einfuse.ir.schedule import Schedule
 
-    cascade = load_spec(args.spec)
-    if args.pipeline:
-        from einfuse.passes.manager import run_passes
-
-        cascade = run_passes(cascade, args.pipeline).cascade
+    # the compile path of einfuse.jit and autotune: canonical form, then the pipeline
+    compiled = run_pipeline(canonicalize(load_spec(args.spec)), args.pipeline or None)
+    cascade = compiled.cascade
     if args.target.endswith(".toml"):
         if not Path(args.target).is_file():
             raise CliError(f"no such target file: {args.target}")
@@ -91,11 +92,14 @@ def run(args: argparse.Namespace) -> int:
     schedule = None
     if args.schedule is not None:
         schedule = Schedule.parse(args.schedule, file="--schedule")
+        check_schedule(schedule, compiled.canonical, cascade)
     elif args.fusemax_mapping:
         from einfuse.cost_model.fusemax import fusemax_mapping
 
         schedule = fusemax_mapping(cascade, target, sizes)
     report = model.report(schedule)
+    for step in compiled.steps:
+        print(step.verdict())
     print(f"schedule: {schedule if schedule is not None else _default(model)}")
     print(report.table())
     print()

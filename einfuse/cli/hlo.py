@@ -106,7 +106,8 @@ def _run_with_dump(args: argparse.Namespace) -> int:
         raise CliError(f"cannot dump to {str(args.dump)!r}: {exc}") from exc
     before = _files_under(directory)
     command = [sys.executable, "-m", "einfuse", "hlo", args.target, "--args", args.args]
-    command += ["--stage", args.stage, "--compile"] + (["--summary"] if args.summary else [])
+    command += ["--passes", args.passes, "--stage", args.stage, "--compile"]
+    command += ["--summary"] if args.summary else []
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
     child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if child.returncode != 0:
