@@ -185,12 +185,15 @@ def _post(c: Cascade, g: FusedGroup, after: list[Einsum], before: list[Einsum]) 
 
 
 def choose_query_rank(c: Cascade, g: FusedGroup, sizes: Mapping[str, int]) -> str | None:
-    """The rank to tile besides the loop: on every member's left side, never reduced.
+    """The rank to tile besides the loop: on every carried state's left side, never reduced.
 
-    A rank a mask compares the key index against wins; otherwise the largest one.
+    A rank a mask compares the key index against wins; otherwise the largest one. Only the
+    state decides: a member that computes keys or values in the loop (a K/V projection the
+    lifter put in the same region) has no query rank, and is computed per query block.
     """
     members = [c.writer(n) for n in g.einsums]
-    common = set.intersection(*(set(e.output_ranks) for e in members)) - {g.rank, g.inner}
+    state = [e for e in members if e.output in g.carried] or members
+    common = set.intersection(*(set(e.output_ranks) for e in state)) - {g.rank, g.inner}
     if not common:
         return None
     if g.inner is not None:

@@ -84,11 +84,13 @@ def cast(dtype: str, expr: Expr) -> Expr:
     return Op(dtype, (expr,))
 
 
-def strip_casts(expr: Expr) -> Expr:
-    """The expression under any casts at its root."""
-    while isinstance(expr, Op) and expr.op in CAST_OPS:
-        expr = expr.args[0]
-    return expr
+def round_constant(value: float, dtype: str) -> float:
+    """``value`` rounded to ``dtype`` (to nearest even), as a Python float."""
+    import ml_dtypes
+    import numpy as np
+
+    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+    return float(np.asarray(value, np.float64).astype(np_dtype.get(dtype, np.float64)))
 
 
 def with_input_dtype(cascade: Cascade, dtype: str) -> Cascade:

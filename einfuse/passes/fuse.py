@@ -47,6 +47,7 @@ from einfuse.passes.manager import register_pass
 from einfuse.passes.partition import PartitionError, partition, whole_outputs
 from einfuse.passes.pass_count import RankPasses, analyze_rank, pass_counts
 from einfuse.passes.scale import ChainPlan, MaxSource, NotFusable, analyze_chain, max_sources
+from einfuse.passes.sink_casts import sink_casts
 
 
 class FuseError(EinfuseError):
@@ -132,7 +133,7 @@ def _fuse_rank(c: Cascade, rank: str, tile: int) -> tuple[Cascade, RankFusion]:
     work = c
     if p is None:
         try:
-            work, p = _partition(fold_scale(c, rank), rank, tile)
+            work, p = _partition(fold_scale(sink_casts(c), rank), rank, tile)
         except (PartitionError, VerifyError) as exc:
             return unchanged(f"cannot partition: {exc}")
     work, done, problems = _online(defer(work, {p.outer}), p)
