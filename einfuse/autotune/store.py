@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -34,6 +35,18 @@ KEY_ATTR = "einfuse_key"  # study user attr: the full key, so a study explains i
 BEST_ATTR = "einfuse_best"  # study user attr: the chosen candidate (a `BestRecord` dict)
 IMPORTED_ATTR = "einfuse_imported"  # study user attr: the best came from a JSON import
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+# Database drivers SQLAlchemy imports for a URL, and the pip package that provides each.
+_DRIVERS = {
+    "psycopg": "psycopg[binary] (or psycopg2-binary with a postgresql+psycopg2:// URL)",
+    "psycopg2": "psycopg2-binary",
+    "pg8000": "pg8000",
+    "asyncpg": "asyncpg",
+    "MySQLdb": "mysqlclient (or pymysql with a mysql+pymysql:// URL)",
+    "pymysql": "pymysql",
+    "mysql": "mysql-connector-python",
+    "oracledb": "oracledb",
+    "pyodbc": "pyodbc",
+}
 
 
 class StoreError(EinfuseError):
@@ -81,6 +94,8 @@ def _sqlite_file(url: str) -> Path | None:
 
 def _check_sqlite_file(path: Path) -> None:
     """Refuse a file that is not an SQLite database before SQLAlchemy touches it."""
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory", str(path))
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open("rb") as handle:
@@ -93,7 +108,7 @@ def _check_sqlite_file(path: Path) -> None:
 
 
 def describe_storage(storage: str | None) -> str:
-    """What a storage argument names, for messages: a file path or the URL."""
+    """What a storage argument names, for messages: a file path or the URL (no password)."""
     if storage is None:
         return str(default_storage_path())
     if storage.startswith("journal:"):
@@ -101,7 +116,7 @@ def describe_storage(storage: str | None) -> str:
     if storage.startswith("sqlite"):
         path = _sqlite_file(storage)
         return str(path) if path is not None else storage
-    return storage
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", storage)
 
 
 def storage_url(storage: str | None) -> str:
@@ -118,6 +133,17 @@ def storage_url(storage: str | None) -> str:
         f"storage {storage!r} is neither a URL (sqlite:///file.db, postgresql://...), "
         "journal:PATH, memory, nor a path ending in .db or .log"
     )
+
+
+def storage_exists(storage: str | None) -> bool:
+    """False for a store file (SQLite, journal) that does not exist yet: nothing to look up."""
+    if storage is not None and storage.endswith(".json"):
+        return True  # an export to replay: reading it says whether it is there
+    url = storage_url(storage)
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).exists()
+    path = _sqlite_file(url) if url.startswith("sqlite") else None
+    return path is None or path.exists()
 
 
 @contextmanager
@@ -149,8 +175,24 @@ def storage_errors(where: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -
         yield
     except StoreError:
         raise
+    except OSError as exc:  # a folder that is a file, a .db that is a folder, /proc, ...
+        name = exc.filename or where
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            why = f"{name} is a file, not a folder"
+        elif isinstance(exc, IsADirectoryError):
+            why = f"{name} is a folder, not a file"
+        else:
+            why = f"{exc.strerror or exc}: {name}"
+        raise StoreError(f"cannot use tuning store {where}: {why}; nothing was written") from exc
     except Exception as exc:
         chain = _chain(exc)
+        missing = [e for e in chain if isinstance(e, ImportError) and e.name]
+        if missing:
+            driver = missing[-1].name
+            raise StoreError(
+                f"tuning store {where} needs the database driver {driver!r}, which is not "
+                f"installed: pip install {_DRIVERS.get(driver, driver)}"
+            ) from exc
         message = " | ".join(str(e) for e in chain).lower()
         root = chain[-1]
         if "database is locked" in message or "database table is locked" in message:
@@ -191,18 +233,20 @@ def open_storage(
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
         with storage_errors(where, busy_timeout_s):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise IsADirectoryError(21, "Is a directory", str(path))
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        path = _sqlite_file(url)
-        engine_kwargs = {"connect_args": {"timeout": busy_timeout_s}}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _check_sqlite_file(path)
-            engine_kwargs = {"creator": functools.partial(sqlite_connect, path, busy_timeout_s)}
     with storage_errors(where, busy_timeout_s):
+        if url.startswith("sqlite"):
+            path = _sqlite_file(url)
+            engine_kwargs = {"connect_args": {"timeout": busy_timeout_s}}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _check_sqlite_file(path)
+                engine_kwargs = {"creator": functools.partial(sqlite_connect, path, busy_timeout_s)}
         return _rdb_storage(url, engine_kwargs)
 
 
@@ -341,7 +385,10 @@ _FILE_FORMAT = "einfuse-tuning"
 
 def write_best_file(path: str | Path, records: list[BestRecord]) -> None:
     data = {"format": _FILE_FORMAT, "version": 1, "records": [r.to_dict() for r in records]}
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise StoreError(f"cannot write tuning records to {path}: {exc.strerror or exc}") from exc
 
 
 def read_best_file(path: str | Path) -> list[BestRecord]:

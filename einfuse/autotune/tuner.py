@@ -34,11 +34,12 @@ from einfuse.autotune.store import (
     BestRecord,
     StoreError,
     TuningStore,
-    default_storage_path,
     quiet_optuna,
+    storage_exists,
 )
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
+from einfuse.targets import check_measurable
 
 if TYPE_CHECKING:
     from einfuse.cost_model.target import Target
@@ -96,6 +97,8 @@ def autotune(
         fresh=fresh,
     )
     target_obj = _target(target, calibrate=objective != "measure")
+    if objective != "model":
+        check_measurable(target_obj.name, objective)
     store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
     if isinstance(cascade_or_function, Cascade):
         return _tune(*_bind(cascade_or_function, sizes), target_obj, store, settings)
@@ -209,14 +212,24 @@ def tuned_pipeline(
     For ``einfuse.jit``: never tunes, never measures, never calibrates; ``storage`` as in
     `autotune` (a ``.json`` export replays it).
     """
+    return tuned_lookup(cascade, sizes, target, storage)[1]
+
+
+def tuned_lookup(
+    cascade: Cascade,
+    sizes: Mapping[str, int] | None = None,
+    target: str | Target = "cpu",
+    storage: Any = None,
+) -> tuple[TuningKey, tuple[str, Any] | None]:
+    """The key `tuned_pipeline` looks up, and what it finds (so a miss can name the key)."""
     key = make_key(*_bind(cascade, sizes), _target(target, calibrate=False))
     record = _lookup(key, storage)
-    return None if record is None else (record.pipeline, parse_schedule(record.schedule))
+    return key, None if record is None else (record.pipeline, parse_schedule(record.schedule))
 
 
 def _lookup(key: TuningKey, storage: Any) -> BestRecord | None:
-    """A stored record; a default store that does not exist yet is not created by looking."""
-    if storage is None and not default_storage_path().exists():
+    """A stored record; a store file that does not exist yet is not created by looking."""
+    if isinstance(storage, str | None) and not storage_exists(storage):
         return None
     with quiet_optuna():
         store = storage if isinstance(storage, TuningStore) else TuningStore(storage)

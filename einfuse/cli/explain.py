@@ -1,6 +1,8 @@
 """`einfuse explain SPEC --target T [--sizes ...] [--schedule ...]`: the cost model's breakdown.
 
-Loads a cascade spec, runs an optional pass pipeline, binds the sizes and prints the cost model's
+Loads a cascade spec, runs an optional pass pipeline, binds the sizes and prices the program the
+JAX backend would run (the spec's declared dtype unless `--dtype`, the blockwise loop's float32
+carry, float32 dots as JAX's matmul precision runs them on the target); prints the cost model's
 per-Einsum and per-kernel table (work, bytes per memory level, time, bound) and a paragraph that
 names the bottleneck. Without `--schedule` the model picks tiles that fit the target
 (`CostModel.default_tiles`); `--fusemax-mapping` uses FuseMax's mapping for a fused attention
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from einfuse.cli.args import add_passes_argument, add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError
 
 
@@ -27,19 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--target",
         default="cpu",
-        help="built-in target (cpu, h100, h200, a100, tpu_v5e, fusemax) or a target .toml file",
+        help="cpu, h100, h200, a100, tpu_v5e, fusemax, gpu/tpu (the device here), or a .toml",
     )
-    parser.add_argument(
-        "--sizes", default="", metavar="R=N,...", help="rank sizes, e.g. e=64,m=4096,p=1024"
-    )
+    add_sizes_argument(parser)
     parser.add_argument(
         "--schedule",
         default=None,
         metavar="TEXT",
         help='a schedule in text form, e.g. "tile p=128, m=256; order b, h, p, m1"',
     )
-    parser.add_argument("--pipeline", default="", help='passes to run first, e.g. "fuse"')
-    parser.add_argument("--dtype", default=None, help="element type (default: the target's)")
+    add_passes_argument(parser, 'passes to run first, e.g. "fuse"')
+    parser.add_argument("--dtype", default=None, help="element type (default: the spec's)")
     parser.add_argument(
         "--fusemax-mapping",
         action="store_true",
@@ -53,39 +54,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_sizes(text: str) -> dict[str, int]:
-    """`"e=64, m=4096"` -> `{"e": 64, "m": 4096}`; names may be ranks or their symbols (`M`)."""
-    sizes: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or not name or not value.isdigit() or int(value) <= 0:
-            raise CliError(f"--sizes: expected NAME=POSITIVE_INT, got {item!r}")
-        if name in sizes:
-            raise CliError(f"--sizes: {name} given twice")
-        sizes[name] = int(value)
-    return sizes
-
-
 def run(args: argparse.Namespace) -> int:
+    from einfuse.autotune.screen import compute_dtype, program_cost_model
     from einfuse.cli.load import load_spec
-    from einfuse.cost_model.model import CostModel
+    from einfuse.cost_model.errors import CostModelError
     from einfuse.cost_model.target import get_target, load_target
     from einfuse.ir.schedule import Schedule
 
-    cascade = load_spec(args.spec)
-    if args.pipeline:
+    sizes = parse_sizes(args.sizes)
+    spec = load_spec(args.spec)
+    cascade = spec
+    if args.passes:
         from einfuse.passes.manager import run_passes
 
-        cascade = run_passes(cascade, args.pipeline).cascade
+        cascade = run_passes(cascade, args.passes).cascade
+    check_sizes(sizes, spec, cascade, spec=args.spec)
     if args.target.endswith(".toml"):
         if not Path(args.target).is_file():
             raise CliError(f"no such target file: {args.target}")
         target = load_target(args.target)
     else:
         target = get_target(args.target, calibrate=not args.nominal)
-    sizes = parse_sizes(args.sizes)
-    model = CostModel(cascade, target, sizes, args.dtype)
+    dtype = args.dtype or compute_dtype(spec)
+    model = program_cost_model(cascade, target, sizes, dtype)
     if args.fusemax_mapping and args.schedule is not None:
         raise CliError("give either --schedule or --fusemax-mapping, not both")
     schedule = None
@@ -95,8 +86,13 @@ def run(args: argparse.Namespace) -> int:
         from einfuse.cost_model.fusemax import fusemax_mapping
 
         schedule = fusemax_mapping(cascade, target, sizes)
-    report = model.report(schedule)
+    try:
+        report = model.report(schedule)
+    except CostModelError as exc:
+        given = "--dtype" if args.dtype else f"{args.spec}'s declared dtype"
+        raise CliError(f"cannot price {given} {model.dtype} on {target.name}: {exc}") from exc
     print(f"schedule: {schedule if schedule is not None else _default(model)}")
+    print(f"dtype: {model.dtype}; float32 dots at JAX matmul precision {model.precision!r}")
     print(report.table())
     print()
     print(report.why())
