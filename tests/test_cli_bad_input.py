@@ -115,3 +115,12 @@ def test_a_subprocess_run_prints_no_traceback(tmp_path):
     )
     assert child.returncode == 2 and "Traceback" not in child.stderr
     assert child.stderr.strip().splitlines() == [child.stderr.strip()]
+
+
+def test_a_spec_the_target_prices_nothing_of_is_an_error_naming_why(tmp_path, capsys):
+    spec = tmp_path / "attn.ein"
+    spec.write_text(Path(SPEC).read_text().replace("bfloat16", "float32"))
+    argv = ["autotune", str(spec), "--sizes", "p=256,m=256", "--target", "fusemax"]
+    argv += ["--objective", "model", "--trials", "50", "--storage", "memory", "--quiet"]
+    line = one_line_error(capsys, argv)
+    assert "refused every candidate" in line and "no rate for float32" in line

@@ -39,7 +39,7 @@ from einfuse.autotune.store import (
 )
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
-from einfuse.targets import check_measurable
+from einfuse.targets import check_measurable, resolve_target
 
 if TYPE_CHECKING:
     from einfuse.cost_model.target import Target
@@ -51,7 +51,7 @@ OBJECTIVES = ("model", "measure", "hybrid")
 def autotune(
     cascade_or_function: Cascade | Callable[..., Any],
     *args: Any,
-    target: str | Target = "cpu",
+    target: str | Target | None = None,
     objective: Objective = "model",
     trials: int | None = None,
     timeout: float | None = None,
@@ -111,9 +111,12 @@ def autotune(
     return ProgramTuneResult(tuple(results))
 
 
-def _target(target: str | Target, calibrate: bool) -> Target:
+def _target(target: str | Target | None, calibrate: bool) -> Target:
+    """A target by name (``einfuse.targets``); None is the device JAX runs on here."""
     from einfuse.cost_model.target import get_target
 
+    if target is None:
+        target = resolve_target(None)
     return get_target(target, calibrate=calibrate) if isinstance(target, str) else target
 
 
@@ -204,7 +207,7 @@ def lookup_best(key: TuningKey, storage: Any = None) -> Any:
 def tuned_pipeline(
     cascade: Cascade,
     sizes: Mapping[str, int] | None = None,
-    target: str | Target = "cpu",
+    target: str | Target | None = None,
     storage: Any = None,
 ) -> tuple[str, Any] | None:
     """``(pipeline, Schedule)`` stored for this cascade, sizes and target, or None.
@@ -218,7 +221,7 @@ def tuned_pipeline(
 def tuned_lookup(
     cascade: Cascade,
     sizes: Mapping[str, int] | None = None,
-    target: str | Target = "cpu",
+    target: str | Target | None = None,
     storage: Any = None,
 ) -> tuple[TuningKey, tuple[str, Any] | None]:
     """The key `tuned_pipeline` looks up, and what it finds (so a miss can name the key)."""

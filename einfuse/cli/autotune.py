@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sizes_argument(parser)
     parser.add_argument(
         "--target",
-        default="cpu",
-        help="cpu (default, the host), h100, h200, a100, tpu_v5e, fusemax, or gpu/tpu (the "
-        "device here); measuring needs the target to be this machine's device",
+        default=None,
+        help="cpu, h100, h200, a100, tpu_v5e, fusemax, or gpu/tpu (default: the device JAX "
+        "runs on here); measuring needs the target to be this machine's device",
     )
     parser.add_argument(
         "--no-calibrate",
@@ -103,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> Any:
     from einfuse.autotune.tuner import autotune
     from einfuse.cost_model.target import get_target
+    from einfuse.targets import resolve_target
 
-    if args.target == "cpu" and args.no_calibrate:
-        target: Any = get_target("cpu", calibrate=False)
-    else:
-        target = args.target
+    target: Any = resolve_target(args.target)
+    if target == "cpu" and args.no_calibrate:
+        target = get_target("cpu", calibrate=False)
     options = dict(
         target=target,
         objective=args.objective,

@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("spec", metavar="SPEC", help="a .ein or .yaml cascade spec")
     parser.add_argument(
         "--target",
-        default="cpu",
-        help="cpu, h100, h200, a100, tpu_v5e, fusemax, gpu/tpu (the device here), or a .toml",
+        default=None,
+        help="cpu, h100, h200, a100, tpu_v5e, fusemax, gpu/tpu, or a target .toml file "
+        "(default: the device JAX runs on here)",
     )
     add_sizes_argument(parser)
     parser.add_argument(
@@ -69,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
         cascade = run_passes(cascade, args.passes).cascade
     check_sizes(sizes, spec, cascade, spec=args.spec)
+    if args.target is None:
+        from einfuse.targets import resolve_target
+
+        args.target = resolve_target(None)
     if args.target.endswith(".toml"):
         if not Path(args.target).is_file():
             raise CliError(f"no such target file: {args.target}")

@@ -65,6 +65,17 @@ def parse_routes(table: Mapping[str, Any], where: str) -> tuple[DotRoute, ...]:
     return tuple(routes)
 
 
+def route_problem(routes: tuple[DotRoute, ...], unit_dtypes: Mapping[str, tuple[str, ...]]) -> str:
+    """What is wrong with ``routes`` on units with these dtypes ("" when nothing is)."""
+    for route in routes:
+        if route.dtype not in unit_dtypes.get(route.unit, ()) or route.passes < 1:
+            return (
+                f"float32_dots.{route.level} needs a unit with a {route.dtype} rate and "
+                f"passes >= 1, got unit {route.unit!r}, passes {route.passes}"
+            )
+    return ""
+
+
 def route_for(routes: tuple[DotRoute, ...], level: str) -> DotRoute | None:
     """The route of ``level``, else of the nearest lower level described (high -> default)."""
     by_level = {r.level: r for r in routes}

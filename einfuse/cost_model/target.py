@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from einfuse.cost_model.overheads import Overheads
-from einfuse.cost_model.precision import DotRoute, parse_routes
+from einfuse.cost_model.precision import DotRoute, parse_routes, route_problem
 from einfuse.errors import EinfuseError
 
 UnitKind = Literal["matrix", "vector", "transcendental"]
@@ -242,13 +242,9 @@ def _check_target(target: Target) -> None:
     if target.exp_cost_in_macs is not None and not target.exp_cost_in_macs > 0:
         raise TargetSpecError(f"{where}: exp_cost_in_macs is {target.exp_cost_in_macs}")
     by_name = {unit.name: unit for unit in target.units}
-    for route in target.float32_dots:
-        unit = by_name.get(route.unit)
-        if unit is None or route.dtype not in unit.dtypes or route.passes < 1:
-            raise TargetSpecError(
-                f"{where}: float32_dots.{route.level} needs a unit with a {route.dtype} rate "
-                f"and passes >= 1, got unit {route.unit!r}, passes {route.passes}"
-            )
+    wrong = route_problem(target.float32_dots, {u.name: u.dtypes for u in target.units})
+    if wrong:
+        raise TargetSpecError(f"{where}: {wrong}")
     for unit in target.units:
         if unit.emulated_on is None:
             continue
