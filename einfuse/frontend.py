@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +29,7 @@ from einfuse.backends.program import ProgramRunner
 from einfuse.compile_path import Compiled, lift_canonical, region_sizes, run_pipeline
 from einfuse.einsum_cascade.lift import Program, Region, format_program
 from einfuse.ir.errors import EinfuseError
-
-TARGETS = ("cpu", "gpu", "tpu")
-# The cost-model target whose tuning results a jit target reuses.
-COST_TARGETS = {"cpu": "cpu", "gpu": "h100", "tpu": "tpu_v5e"}
+from einfuse.targets import RUNNABLE, resolve_target
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,14 @@ class Traced:
     runner: ProgramRunner
     seconds: dict[str, float] = field(default_factory=dict)
     compiled: tuple[Compiled, ...] = ()
+    tuning: tuple[str, ...] = ()  # per region, with autotune: what was looked up and found
 
     def cascade(self) -> str:
         return format_program(self.program)
+
+
+class NoTunedResultWarning(UserWarning):
+    """``autotune`` was asked for, but the store holds no result for some regions."""
 
 
 class CacheInfo(NamedTuple):
@@ -64,7 +67,7 @@ def jit(
     fun: Callable[..., Any] | None = None,
     *,
     passes: str | None = None,
-    target: str = "cpu",
+    target: str | None = None,
     static_argnums: int | Sequence[int] = (),
     static_argnames: str | Sequence[str] = (),
     donate_argnums: int | Sequence[int] = (),
@@ -73,8 +76,10 @@ def jit(
     """Compile ``fun`` through einfuse; usable as ``@einfuse.jit`` or ``@einfuse.jit(...)``.
 
     ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region; ``target``
-    names the hardware that passes plan for (placement follows JAX's default device, as
-    with ``jax.jit``); the static and donated arguments mean what they mean to ``jax.jit``.
+    (a name of ``einfuse.targets``: ``cpu``, ``h100``, ``h200``, ``a100``, ``tpu_v5e``, or
+    ``gpu``/``tpu`` for the device JAX runs on; None: that device) names the hardware whose
+    tuned results are reused (placement follows JAX's default device, as with ``jax.jit``);
+    the static and donated arguments mean what they mean to ``jax.jit``.
     ``autotune`` (True for the default tuning database, or a storage URL, ``journal:PATH``
     or an exported ``.json``) reuses what ``einfuse autotune`` stored for each region with
     these shapes and target, in place of ``passes``; it never searches at compile time.
@@ -104,14 +109,16 @@ class JitFunction:
         fun: Callable[..., Any],
         *,
         passes: str | None,
-        target: str,
+        target: str | None,
         static_argnums: int | Sequence[int],
         static_argnames: str | Sequence[str],
         donate_argnums: int | Sequence[int],
         autotune: Any,
     ) -> None:
-        if target not in TARGETS:
-            raise EinfuseError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+        if target is not None and target not in RUNNABLE:
+            raise EinfuseError(
+                f"unknown target {target!r} for einfuse.jit; one of {', '.join(RUNNABLE)}"
+            )
         if passes:
             from einfuse.passes.manager import parse_pipeline
 
@@ -125,6 +132,7 @@ class JitFunction:
         )
         self._entries: dict[Any, Traced] = {}
         self._hits = self._misses = 0
+        self._warned: set[str] = set()  # key digests already warned about
 
         @functools.wraps(fun)
         def staged(*args: Any, **kwargs: Any) -> Any:
@@ -195,7 +203,7 @@ class JitFunction:
         t1 = time.perf_counter()
         lifted = lift_canonical(closed, check=bool(self.passes))
         t2 = time.perf_counter()
-        compiled = self._run_passes(lifted)
+        compiled, tuning = self._run_passes(lifted)
         program = lifted.with_regions(
             [r.with_cascade(c.cascade, c.schedule) for r, c in zip(lifted.regions, compiled)]
         )
@@ -203,26 +211,58 @@ class JitFunction:
         runner = ProgramRunner(program)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
         history = tuple(c.history() for c in compiled)
-        return Traced(closed, lifted, program, history, out_tree[0], runner, seconds, compiled)
+        return Traced(
+            closed, lifted, program, history, out_tree[0], runner, seconds, compiled, tuning
+        )
 
-    def _run_passes(self, program: Program) -> tuple[Compiled, ...]:
+    def _run_passes(self, program: Program) -> tuple[tuple[Compiled, ...], tuple[str, ...]]:
         """Each canonical region through its pipeline: the tuned one if stored, else ``passes``."""
+        looked_up = [self._tuned(program, region) for region in program.regions]
+        tuning = self._tuning_notes(looked_up)
         out = []
-        for region in program.regions:
-            tuned = self._tuned(program, region)
+        for region, (_, tuned) in zip(program.regions, looked_up):
             pipeline, schedule = tuned if tuned else (self.passes, None)
             out.append(run_pipeline(region.cascade, pipeline, schedule, check=bool(pipeline)))
-        return tuple(out)
+        return tuple(out), tuning
 
-    def _tuned(self, program: Program, region: Region) -> tuple[str, Any] | None:
-        """The pipeline and Schedule a tuning run stored for this region, target and shapes."""
+    def _tuned(self, program: Program, region: Region) -> tuple[Any, tuple[str, Any] | None]:
+        """The key of this region, and the pipeline and Schedule stored for it (or None)."""
         if self.autotune is None:
-            return None
-        from einfuse.autotune.tuner import tuned_pipeline
+            return None, None
+        from einfuse.autotune.tuner import tuned_lookup
 
         storage = None if self.autotune is True else self.autotune
         sizes = region_sizes(program, region)
-        return tuned_pipeline(region.cascade, sizes, COST_TARGETS[self.target], storage)
+        return tuned_lookup(region.cascade, sizes, resolve_target(self.target), storage)
+
+    def _tuning_notes(self, looked_up: list[tuple[Any, Any]]) -> tuple[str, ...]:
+        """Per region what autotune found; warns once per key about regions with nothing."""
+        if self.autotune is None:
+            return ()
+        from einfuse.autotune.store import describe_storage
+
+        where = describe_storage(self.autotune if isinstance(self.autotune, str) else None)
+        fallback = f"passes {self.passes or 'none'}"
+        notes, missing = [], []
+        for k, (key, tuned) in enumerate(looked_up):
+            if tuned is not None:
+                notes.append(f"tuned {tuned[0] or '(no pass)'}; schedule {tuned[1]}")
+                continue
+            sizes = ",".join(f"{r}={n}" for r, n in key.sizes)
+            what = f"key {key.digest()} ({key.target} on {key.device_kind}, sizes {sizes})"
+            notes.append(f"nothing stored for {what} in {where}; ran {fallback}")
+            if key.digest() not in self._warned:
+                self._warned.add(key.digest())
+                missing.append(f"region {k}: {what}")
+        if missing:
+            warnings.warn(
+                f"einfuse.jit({_name(self.fun)}, autotune=...): {where} holds no tuned result "
+                f"for {'; '.join(missing)}; these run {fallback}. Tune them with `einfuse autotune "
+                f"FILE.py:FUNCTION --args ... --target {looked_up[0][0].target}`.",
+                NoTunedResultWarning,
+                stacklevel=2,
+            )
+        return tuple(notes)
 
     # -- inspection ------------------------------------------------------------
     def trace(self, *args: Any, **kwargs: Any) -> Traced:
@@ -257,13 +297,13 @@ class JitFunction:
         return text + "\nHLO summary:\n" + summary + "\n"
 
 
-def explain_program(traced: Traced, passes: str | None, target: str, name: str) -> str:
+def explain_program(traced: Traced, passes: str | None, target: str | None, name: str) -> str:
     """The text part of ``explain`` (everything but the HLO summary)."""
     p = traced.program
     regions, opaques = p.regions, p.opaques
     n_einsums = sum(len(r.cascade.einsums) for r in regions)
     lines = [
-        f"einfuse.jit({name}): target {target}, passes {passes or 'none'}",
+        f"einfuse.jit({name}): target {target or 'default device'}, passes {passes or 'none'}",
         f"lifted {len(regions)} region(s) with {n_einsums} Einsum(s); {len(opaques)} opaque op(s)",
         f"timings: {', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in traced.seconds.items())}",
         "",
@@ -282,10 +322,9 @@ def explain_program(traced: Traced, passes: str | None, target: str, name: str) 
         lines.append("  from " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
         if fallback:
             lines.append(f"  runs as plain JAX: {fallback}")
+        if k < len(traced.tuning):
+            lines.append(f"  autotune: {traced.tuning[k]}")
         compiled = traced.compiled[k] if k < len(traced.compiled) else None
-        if compiled is not None and compiled.schedule is not None:
-            pipeline = compiled.pipeline or "(no pass)"
-            lines.append(f"  tuned: {pipeline}; schedule {compiled.schedule}")
         lines += [f"  {step.verdict()}" for step in (compiled.steps if compiled else ())]
     if opaques:
         lines.append("")

@@ -40,7 +40,8 @@ def test_pipeline_fuse_shows_one_fused_kernel(spec, capsys):
 
 
 def test_a_schedule_is_parsed_and_priced(spec, capsys):
-    args = ["explain", spec, "--target", "h100", "--sizes", SIZES, "--pipeline", "fuse"]
+    # The spec is float32 (its declared dtype): 256-key tiles of K and V fit shared memory.
+    args = ["explain", spec, "--target", "h100", "--sizes", SIZES, "--pipeline", "fuse{tile=256}"]
     assert main([*args, "--schedule", "tile p=64; order p, m1"]) == 0
     out = capsys.readouterr().out
     assert "schedule: tile p=64; order p, m1" in out
@@ -49,7 +50,7 @@ def test_a_schedule_is_parsed_and_priced(spec, capsys):
 
 
 def test_fusemax_mapping_on_the_fusemax_target(spec, capsys):
-    args = ["explain", spec, "--target", "fusemax", "--sizes", SIZES]
+    args = ["explain", spec, "--target", "fusemax", "--sizes", SIZES, "--dtype", "bf16"]
     assert main([*args, "--pipeline", "fuse{tile=256}", "--fusemax-mapping"]) == 0
     out = capsys.readouterr().out
     assert "unit.QK=pe_2d" in out and "pe_registers" in out and "compute (pe_" in out
@@ -61,7 +62,7 @@ def test_unbound_sizes_unknown_targets_and_bad_sizes_are_one_line_errors(spec, c
     assert main(["explain", spec, "--target", "nope", "--sizes", SIZES]) == 2
     assert "unknown target 'nope'" in capsys.readouterr().err
     assert main(["explain", spec, "--target", "h100", "--sizes", "e=sixty"]) == 2
-    assert "--sizes: expected NAME=POSITIVE_INT" in capsys.readouterr().err
+    assert "expected RANK=POSITIVE_INT" in capsys.readouterr().err
     assert main(["explain", spec, "--target", "h100", "--sizes", SIZES, "--schedule", "tile"]) == 2
     assert "--schedule:1" in capsys.readouterr().err
 

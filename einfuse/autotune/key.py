@@ -96,9 +96,15 @@ def host_cpu_model() -> str:
 
 
 def device_kind_for(target: Target) -> str:
-    """The concrete device a target name stands for here: the host CPU model for ``cpu``."""
+    """The concrete device a target stands for: the host CPU model for ``cpu``, the device
+    kind JAX reports for a built-in accelerator (``einfuse.targets.key_device_kind``), and a
+    user's own target file's ``device_kind``."""
+    from einfuse.targets import TARGETS, key_device_kind
+
     if target.device_kind == "cpu":
         return f"cpu:{host_cpu_model()}"
+    if target.name in TARGETS:
+        return key_device_kind(target.name)
     return target.device_kind
 
 

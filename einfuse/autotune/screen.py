@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from einfuse.autotune.measure import describe_error
 from einfuse.autotune.space import Candidate, Point, SearchSpace
@@ -33,6 +34,24 @@ def compute_dtype(cascade: Cascade) -> str | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
+def program_cost_model(
+    cascade: Cascade, target: object, sizes: Mapping[str, int], dtype: str | None = None
+) -> Any:
+    """The `CostModel` of the program the JAX backend emits for ``cascade``: priced in its
+    inputs' dtype (or ``dtype``), with the blockwise loop's carry as wide as the loop runs it
+    (where the target's vector unit has that dtype at all: not on FuseMax's 16-bit arrays)."""
+    from einfuse.backends.jax_blockwise import carry_dtype
+    from einfuse.cost_model.model import CostModel
+    from einfuse.cost_model.target import canonical_dtype, get_target
+
+    target = get_target(target) if isinstance(target, str) else target
+    dtype = canonical_dtype(dtype) if dtype else compute_dtype(cascade)
+    carry = None if dtype is None else carry_dtype(dtype).name
+    if carry is not None and carry not in target.unit("vector").dtypes:  # type: ignore[attr-defined]
+        carry = None
+    return CostModel(cascade, target, sizes, dtype=dtype, carry_dtype=carry)
+
+
 @dataclass(frozen=True, slots=True)
 class Score:
     """A point's predicted seconds (inf when it does not fit or the model refused it)."""
@@ -47,12 +66,11 @@ class ModelEvaluator:
 
     def __init__(self, cascade: Cascade, target: object, sizes: Mapping[str, int]) -> None:
         try:
-            from einfuse.cost_model.model import CostModel
+            import einfuse.cost_model.model  # noqa: F401
         except ImportError as exc:
             raise ModelUnavailable(
                 f"the cost model (einfuse.cost_model.model) is not available: {exc}"
             ) from exc
-        self._cost_model = CostModel
         self.cascade = cascade
         self.target = target
         self.sizes = dict(sizes)
@@ -69,12 +87,9 @@ class ModelEvaluator:
                 sizes = bind_sizes(transformed, self.sizes)
                 same = (transformed.fingerprint(), tuple(sorted(sizes.items())))
                 if same not in self._by_cascade:  # pipelines that change nothing share one
-                    from einfuse.backends.jax_blockwise import carry_dtype
-
                     dtype = compute_dtype(self.cascade)
-                    carry = None if dtype is None else carry_dtype(dtype).name
-                    self._by_cascade[same] = self._cost_model(
-                        transformed, self.target, sizes, dtype=dtype, carry_dtype=carry
+                    self._by_cascade[same] = program_cost_model(
+                        transformed, self.target, sizes, dtype
                     )
                 self._models[pipeline] = self._by_cascade[same]
             except Exception as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -23,22 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from einfuse.autotune.key import TuningKey
-from einfuse.errors import EinfuseError
+from einfuse.autotune.store_errors import DEFAULT_BUSY_TIMEOUT_S, StoreError, storage_errors
 
 if TYPE_CHECKING:
     import optuna
 
 
-DEFAULT_BUSY_TIMEOUT_S = 30.0
 KEY_ATTR = "einfuse_key"  # study user attr: the full key, so a study explains itself
 BEST_ATTR = "einfuse_best"  # study user attr: the chosen candidate (a `BestRecord` dict)
 RACE_ATTR = "einfuse_race"  # study user attr: the final race's rows (`RaceResult.rows`)
 IMPORTED_ATTR = "einfuse_imported"  # study user attr: the best came from a JSON import
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-class StoreError(EinfuseError):
-    """The tuning store cannot be used (locked, corrupt, unreadable); says which and why."""
 
 
 # --------------------------------------------------------------------------- records
@@ -83,6 +79,8 @@ def _sqlite_file(url: str) -> Path | None:
 
 def _check_sqlite_file(path: Path) -> None:
     """Refuse a file that is not an SQLite database before SQLAlchemy touches it."""
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory", str(path))
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open("rb") as handle:
@@ -95,7 +93,7 @@ def _check_sqlite_file(path: Path) -> None:
 
 
 def describe_storage(storage: str | None) -> str:
-    """What a storage argument names, for messages: a file path or the URL."""
+    """What a storage argument names, for messages: a file path or the URL (no password)."""
     if storage is None:
         return str(default_storage_path())
     if storage.startswith("journal:"):
@@ -103,7 +101,7 @@ def describe_storage(storage: str | None) -> str:
     if storage.startswith("sqlite"):
         path = _sqlite_file(storage)
         return str(path) if path is not None else storage
-    return storage
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", storage)
 
 
 def storage_url(storage: str | None) -> str:
@@ -122,6 +120,17 @@ def storage_url(storage: str | None) -> str:
     )
 
 
+def storage_exists(storage: str | None) -> bool:
+    """False for a store file (SQLite, journal) that does not exist yet: nothing to look up."""
+    if storage is not None and storage.endswith(".json"):
+        return True  # an export to replay: reading it says whether it is there
+    url = storage_url(storage)
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).exists()
+    path = _sqlite_file(url) if url.startswith("sqlite") else None
+    return path is None or path.exists()
+
+
 @contextmanager
 def quiet_optuna() -> Iterator[None]:
     """Optuna logs every study and trial at INFO; our progress bar and tables say enough."""
@@ -133,46 +142,6 @@ def quiet_optuna() -> Iterator[None]:
         yield
     finally:
         optuna.logging.set_verbosity(level)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and its causes (Optuna wraps database errors in its own)."""
-    out: list[BaseException] = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return out
-
-
-@contextmanager
-def storage_errors(where: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Iterator[None]:
-    """Turn a database's low-level failure into a `StoreError` that names the store."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except Exception as exc:
-        chain = _chain(exc)
-        message = " | ".join(str(e) for e in chain).lower()
-        root = chain[-1]
-        if "database is locked" in message or "database table is locked" in message:
-            raise StoreError(
-                f"tuning store {where} stayed locked by another process for "
-                f"{busy_timeout_s:g} s. SQLite is not for parallel writers: for several "
-                "processes use --storage journal:PATH (file-based, safe), or a server database "
-                "URL for many machines. No trial was lost."
-            ) from exc
-        corrupt = ("file is not a database", "malformed", "invalid log format", "corrupt")
-        bad_json = [e for e in chain if isinstance(e, json.JSONDecodeError)]
-        if bad_json or any(text in message for text in corrupt):
-            shown = bad_json[0] if bad_json else root
-            raise StoreError(
-                f"tuning store {where} is corrupt ({type(shown).__name__}: {shown}); it was "
-                "left untouched. Move it aside or pass another --storage."
-            ) from exc
-        if any(type(e).__module__.startswith("sqlalchemy") for e in chain):
-            raise StoreError(f"tuning store {where}: {type(root).__name__}: {root}") from exc
-        raise
 
 
 def open_storage(
@@ -193,18 +162,20 @@ def open_storage(
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
         with storage_errors(where, busy_timeout_s):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise IsADirectoryError(21, "Is a directory", str(path))
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        path = _sqlite_file(url)
-        engine_kwargs = {"connect_args": {"timeout": busy_timeout_s}}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _check_sqlite_file(path)
-            engine_kwargs = {"creator": functools.partial(sqlite_connect, path, busy_timeout_s)}
     with storage_errors(where, busy_timeout_s):
+        if url.startswith("sqlite"):
+            path = _sqlite_file(url)
+            engine_kwargs = {"connect_args": {"timeout": busy_timeout_s}}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _check_sqlite_file(path)
+                engine_kwargs = {"creator": functools.partial(sqlite_connect, path, busy_timeout_s)}
         return _rdb_storage(url, engine_kwargs)
 
 
@@ -343,7 +314,10 @@ _FILE_FORMAT = "einfuse-tuning"
 
 def write_best_file(path: str | Path, records: list[BestRecord]) -> None:
     data = {"format": _FILE_FORMAT, "version": 1, "records": [r.to_dict() for r in records]}
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise StoreError(f"cannot write tuning records to {path}: {exc.strerror or exc}") from exc
 
 
 def read_best_file(path: str | Path) -> list[BestRecord]:

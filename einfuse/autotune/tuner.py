@@ -34,12 +34,13 @@ from einfuse.autotune.store import (
     BestRecord,
     StoreError,
     TuningStore,
-    default_storage_path,
     quiet_optuna,
+    storage_exists,
 )
 from einfuse.compile_path import canonicalize, region_key, region_sizes, trace_canonical
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
+from einfuse.targets import check_measurable, resolve_target
 
 if TYPE_CHECKING:
     from einfuse.cost_model.target import Target
@@ -51,7 +52,7 @@ OBJECTIVES = ("model", "measure", "hybrid")
 def autotune(
     cascade_or_function: Cascade | Callable[..., Any],
     *args: Any,
-    target: str | Target = "cpu",
+    target: str | Target | None = None,
     objective: Objective = "model",
     trials: int | None = None,
     timeout: float | None = None,
@@ -99,6 +100,8 @@ def autotune(
         fresh=fresh,
     )
     target_obj = _target(target, calibrate=objective != "measure")
+    if objective != "model":
+        check_measurable(target_obj.name, objective)
     store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
     if isinstance(cascade_or_function, Cascade):
         return _tune(*_canonical(cascade_or_function, sizes), target_obj, store, settings)
@@ -111,9 +114,12 @@ def autotune(
     return ProgramTuneResult(tuple(results))
 
 
-def _target(target: str | Target, calibrate: bool) -> Target:
+def _target(target: str | Target | None, calibrate: bool) -> Target:
+    """A target by name (``einfuse.targets``); None is the device JAX runs on here."""
     from einfuse.cost_model.target import get_target
 
+    if target is None:
+        target = resolve_target(None)
     return get_target(target, calibrate=calibrate) if isinstance(target, str) else target
 
 
@@ -204,7 +210,7 @@ def lookup_best(key: TuningKey, storage: Any = None) -> Any:
 def tuned_pipeline(
     cascade: Cascade,
     sizes: Mapping[str, int] | None = None,
-    target: str | Target = "cpu",
+    target: str | Target | None = None,
     storage: Any = None,
 ) -> tuple[str, Any] | None:
     """``(pipeline, Schedule)`` stored for this cascade, sizes and target, or None.
@@ -213,14 +219,24 @@ def tuned_pipeline(
     `autotune` (a ``.json`` export replays it). The key is that of the canonical cascade,
     as `autotune` stored it; the Schedule names that cascade's ranks.
     """
+    return tuned_lookup(cascade, sizes, target, storage)[1]
+
+
+def tuned_lookup(
+    cascade: Cascade,
+    sizes: Mapping[str, int] | None = None,
+    target: str | Target | None = None,
+    storage: Any = None,
+) -> tuple[TuningKey, tuple[str, Any] | None]:
+    """The key `tuned_pipeline` looks up, and what it finds (so a miss can name the key)."""
     key = region_key(*_canonical(cascade, sizes), _target(target, calibrate=False))
     record = _lookup(key, storage)
-    return None if record is None else (record.pipeline, parse_schedule(record.schedule))
+    return key, None if record is None else (record.pipeline, parse_schedule(record.schedule))
 
 
 def _lookup(key: TuningKey, storage: Any) -> BestRecord | None:
-    """A stored record; a default store that does not exist yet is not created by looking."""
-    if storage is None and not default_storage_path().exists():
+    """A stored record; a store file that does not exist yet is not created by looking."""
+    if isinstance(storage, str | None) and not storage_exists(storage):
         return None
     with quiet_optuna():
         store = storage if isinstance(storage, TuningStore) else TuningStore(storage)

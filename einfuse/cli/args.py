@@ -176,3 +176,58 @@ def one_line(exc: BaseException) -> str:
     """`TypeName: first line of the message`, for error reports that must fit on one line."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def add_sizes_argument(parser: Any) -> None:
+    """``--sizes R=N,...``, the same for every command that binds a spec's ranks."""
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        metavar="R=N,...",
+        help="rank sizes, e.g. e=64,m=4096,p=1024 (a rank or its size symbol, M); they replace "
+        "sizes the spec declares",
+    )
+
+
+def add_passes_argument(parser: Any, help: str) -> None:
+    """``--passes P`` (``--pipeline P`` is the same option), as ``einfuse.jit(passes=...)``."""
+    parser.add_argument("--passes", "--pipeline", dest="passes", default="", metavar="P", help=help)
+
+
+def parse_sizes(text: str | None) -> dict[str, int]:
+    """``"e=64, m=4096"`` -> ``{"e": 64, "m": 4096}``; None (not given) -> ``{}``.
+
+    Given but empty, or an item that is not NAME=POSITIVE_INT, or a name given twice, is a
+    `CliError` naming the item.
+    """
+    if text is None:
+        return {}
+    sizes: dict[str, int] = {}
+    items = [part.strip() for part in text.split(",")]
+    if not any(items):
+        raise CliError("--sizes is empty; give RANK=N,... (e.g. m=4096,p=4096) or leave it out")
+    for item in filter(None, items):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value.isdigit() or int(value) <= 0:
+            raise CliError(f"--sizes item {item!r}: expected RANK=POSITIVE_INT, e.g. m=4096")
+        if name in sizes:
+            raise CliError(f"--sizes: {name} given twice")
+        sizes[name] = int(value)
+    return sizes
+
+
+def check_sizes(sizes: dict[str, int], *cascades: Any, spec: str) -> None:
+    """Every name in ``sizes`` is a rank of one of ``cascades``, or a symbol in an undeclared
+    size (``M``): anything else would be ignored, and the user would not know."""
+    known: set[str] = set()
+    for cascade in cascades:
+        for rank in cascade.all_ranks():
+            size = cascade.size(rank)
+            known |= {rank, *(s.name for s in getattr(size, "free_symbols", ()))}
+    unknown = sorted(set(sizes) - known)
+    if unknown:
+        ranks = sorted({r for c in cascades for r in c.all_ranks()})
+        raise CliError(
+            f"--sizes names {', '.join(unknown)}, which {spec} does not have; "
+            f"its ranks: {', '.join(ranks)}"
+        )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from einfuse.cli.args import add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError, is_user_error
 
 OBJECTIVES = ("model", "measure", "hybrid")
@@ -39,8 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a .ein/.yaml cascade spec, or path/to/file.py:function or pkg.module:function",
     )
     parser.add_argument("--args", default="", metavar="SPECS", help='e.g. "f32[1,8,512,64] ..."')
-    parser.add_argument("--sizes", default="", metavar="R=N,...", help="e.g. e=64,m=4096,p=4096")
-    parser.add_argument("--target", default="cpu", help="target name (default: cpu, the host)")
+    add_sizes_argument(parser)
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="cpu, h100, h200, a100, tpu_v5e, fusemax, or gpu/tpu (default: the device JAX "
+        "runs on here); measuring needs the target to be this machine's device",
+    )
     parser.add_argument(
         "--no-calibrate",
         action="store_true",
@@ -94,25 +100,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_sizes(text: str) -> dict[str, int]:
-    """``"e=64,m=4096"`` -> ``{"e": 64, "m": 4096}``; mistakes name the item."""
-    out: dict[str, int] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
-            raise CliError(f"--sizes item {item!r}: expected RANK=POSITIVE_INT, e.g. m=4096")
-        out[name.strip()] = int(value)
-    return out
-
-
 def _tune(args: argparse.Namespace) -> Any:
     from einfuse.autotune.tuner import autotune
     from einfuse.cost_model.target import get_target
+    from einfuse.targets import resolve_target
 
-    if args.target == "cpu" and args.no_calibrate:
-        target: Any = get_target("cpu", calibrate=False)
-    else:
-        target = args.target
+    target: Any = resolve_target(args.target)
+    if target == "cpu" and args.no_calibrate:
+        target = get_target("cpu", calibrate=False)
     options = dict(
         target=target,
         objective=args.objective,
@@ -125,12 +120,17 @@ def _tune(args: argparse.Namespace) -> Any:
         repeats=args.repeats,
         fresh=args.fresh,
     )
+    sizes = parse_sizes(args.sizes)
     if Path(args.subject).is_file():
         from einfuse.cli.load import load_spec
 
-        return autotune(load_spec(args.subject), sizes=parse_sizes(args.sizes), **options)
+        spec = load_spec(args.subject)
+        check_sizes(sizes, spec, spec=args.subject)
+        return autotune(spec, sizes=sizes, **options)
     if ":" not in args.subject:
         raise CliError(f"no such spec file: {args.subject} (nor MODULE:FUNCTION)")
+    if sizes:
+        raise CliError("--sizes binds a spec's ranks; a function's sizes come from --args")
     from einfuse.cli.args import load_function, parse_arg_specs
 
     if not args.args:

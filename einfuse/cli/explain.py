@@ -2,7 +2,9 @@
 
 Loads a cascade spec, runs an optional pass pipeline (on the canonical form, as `einfuse.jit`
 and `einfuse autotune` do: `einfuse.compile_path`; one line per pass says what it did), binds
-the sizes and prints the cost model's
+the sizes and prices the program the JAX backend would run (the spec's declared dtype unless
+`--dtype`, the blockwise loop's float32 carry, float32 dots as JAX's matmul precision runs them
+on the target); prints the cost model's
 per-Einsum and per-kernel table (work, bytes per memory level, time, bound) and a paragraph that
 names the bottleneck. Without `--schedule` the model picks tiles that fit the target
 (`CostModel.default_tiles`); `--fusemax-mapping` uses FuseMax's mapping for a fused attention
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from einfuse.cli.args import add_passes_argument, add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError
 
 
@@ -28,20 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("spec", metavar="SPEC", help="a .ein or .yaml cascade spec")
     parser.add_argument(
         "--target",
-        default="cpu",
-        help="built-in target (cpu, h100, h200, a100, tpu_v5e, fusemax) or a target .toml file",
+        default=None,
+        help="cpu, h100, h200, a100, tpu_v5e, fusemax, gpu/tpu, or a target .toml file "
+        "(default: the device JAX runs on here)",
     )
-    parser.add_argument(
-        "--sizes", default="", metavar="R=N,...", help="rank sizes, e.g. e=64,m=4096,p=1024"
-    )
+    add_sizes_argument(parser)
     parser.add_argument(
         "--schedule",
         default=None,
         metavar="TEXT",
         help='a schedule in text form, e.g. "tile p=128, m=256; order b, h, p, m1"',
     )
-    parser.add_argument("--pipeline", default="", help='passes to run first, e.g. "fuse"')
-    parser.add_argument("--dtype", default=None, help="element type (default: the target's)")
+    add_passes_argument(parser, 'passes to run first, e.g. "fuse"')
+    parser.add_argument("--dtype", default=None, help="element type (default: the spec's)")
     parser.add_argument(
         "--fusemax-mapping",
         action="store_true",
@@ -55,38 +57,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_sizes(text: str) -> dict[str, int]:
-    """`"e=64, m=4096"` -> `{"e": 64, "m": 4096}`; names may be ranks or their symbols (`M`)."""
-    sizes: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or not name or not value.isdigit() or int(value) <= 0:
-            raise CliError(f"--sizes: expected NAME=POSITIVE_INT, got {item!r}")
-        if name in sizes:
-            raise CliError(f"--sizes: {name} given twice")
-        sizes[name] = int(value)
-    return sizes
-
-
 def run(args: argparse.Namespace) -> int:
+    from einfuse.autotune.screen import compute_dtype, program_cost_model
     from einfuse.cli.load import load_spec
     from einfuse.compile_path import canonicalize, check_schedule, run_pipeline
-    from einfuse.cost_model.model import CostModel
+    from einfuse.cost_model.errors import CostModelError
     from einfuse.cost_model.target import get_target, load_target
     from einfuse.ir.schedule import Schedule
 
+    sizes = parse_sizes(args.sizes)
+    spec = load_spec(args.spec)
     # the compile path of einfuse.jit and autotune: canonical form, then the pipeline
-    compiled = run_pipeline(canonicalize(load_spec(args.spec)), args.pipeline or None)
+    compiled = run_pipeline(canonicalize(spec), args.passes or None)
     cascade = compiled.cascade
+    check_sizes(sizes, spec, cascade, spec=args.spec)
+    if args.target is None:
+        from einfuse.targets import resolve_target
+
+        args.target = resolve_target(None)
     if args.target.endswith(".toml"):
         if not Path(args.target).is_file():
             raise CliError(f"no such target file: {args.target}")
         target = load_target(args.target)
     else:
         target = get_target(args.target, calibrate=not args.nominal)
-    sizes = parse_sizes(args.sizes)
-    model = CostModel(cascade, target, sizes, args.dtype)
+    dtype = args.dtype or compute_dtype(spec)
+    model = program_cost_model(cascade, target, sizes, dtype)
     if args.fusemax_mapping and args.schedule is not None:
         raise CliError("give either --schedule or --fusemax-mapping, not both")
     schedule = None
@@ -97,10 +93,15 @@ def run(args: argparse.Namespace) -> int:
         from einfuse.cost_model.fusemax import fusemax_mapping
 
         schedule = fusemax_mapping(cascade, target, sizes)
-    report = model.report(schedule)
+    try:
+        report = model.report(schedule)
+    except CostModelError as exc:
+        given = "--dtype" if args.dtype else f"{args.spec}'s declared dtype"
+        raise CliError(f"cannot price {given} {model.dtype} on {target.name}: {exc}") from exc
     for step in compiled.steps:
         print(step.verdict())
     print(f"schedule: {schedule if schedule is not None else _default(model)}")
+    print(f"dtype: {model.dtype}; float32 dots at JAX matmul precision {model.precision!r}")
     print(report.table())
     print()
     print(report.why())

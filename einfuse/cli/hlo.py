@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from einfuse.cli.args import add_passes_argument
 from einfuse.cli.errors import CliError, is_user_error
 
 if TYPE_CHECKING:
@@ -42,9 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SPECS",
         help='argument shapes and dtypes, e.g. "f32[2,8,128,64] bf16[16] i32[]"',
     )
-    parser.add_argument(
-        "--passes", default="", help='einfuse passes to run first, e.g. "fuse{tile=512}"'
-    )
+    add_passes_argument(parser, 'einfuse passes to run first, e.g. "fuse{tile=512}"')
     parser.add_argument("--stage", choices=STAGES, default="optimized", help="default: optimized")
     parser.add_argument(
         "--summary", action="store_true", help="print a summary table of the optimized HLO"

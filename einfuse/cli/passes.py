@@ -1,4 +1,4 @@
-"""`einfuse passes SPEC [--pipeline P] [--print-after-all]`: a cascade through its passes.
+"""`einfuse passes SPEC [--passes P] [--print-after-all]`: a cascade through its passes.
 
 Prints the cascade (after the pipeline, or after every pass) and the FuseMax lower
 bound on the passes it makes over each rank, so a user sees what fusion bought.
@@ -7,6 +7,8 @@ bound on the passes it makes over each rank, so a user sees what fusion bought.
 from __future__ import annotations
 
 import argparse
+
+from einfuse.cli.args import add_passes_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,9 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "on it, and print the result with the number of passes it makes over each rank.",
     )
     parser.add_argument("spec", metavar="SPEC", help="a .ein or .yaml cascade spec")
-    parser.add_argument(
-        "--pipeline", default="", help='passes to run, e.g. "partition{rank=m,tile=512},fuse"'
-    )
+    add_passes_argument(parser, 'passes to run, e.g. "partition{rank=m,tile=512},fuse"')
     parser.add_argument(
         "--print-after-all", action="store_true", help="print the cascade after every pass"
     )
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from einfuse.passes.manager import run_passes
     from einfuse.passes.pass_count import explain_passes, pass_counts
 
-    result = run_passes(load_spec(args.spec), args.pipeline)
+    result = run_passes(load_spec(args.spec), args.passes)
     if args.print_after_all:
         print(result.print_after_all(), end="")
     else:

@@ -14,7 +14,8 @@ search that changes one tile reprices only the kernels that tile touches. It ret
 
 Work is priced in the cascade's ``dtype``, except, with ``carry_dtype``, what the JAX backend's
 blockwise loop runs wider: its carried state and everything computed from it (the loop keeps a
-bfloat16 cascade's running max, sums and ``P V`` in float32; see ``jax_blockwise``).
+bfloat16 cascade's running max, sums and ``P V`` in float32; see ``jax_blockwise``). Float32
+contractions run as JAX's matmul precision says on the target (``precision``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from einfuse.cost_model.errors import CostModelError
 from einfuse.cost_model.kernel_time import kernel_cost
 from einfuse.cost_model.kernels import Kernel, build_kernels, einsum_shape
 from einfuse.cost_model.overheads import Overheads
+from einfuse.cost_model.precision import current_precision, precision_level
 from einfuse.cost_model.report import CostReport, EinsumCost, KernelCost
 from einfuse.cost_model.schedule_view import ScheduleView
 from einfuse.cost_model.target import Target, canonical_dtype, get_target
@@ -71,8 +73,11 @@ class CostModel:
         dtype: str | None = None,
         overheads: Overheads | None = None,
         carry_dtype: str | None = None,
+        matmul_precision: str | None = None,
     ) -> None:
         self.cascade = cascade
+        # How float32 dots run (``precision``): JAX's setting when the model is built.
+        self.precision = precision_level(matmul_precision or current_precision())
         self.target = get_target(target) if isinstance(target, str) else target
         t = self.target
         self.dtype = canonical_dtype(dtype) if dtype is not None else default_dtype(t)
@@ -139,7 +144,7 @@ class CostModel:
         cached = self._charge_cache.get(key)
         if cached is None:
             cached = einsum_charges(
-                self.target, self.einsum_dtypes, self.einsums, self.work, binding
+                self.target, self.einsum_dtypes, self.einsums, self.work, binding, self.precision
             )
             self._charge_cache[key] = cached
         return cached

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from einfuse.cost_model.overheads import Overheads
+from einfuse.cost_model.precision import DotRoute, parse_routes, route_problem
 from einfuse.errors import EinfuseError
 
 UnitKind = Literal["matrix", "vector", "transcendental"]
@@ -184,6 +185,7 @@ class Target:
     exp_cost_in_macs: float | None = None
     notes: str = field(default="", compare=False)
     overheads: Overheads | None = None  # None: ``Overheads.default_for(device_kind)``
+    float32_dots: tuple[DotRoute, ...] = ()  # how XLA runs f32 dots per precision (``precision``)
 
     def __post_init__(self) -> None:
         _check_target(self)
@@ -240,6 +242,9 @@ def _check_target(target: Target) -> None:
     if target.exp_cost_in_macs is not None and not target.exp_cost_in_macs > 0:
         raise TargetSpecError(f"{where}: exp_cost_in_macs is {target.exp_cost_in_macs}")
     by_name = {unit.name: unit for unit in target.units}
+    wrong = route_problem(target.float32_dots, {u.name: u.dtypes for u in target.units})
+    if wrong:
+        raise TargetSpecError(f"{where}: {wrong}")
     for unit in target.units:
         if unit.emulated_on is None:
             continue
@@ -262,7 +267,7 @@ def _check_target(target: Target) -> None:
 # Loading targets from TOML.
 
 _TARGET_KEYS = {"name", "device_kind", "word_bytes", "exp_cost_in_macs", "notes"}
-_TABLE_KEYS = {"units", "memory", "interconnect"}
+_TABLE_KEYS = {"units", "memory", "interconnect", "float32_dots"}
 _UNIT_KEYS = {"name", "kind", "clock_hz", "lanes", "ops_per_s", "flops_per_s", "dtypes"}
 _UNIT_KEYS |= {"ops_per_lane_per_cycle", "emulated_on"}
 _MEMORY_KEYS = {"name", "capacity_bytes", "bandwidth_bytes_per_s", "instances", "managed"}
@@ -326,6 +331,10 @@ def parse_target(data: Mapping[str, Any], source: str = "<dict>") -> Target:
         _reject_unknown_keys(data["interconnect"], _INTERCONNECT_KEYS, f"{source}: interconnect")
         interconnect = Interconnect(**data["interconnect"])
     try:
+        routes = parse_routes(data.get("float32_dots", {}), source)
+    except ValueError as error:
+        raise TargetSpecError(str(error)) from None
+    try:
         return Target(
             name=data["name"],
             device_kind=data["device_kind"],
@@ -335,6 +344,7 @@ def parse_target(data: Mapping[str, Any], source: str = "<dict>") -> Target:
             word_bytes=data["word_bytes"],
             exp_cost_in_macs=exp_cost,
             notes=data.get("notes", ""),
+            float32_dots=routes,
         )
     except KeyError as missing:
         raise TargetSpecError(f"{source}: missing required key {missing}") from None
@@ -390,15 +400,21 @@ def _builtin_target(name: str) -> Target:
 
 
 def get_target(name: str, *, calibrate: bool = True, cache_dir: str | Path | None = None) -> Target:
-    """A built-in target by name.
+    """A built-in target by name (``einfuse.targets``; ``gpu``/``tpu``: the device here).
 
     `"cpu"` is the host: measured once and cached per machine (see `calibrate.calibrate_host`,
     which `cache_dir` is passed to) unless `calibrate=False`, which gives the nominal figures
     from `targets/cpu.toml` without running anything.
     """
+    from einfuse.targets import ALIASES, resolve_target
+
+    if name in ALIASES:  # gpu, tpu: the device JAX runs on here
+        name = resolve_target(name)
     known = known_targets()
     if name not in known:
-        raise UnknownTargetError(f"unknown target {name!r}; known targets: {', '.join(known)}")
+        raise UnknownTargetError(
+            f"unknown target {name!r}; known targets: {', '.join((*known, *ALIASES))}"
+        )
     if name == "cpu" and calibrate:
         from einfuse.cost_model.calibrate import calibrate_host  # jax is heavy: import lazily
 

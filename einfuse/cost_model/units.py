@@ -2,8 +2,10 @@
 
 By default a contraction's MACs go to the matrix unit, other operators to the vector unit and
 transcendentals to the transcendental unit (or, where it is missing, to the vector unit at
-``exp_cost_in_macs`` ops each). A schedule option ``unit.<Einsum>=<unit>`` runs all of an
-Einsum's work on that unit, a transcendental costing ``exp_cost_in_macs`` ops on a non-SFU unit.
+``exp_cost_in_macs`` ops each). A float32 contraction runs where the target's float32 dot
+route for JAX's matmul precision says (``precision``: TF32 tensor cores on a GPU by default).
+A schedule option ``unit.<Einsum>=<unit>`` runs all of an Einsum's work on that unit, a
+transcendental costing ``exp_cost_in_macs`` ops on a non-SFU unit.
 A charge ``(unit, per MAC, per vector op, per transcendental, rate)`` turns counts into busy
 seconds with a few multiplications, which keeps the model's fast path fast.
 """
@@ -14,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from einfuse.cost_model.errors import CostModelError
+from einfuse.cost_model.precision import current_precision, dot_rate
 from einfuse.cost_model.target import ComputeUnit, Target
 from einfuse.cost_model.work import Work
 from einfuse.ir.cascade import Einsum
@@ -57,9 +60,11 @@ def einsum_charges(
     einsums: Sequence[Einsum],
     work: Sequence[Work],
     binding: Mapping[str, str],
+    precision: str | None = None,
 ) -> tuple[tuple[Charge, ...], ...]:
     """Per Einsum, the units its work runs on under ``binding`` (Einsum output -> unit name),
-    at the rates of the Einsum's dtype (``dtypes``, one per Einsum)."""
+    at the rates of the Einsum's dtype (``dtypes``, one per Einsum); float32 MACs of an
+    unbound Einsum at the target's float32 dot route for ``precision`` (default: JAX's now)."""
     units = {u.name: u for u in target.units}
     for name, unit in binding.items():
         if unit not in units:
@@ -69,10 +74,12 @@ def einsum_charges(
             )
     exp_cost = target.exp_cost_in_macs
     by_dtype = {dtype: unit_rates(target, dtype) for dtype in set(dtypes)}
+    route = dot_rate(target, precision or current_precision()) if "float32" in dtypes else None
     out = []
     for e, w, dtype in zip(einsums, work, dtypes, strict=True):
         rates = by_dtype[dtype]
         coef: dict[str, list[float]] = {}
+        mac_rates: dict[str, float] = {}  # a unit whose MACs run at another rate than its dtype's
         bound = binding.get(e.output)
         has_trans = any(tr for _, _, tr in w.terms)
         if bound is not None:
@@ -89,7 +96,10 @@ def einsum_charges(
             vector = _unit(target, "vector") or _unit(target, "matrix")
             assert matrix is not None and vector is not None  # a target has at least one unit
             sfu = _unit(target, "transcendental")
-            coef.setdefault(matrix.name, [0.0, 0.0, 0.0])[0] += 1.0
+            mac_unit = matrix.name
+            if route is not None and dtype == "float32":
+                mac_unit, mac_rates[mac_unit] = route[0], route[1]
+            coef.setdefault(mac_unit, [0.0, 0.0, 0.0])[0] += 1.0
             coef.setdefault(vector.name, [0.0, 0.0, 0.0])[1] += 1.0
             if sfu is not None:
                 coef.setdefault(sfu.name, [0.0, 0.0, 0.0])[2] += 1.0
@@ -98,13 +108,17 @@ def einsum_charges(
         needs = (bool(w.macs), bool(w.terms) or bool(w.scale_ops), has_trans)
         charges = []
         for name, (cm, cv, ct) in coef.items():
-            used = (cm and needs[0]) or (cv and needs[1]) or (ct and needs[2])
-            if used and math.isnan(rates[name]):
+            rate = rates[name]
+            mac_rate = mac_rates.get(name, rate)
+            macs, other = bool(cm and needs[0]), bool((cv and needs[1]) or (ct and needs[2]))
+            if (macs and math.isnan(mac_rate)) or (other and math.isnan(rate)):
                 raise CostModelError(
-                    f"target {target.name!r}: unit {name} has no rate for {dtype}; it "
+                    f"target {target.name!r}: unit {name} has no rate for {dtype}"
+                    f"{' and no float32_dots route' if dtype == 'float32' and macs else ''}; it "
                     f"supports {', '.join(units[name].dtypes)} (pass dtype=)"
                 )
-            if used:
-                charges.append((name, cm, cv, ct, rates[name]))
+            if macs or other:
+                rate = mac_rate if math.isnan(rate) else rate
+                charges.append((name, cm * rate / mac_rate if macs else cm, cv, ct, rate))
         out.append(tuple(charges))
     return tuple(out)
