@@ -165,3 +165,19 @@ def test_jit_fuses_bfloat16_attention_with_float32_softmax(fill: float) -> None:
     assert "fuse: fused" in text
     source = "\n".join(em.source() for em in jf.trace(q, k, v).runner.emitted.values())
     assert "skipped" in source  # the causal band is recognized through the float32 cast
+
+
+def test_cost_model_prices_each_einsum_in_its_own_dtype() -> None:
+    from einfuse.cost_model.model import CostModel
+
+    c = parse(MIXED)
+    model = CostModel(c, "h100", {"e": 64, "f": 64, "p": 1024, "m": 1024}, dtype="bfloat16")
+    by_name = dict(zip((e.output for e in c.einsums), model.einsum_dtypes))
+    assert by_name == {
+        "QK": "bfloat16",
+        "GM": "float32",
+        "SN": "float32",
+        "SD": "float32",
+        "A": "bfloat16",
+        "AV": "bfloat16",
+    }

@@ -41,7 +41,7 @@ from einfuse.cost_model.units import (
     einsum_charges,
 )
 from einfuse.cost_model.work import einsum_work
-from einfuse.ir.cascade import Cascade, bind_sizes
+from einfuse.ir.cascade import Cascade, Einsum, bind_sizes
 
 _MEMO_LIMIT = 1 << 16  # remembered times per kernel; cleared when full
 
@@ -311,20 +311,38 @@ class CostModel:
 
 
 def _einsum_dtypes(cascade: Cascade, dtype: str, carry_dtype: str | None) -> tuple[str, ...]:
-    """Per Einsum, the dtype its work runs in: ``carry_dtype`` for a fused group's carried
-    state and every Einsum that reads such a value (directly or not), ``dtype`` otherwise."""
+    """Per Einsum, the dtype its work runs in: its dtype in the IR with the inputs declared
+    ``dtype`` (a float32 softmax inside a bfloat16 program is priced in float32; a
+    contraction of operands cast up runs on the narrow operands), at least ``carry_dtype``
+    for a fused group's carried state and every Einsum that reads such a value."""
+    from einfuse.ir.dtypes import tensor_dtypes, with_input_dtype
+
+    ir = tensor_dtypes(with_input_dtype(cascade, dtype), dtype)
+    out = [_work_dtype(e, ir, dtype) for e in cascade.einsums]
     carry = dtype if carry_dtype is None else canonical_dtype(carry_dtype)
     if carry == dtype:
-        return tuple(dtype for _ in cascade.einsums)
+        return tuple(out)
     from einfuse.passes.fuse import fused_groups
 
     wide = {t for g in fused_groups(cascade) for t in g.carried}
-    out = []
-    for e in cascade.einsums:
+    for k, e in enumerate(cascade.einsums):
         if e.output in wide or wide & set(e.inputs):
             wide.add(e.output)
-        out.append(carry if e.output in wide else dtype)
+            out[k] = carry
     return tuple(out)
+
+
+def _work_dtype(e: Einsum, ir: Mapping[str, str], dtype: str) -> str:
+    """The dtype of ``e``'s arithmetic: a sum of products cast up runs on the narrow ones."""
+    from einfuse.ir.dtypes import expr_dtype
+    from einfuse.ir.expr import CAST_OPS, Op
+
+    if e.reduced_ranks and e.reduce == "sum" and isinstance(e.expr, Op) and e.expr.op == "mul":
+        bare = [a.args[0] if isinstance(a, Op) and a.op in CAST_OPS else a for a in e.expr.args]
+        narrow = {expr_dtype(a, ir.get) for a in bare} - {None}
+        if len(narrow) == 1:
+            return canonical_dtype(narrow.pop())
+    return canonical_dtype(ir.get(e.output, dtype))
 
 
 def estimate(
