@@ -2,12 +2,14 @@
 
 ``einfuse.jit(passes="fuse")`` skips the key tiles above the diagonal whatever the fill
 (``-inf``, ``finfo.min``, ``-1e9``, ``-1e4``, an additive ``s + where(mask, 0, fill)``);
-a causal loop should then take about half the non-causal time. Every variant is timed
-interleaved with the others (``time_interleaved``), so the ratios are what to read; each is
-checked against ``jax.jit`` first.
+a causal loop should then take about half the non-causal time. ``jax.jit`` of the same
+function runs beside it. Every variant is timed interleaved with the others
+(``time_interleaved``), so the ratios are what to read; each is checked against ``jax.jit``
+first. ``--dtype bfloat16`` runs bfloat16 inputs; ``--f32-softmax`` casts the bfloat16 scores
+to float32 for the softmax and back, as Llama, Gemma and BERT code does.
 
     python -m benchmarks.causal_fills                    # seq 2048 and 4096, 1 head, d=64
-    python -m benchmarks.causal_fills --seqs 4096 --repeats 9
+    python -m benchmarks.causal_fills --seqs 4096 --repeats 9 --dtype bfloat16 --f32-softmax
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 FILLS = ("-inf", "finfo.min", "-1e9", "-1e4", "bias:finfo.min", "bias:-1e9")
 
 
-def attention(mask: str) -> Callable[..., Any]:
+def attention(mask: str, f32_softmax: bool = False) -> Callable[..., Any]:
     """softmax(Q K^T / 8) V over [seq, 64], masked causally with ``mask``'s fill (or not)."""
     import jax
     import jax.numpy as jnp
@@ -36,13 +38,17 @@ def attention(mask: str) -> Callable[..., Any]:
                 s = s + jnp.where(keep, 0.0, fill)
             else:
                 s = jnp.where(keep, s, fill)
+        if f32_softmax:
+            return jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(q.dtype) @ v
         return jax.nn.softmax(s, axis=-1) @ v
 
     return fn
 
 
-def run(seq: int, repeats: int, fills: tuple[str, ...]) -> list[tuple[str, float, float]]:
-    """(mask, median ms, ratio to non-causal) for each mask at ``seq``."""
+def run(
+    seq: int, repeats: int, fills: tuple[str, ...], dtype: str, f32_softmax: bool
+) -> list[tuple[str, float, float, float]]:
+    """(mask, einfuse median ms, its ratio to non-causal einfuse, jax.jit ms / einfuse ms)."""
     import jax
     import numpy as np
 
@@ -50,16 +56,29 @@ def run(seq: int, repeats: int, fills: tuple[str, ...]) -> list[tuple[str, float
     from einfuse.autotune.timing import time_interleaved
 
     keys = jax.random.split(jax.random.PRNGKey(seq), 3)
-    q, k, v = (jax.random.normal(key, (seq, 64), jax.numpy.float32) for key in keys)
+    q, k, v = (jax.random.normal(key, (seq, 64), jax.numpy.float32).astype(dtype) for key in keys)
+    tol = 1e-4 if dtype == "float32" else 3e-2
     calls = {}
     for mask in ("none", *fills):
-        fused = einfuse.jit(attention(mask), passes="fuse")
-        got, want = fused(q, k, v), jax.jit(attention(mask))(q, k, v)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+        fn = attention(mask, f32_softmax)
+        fused, plain = einfuse.jit(fn, passes="fuse"), jax.jit(fn)
+        got, want = fused(q, k, v), plain(q, k, v)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+        )
         calls[mask] = lambda f=fused: f(q, k, v)
+        calls[f"jit:{mask}"] = lambda f=plain: f(q, k, v)
     times = time_interleaved(calls, repeats=repeats)
     base = times["none"].median
-    return [(m, t.median * 1e3, t.median / base) for m, t in times.items()]
+    return [
+        (
+            m,
+            times[m].median * 1e3,
+            times[m].median / base,
+            times[f"jit:{m}"].median / times[m].median,
+        )
+        for m in ("none", *fills)
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,12 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqs", default="2048,4096", help="comma-separated sequence lengths")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--fills", default=",".join(FILLS), help="masks to time besides none")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--f32-softmax", action="store_true", help="softmax in float32")
     args = parser.parse_args(argv)
     fills = tuple(f for f in args.fills.split(",") if f)
-    print("seq   mask             median_ms  vs_noncausal")
+    print(f"dtype {args.dtype}, softmax in {'float32' if args.f32_softmax else args.dtype}")
+    print("seq   mask             einfuse_ms  vs_noncausal  jax.jit/einfuse")
     for seq in (int(s) for s in args.seqs.split(",")):
-        for mask, ms, ratio in run(seq, args.repeats, fills):
-            print(f"{seq:<5} {mask:<16} {ms:9.1f}  {ratio:6.2f}x", flush=True)
+        for mask, ms, ratio, speedup in run(seq, args.repeats, fills, args.dtype, args.f32_softmax):
+            print(f"{seq:<5} {mask:<16} {ms:10.1f}  {ratio:11.2f}x  {speedup:14.2f}x", flush=True)
 
 
 if __name__ == "__main__":
