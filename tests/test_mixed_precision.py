@@ -181,3 +181,25 @@ def test_cost_model_prices_each_einsum_in_its_own_dtype() -> None:
         "A": "bfloat16",
         "AV": "bfloat16",
     }
+
+
+def test_the_readme_attention_fuses_in_bfloat16() -> None:
+    def attention(q, k, v, causal):  # [batch, seq, heads, dim], as in README.md
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+        if causal:
+            n = q.shape[1]
+            s = jnp.where(jnp.arange(n)[:, None] >= jnp.arange(n)[None, :], s, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(x, (2, 64, 2, 16)).astype(BF16) for x in keys)
+    for causal in (False, True):
+        jf = einfuse.jit(attention, passes="fuse{tile=16}", static_argnums=3)
+        out = jf(q, k, v, causal)
+        want = jax.jit(attention, static_argnums=3)(q, k, v, causal)
+        assert out.dtype == want.dtype
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32), np.asarray(want, np.float32), atol=0.05
+        )
+        regions = jf.trace(q, k, v, causal).program.regions
+        assert sum(len(fused_groups(r.cascade)) for r in regions) == 1
