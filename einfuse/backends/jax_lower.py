@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.backends.jax_layout import choose_order
 from einfuse.backends.jax_ops import Assign, Lit, Node, Ref, ScanLoop, Stmt, call
 from einfuse.backends.jax_values import BackendUnsupported, ExprLowering, TensorInfo, Val
 from einfuse.ir.cascade import Einsum
@@ -120,10 +121,10 @@ class _EinsumLowering:
         return [Assign(e.output, node)], self.out
 
     def canonical(self, expr: Expr, tail: tuple[str, ...] | None = None) -> tuple[str, ...]:
-        """Ranks in order of first appearance in ``expr`` (fewest transposes), then ``tail``."""
-        order = dict.fromkeys(rank_vars(expr))
-        order.update(dict.fromkeys(self.left if tail is None else tail))
-        return tuple(order)
+        """The ranks of ``expr`` and ``tail`` (default: the output's) in the order that
+        transposes the fewest elements (see ``jax_layout``)."""
+        tail = self.left if tail is None else tail
+        return choose_order(expr, tail, self.sizes, self.lw.stored_ranks)
 
     # -- reductions ----------------------------------------------------------
     def reduced(self, expr: Expr) -> Val:
