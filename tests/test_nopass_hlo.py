@@ -9,6 +9,9 @@ rewrite split the softmax's row reductions into ``reduce-window`` + ``reduce``.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +33,17 @@ def op_counts(fn, *args) -> dict[str, int]:
     return dict(inspect_hlo(fn.lower(*args)).op_counts)
 
 
+def instructions(fn, *args) -> Counter[str]:
+    """Optimized HLO instructions with names and metadata dropped: shape, opcode, operands'
+    shapes, dimension numbers, layouts. Equal multisets mean XLA compiled the same program."""
+    out: Counter[str] = Counter()
+    for line in fn.lower(*args).compile().as_text().splitlines():
+        if m := re.match(r"\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*)$", line):
+            body = re.sub(r",\s*(metadata|backend_config)=.*", "", m.group(1))
+            out[re.sub(r"%[\w.\-]+", "%", body)] += 1
+    return out
+
+
 def count_differences(a: dict[str, int], b: dict[str, int]) -> dict[str, tuple[int, int]]:
     pairs = {k: (a.get(k, 0), b.get(k, 0)) for k in a.keys() | b.keys()}
     return {k: (x, y) for k, (x, y) in pairs.items() if x != y}
@@ -45,6 +59,13 @@ def test_gpt_block_with_no_pass_compiles_to_the_ops_jax_jit_compiles(gpt_f32) ->
     got = op_counts(einfuse.jit(block), *gpt_f32)
     assert got.get("reduce-window", 0) == 0
     assert count_differences(want, got) == {}
+
+
+def test_gpt_block_with_no_pass_compiles_to_jax_jits_program_instruction_for_instruction(
+    gpt_f32,
+) -> None:
+    """Beyond counts: the same shapes, layouts and dot dimension numbers (batch ranks lead)."""
+    assert instructions(einfuse.jit(block), *gpt_f32) == instructions(jax.jit(block), *gpt_f32)
 
 
 def test_gpt_block_with_no_pass_matches_jax_jit(gpt_f32) -> None:
@@ -113,3 +134,17 @@ def test_choose_order_prefers_the_output_order_on_a_tie() -> None:
     e = parse("inputs X[m]\nY[p, m] = X[m] * p\noutputs Y").einsums[0]
     order = choose_order(e.expr, ("p", "m"), {"p": 3, "m": 4}, lambda a: ("m",))
     assert order == ("p", "m")
+
+
+def test_a_batched_contraction_puts_the_batch_ranks_first_in_each_operand() -> None:
+    """As a user's ``q.transpose(0, 2, 1, 3)`` does: XLA then keeps K's head dim minor."""
+    c = parse(
+        "inputs Q[a, b, j, k], K[a, e, j, k]\n"
+        "S[a, j, b, e] = Q[a, b, j, k] * K[a, e, j, k]\noutputs S"
+    )
+    src = emit_jax_source(c, {"a": 2, "b": 3, "j": 4, "k": 5, "e": 6})
+    assert 'jnp.einsum("ajbk,ajek->ajbe"' in src
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 6, 4, 5))
+    (s,) = emit_jax(c)(q.astype(np.float32), k.astype(np.float32))
+    np.testing.assert_allclose(s, interpret(c, {"Q": q, "K": k})["S"], rtol=1e-5, atol=1e-5)

@@ -172,11 +172,15 @@ class _EinsumLowering:
         e = self.e
         reduced = set(e.reduced_ranks)
         factors = list(_factors(expr, reduced))
+        inner = [f for f, _ in factors if reduced & set(rank_vars(f))]
+        batch = tuple(r for r in self.left if all(r in rank_vars(f) for f in inner))
         vals = []
-        for f, _ in factors:
-            if reduced & set(rank_vars(f)):
-                lw = self.lw.over(self.canonical(f, ()))
-                vals.append(lw.as_float(lw.lower(f)))
+        for f in inner:
+            order = self.canonical(f, ())
+            if len(inner) >= 2:  # batch ranks lead, as dot_general's canonical form has them
+                order = batch + tuple(r for r in order if r not in batch)
+            lw = self.lw.over(order)
+            vals.append(lw.as_float(lw.lower(f)))
         if len(vals) >= 2:
             val = self.einsum(vals)
         else:  # one factor (or none: a sum of a constant) needs no einsum
