@@ -3,7 +3,9 @@
 Default sizes: batch 2, sequence 1024, width 256, 4 heads, float32 and bfloat16.
 
 * Run time: the three compiled functions of one dtype in ONE process, timed interleaved in
-  shuffled rounds after warm-up (``time_interleaved``); read the ratio of medians to jax.jit.
+  shuffled rounds after warm-up (``time_interleaved``); read the ratio of medians to jax.jit
+  (wall time, and process CPU time, steadier on a shared machine). ``jax_again``, a second
+  ``jax.jit`` of the same function timed beside them, shows how far a ratio moves by noise.
 * First call (trace + lift + emit + compile + run) and peak memory: each implementation in its
   own fresh process, so none warms another; peak RSS of the whole process and its rise over
   the RSS after making the inputs.
@@ -20,10 +22,13 @@ import argparse
 import sys
 from typing import Any
 
+from einfuse.autotune.timing import Timing
 from einfuse.autotune.timing_subprocess import measure_in_subprocess
 from einfuse.autotune.timing_table import format_table
 
 IMPLS = ("jax", "einfuse", "einfuse_fuse")
+# A second, separately compiled jax.jit timed beside the others: the noise floor of a ratio.
+CONTROL = "jax_again"
 
 
 def _compiled(impl: str) -> Any:
@@ -57,7 +62,7 @@ def make_one(impl: str, dtype: str, batch: int, seq: int, width: int, heads: int
 def make_all(dtype: str, batch: int, seq: int, width: int, heads: int) -> dict[str, Any]:
     """Every implementation on the same inputs, to be timed interleaved."""
     params, x = _inputs(dtype, batch, seq, width)
-    fns = {i: _compiled(i) for i in IMPLS}
+    fns = {i: _compiled(i) for i in IMPLS} | {CONTROL: _compiled("jax")}
     return {i: (lambda f=f: f(params, x, heads)) for i, f in fns.items()}
 
 
@@ -112,31 +117,42 @@ def main(argv: list[str] | None = None) -> int:
             )
         hlo = {} if args.no_hlo else hlo_differences(dtype, **sizes)
         timings = both.get("timings") or {}
-        base = (timings.get("jax") or {}).get("median")
-        for impl in IMPLS:
-            t = (timings.get(impl) or {}).get("median")
+        base, base_cpu = _medians(timings.get("jax"))
+        for impl in (*IMPLS, CONTROL):
+            t, cpu = _medians(timings.get(impl))
+            alone = single.get(impl, {})
             rows.append(
                 {
                     "dtype": dtype,
                     "impl": impl,
-                    "status": (both["error"] or single[impl]["error"] or "ok")[:40],
+                    "status": (both["error"] or alone.get("error") or "ok")[:40],
                     "median ms": None if t is None else t * 1e3,
                     "speed vs jax.jit": base / t if base and t else None,
-                    "first call s": (single[impl].get("first_call_s") or {}).get("main"),
-                    "peak MiB": single[impl].get("peak_rss_mib"),
-                    "rise MiB": single[impl].get("rise_mib"),
+                    "cpu-time speed": base_cpu / cpu if base_cpu and cpu else None,
+                    "first call s": (alone.get("first_call_s") or {}).get("main"),
+                    "peak MiB": alone.get("peak_rss_mib"),
+                    "rise MiB": alone.get("rise_mib"),
                     "steal": both.get("steal_fraction"),
                 }
             )
             if impl in hlo:
                 notes.append(f"  {dtype} {impl}: {hlo[impl]}")
     cols = list(rows[0])
-    formats = {"median ms": ".2f", "speed vs jax.jit": ".3f", "first call s": ".2f"}
+    formats = {"median ms": ".2f", "speed vs jax.jit": ".3f", "cpu-time speed": ".3f"}
+    formats |= {"first call s": ".2f"}
     formats |= {"peak MiB": ".0f", "rise MiB": ".0f", "steal": ".2f"}
     print(format_table(rows, cols, formats=formats, markdown=args.markdown))
     if not args.no_hlo:
         print("\n" + "\n".join(notes))
     return 0
+
+
+def _medians(timing: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    """(wall, process CPU) medians of one candidate's samples, in seconds."""
+    if not timing:
+        return None, None
+    t = Timing.from_dict(timing)
+    return t.median, t.cpu_median
 
 
 if __name__ == "__main__":
