@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.backends.jax_layout import choose_order
 from einfuse.backends.jax_ops import Assign, Lit, Node, Ref, ScanLoop, Stmt, call
 from einfuse.backends.jax_values import (
     BackendUnsupported,
@@ -127,10 +128,10 @@ class _EinsumLowering:
         return [Assign(e.output, node)], self.out
 
     def canonical(self, expr: Expr, tail: tuple[str, ...] | None = None) -> tuple[str, ...]:
-        """Ranks in order of first appearance in ``expr`` (fewest transposes), then ``tail``."""
-        order = dict.fromkeys(rank_vars(expr))
-        order.update(dict.fromkeys(self.left if tail is None else tail))
-        return tuple(order)
+        """The ranks of ``expr`` and ``tail`` (default: the output's) in the order that
+        transposes the fewest elements (see ``jax_layout``)."""
+        tail = self.left if tail is None else tail
+        return choose_order(expr, tail, self.sizes, self.lw.stored_ranks)
 
     # -- reductions ----------------------------------------------------------
     def reduced(self, expr: Expr) -> Val:
@@ -195,8 +196,13 @@ class _EinsumLowering:
         """The factors lowered; ``float32(Q) * float32(K)`` of narrower ``Q``, ``K`` gives
         the narrow operands and float32, for one dot with ``preferred_element_type``."""
 
+        batch = tuple(r for r in self.left if all(r in rank_vars(f) for f in factors))
+
         def lower(f: Expr) -> Val:
-            lw = self.lw.over(self.canonical(f, ()))
+            order = self.canonical(f, ())
+            if len(factors) >= 2:  # batch ranks lead, as dot_general's canonical form has them
+                order = batch + tuple(r for r in order if r not in batch)
+            lw = self.lw.over(order)
             return lw.as_float(lw.lower(f))
 
         to = _cast_dtype(factors) if len(factors) >= 2 else None

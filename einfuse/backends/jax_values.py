@@ -207,18 +207,31 @@ class ExprLowering:
         return r
 
     # -- accesses ------------------------------------------------------------
+    def _plans(self, a: Access) -> list[int | _Window] | None:
+        """Per dim of ``a``: a fixed position or a window of ranks; None if it needs a gather."""
+        plans: list[int | _Window] = []
+        for index, extent in zip(a.indices, self.tensors[a.tensor].shape):
+            plan = self._dim_plan(index, extent)
+            if plan is None:
+                return None
+            plans.append(plan)
+        ranks = [r for p in plans if isinstance(p, _Window) for r in p.ranks]
+        return plans if len(set(ranks)) == len(ranks) else None  # None: a diagonal, A[m, m]
+
+    def stored_ranks(self, a: Access) -> tuple[str, ...] | None:
+        """The ranks of ``a`` in the order its tensor stores them (None: read by a gather)."""
+        plans = self._plans(a)
+        if plans is None:
+            return None
+        return tuple(r for p in plans if isinstance(p, _Window) for r in p.ranks)
+
     def access(self, a: Access) -> Val:
         """``T[idx...]``: static slicing, zero padding and reshapes, else a gather."""
         info = self.tensors[a.tensor]
-        plans: list[int | _Window] = []
-        for index, extent in zip(a.indices, info.shape):
-            plan = self._dim_plan(index, extent)
-            if plan is None:
-                return self.gather(a)
-            plans.append(plan)
-        ranks = [r for p in plans if isinstance(p, _Window) for r in p.ranks]
-        if len(set(ranks)) != len(ranks):  # a diagonal, e.g. A[m, m]
+        plans = self._plans(a)
+        if plans is None:
             return self.gather(a)
+        ranks = [r for p in plans if isinstance(p, _Window) for r in p.ranks]
         for r in ranks:
             self._rank(r)
         node: Node = Ref(a.tensor)
