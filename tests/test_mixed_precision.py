@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import einfuse
 from einfuse.backends.jax_backend import emit_jax
+from einfuse.backends.jax_blockwise import BlockwiseCascade
 from einfuse.einsum_cascade.lift import lift
 from einfuse.ir import parse
 from einfuse.ir.dtypes import expr_dtype, promote, tensor_dtypes
@@ -203,3 +204,25 @@ def test_the_readme_attention_fuses_in_bfloat16() -> None:
         )
         regions = jf.trace(q, k, v, causal).program.regions
         assert sum(len(fused_groups(r.cascade)) for r in regions) == 1
+
+
+@pytest.mark.parametrize("fill", [-1e9, float(jnp.finfo(BF16).min)])
+def test_bfloat16_additive_mask_is_recognized_and_bounded(fill: float) -> None:
+    """``s + where(causal, 0, fill)`` on bfloat16 scores, softmax in float32: the bias is cast
+    to bfloat16 and the scores up to float32, yet the band and its score bound are found."""
+    q, k, v = qkv(5, 128, 32)
+
+    def f(q, k, v):
+        s = q @ k.T * 0.125
+        n = q.shape[0]
+        s = s + jnp.where(jnp.arange(n)[:, None] >= jnp.arange(n)[None, :], 0.0, fill)
+        return jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(q.dtype) @ v
+
+    jf = einfuse.jit(f, passes="fuse{tile=32}")
+    np.testing.assert_allclose(
+        np.asarray(jf(q, k, v), np.float32), np.asarray(jax.jit(f)(q, k, v), np.float32), atol=0.05
+    )
+    lowered = [e.lowered() for e in jf.trace(q, k, v).runner.emitted.values()]
+    (loop,) = [x for x in lowered if isinstance(x, BlockwiseCascade)]
+    mask = loop.plan.mask
+    assert mask is not None and mask.additive and mask.bound is not None

@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 
 from einfuse.ir.cascade import Cascade, Einsum
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, rank_vars
+from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
 from einfuse.passes.dce import reads
 from einfuse.passes.fuse import FusedGroup
 
@@ -291,8 +291,12 @@ def _is_safe_max(c: Cascade, y: Expr, rm: str, r1: str) -> bool:
 
 
 def _score_bound(c: Cascade, g: FusedGroup, s: Expr) -> ScoreBound | None:
-    """``s`` as ``c * D`` with ``D = A * B`` summed over one rank, A and B read from outside."""
+    """``s`` as ``c * D`` with ``D = A * B`` summed over one rank, A and B read from outside.
+
+    Casts are looked through: a bfloat16 score rounds by at most 2**-8 relative (twice, with
+    its scale), which ``BOUND_SLACK`` covers."""
     scale = 1.0
+    s = _uncast(s)
     if isinstance(s, Op) and s.op in ("mul", "div"):
         a, b = s.args
         if s.op == "mul" and isinstance(a, Const):
@@ -300,7 +304,7 @@ def _score_bound(c: Cascade, g: FusedGroup, s: Expr) -> ScoreBound | None:
         if not isinstance(b, Const) or b.value == 0:
             return None
         scale = float(b.value) if s.op == "mul" else 1.0 / float(b.value)
-        s = a
+        s = _uncast(a)
     if not (isinstance(s, Access) and s.tensor in g.einsums):
         return None
     d = c.writer(s.tensor)
@@ -317,3 +321,9 @@ def _score_bound(c: Cascade, g: FusedGroup, s: Expr) -> ScoreBound | None:
             return None
         operands.append((a.tensor, dims[0]))
     return ScoreBound(abs(scale), tuple(operands))
+
+
+def _uncast(x: Expr) -> Expr:
+    while isinstance(x, Op) and x.op in CAST_OPS:
+        x = x.args[0]
+    return x

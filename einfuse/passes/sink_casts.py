@@ -47,6 +47,9 @@ def _sink(x: Expr, dtype_of) -> Expr:  # type: ignore[no-untyped-def]
     (inner,) = args
     if isinstance(inner, Const):  # bfloat16(-inf): the constant as that dtype rounds it
         return Const(round_constant(inner.value, x.op))
+    if _constant_select(inner):  # a mask bias where(c, 0, fill): its two constants, rounded
+        cond, a, b = inner.args  # type: ignore[union-attr]
+        return Op("where", (cond, _sink(cast(x.op, a), dtype_of), _sink(cast(x.op, b), dtype_of)))
     got = expr_dtype(inner, dtype_of)
     if got is None or got == x.op:
         return inner if got == x.op else Op(x.op, args)
@@ -59,3 +62,8 @@ def _sink(x: Expr, dtype_of) -> Expr:  # type: ignore[no-untyped-def]
         for k, a in enumerate(inner.args)
     ]
     return Op(inner.op, tuple(moved))
+
+
+def _constant_select(x: Expr) -> bool:
+    """``where(c, k1, k2)`` with constant branches (a mask's bias, before it is cast)."""
+    return isinstance(x, Op) and x.op == "where" and all(isinstance(a, Const) for a in x.args[1:])
