@@ -15,7 +15,7 @@ from functools import cached_property
 import networkx as nx
 import sympy
 
-from einfuse.ir.expr import Access, Expr, Var, accesses, rank_vars, shifted_rank
+from einfuse.ir.expr import Expr, accesses, rank_vars, shifted_rank
 
 SizeValue = int | sympy.Expr
 
@@ -277,11 +277,3 @@ def bind_sizes(cascade: Cascade, bind: Mapping[str, int] | None = None) -> dict[
         else:
             out[r] = bind_size(cascade.size(r), bind, cascade)
     return out
-
-
-def einsum_var_accesses(e: Einsum) -> Iterator[tuple[Access, int, str]]:
-    """Every ``(access, dim, rank)`` where a plain rank variable indexes a dim on the right."""
-    for a in accesses(e.expr):
-        for d, i in enumerate(a.indices):
-            if isinstance(i, Var):
-                yield a, d, i.rank

@@ -179,11 +179,6 @@ def is_index_expr(expr: Expr) -> bool:
     return True
 
 
-def plain_rank(index: Expr) -> str | None:
-    """The rank of an index that is exactly one rank variable (``m``), else None."""
-    return index.rank if isinstance(index, Var) else None
-
-
 def shifted_rank(index: Expr) -> tuple[str, int] | None:
     """``(r, k)`` for an index of the form ``r + k`` (k may be 0), else None."""
     if isinstance(index, Var):
