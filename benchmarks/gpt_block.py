@@ -1,6 +1,9 @@
 """A GPT block (examples/gpt_block.py) through jax.jit, einfuse.jit with no pass, and "fuse".
 
 Default sizes: batch 2, sequence 1024, width 256, 4 heads, float32 and bfloat16.
+``--model llama`` runs the Llama-style decoder of examples/llama.py instead (GQA with half as
+many K/V heads, RoPE, RMSNorm, SwiGLU, a ``finfo.min`` causal fill, float32 softmax;
+``--layers`` of them, random weights, the width as its model dimension).
 
 * Run time: the three compiled functions of one dtype in ONE process, timed interleaved in
   shuffled rounds after warm-up (``time_interleaved``); read the ratio of medians to jax.jit
@@ -14,6 +17,7 @@ Default sizes: batch 2, sequence 1024, width 256, 4 heads, float32 and bfloat16.
 
     python -m benchmarks.gpt_block                     # f32 and bf16, seq 1024
     python -m benchmarks.gpt_block --dtypes float32 --seq 512 --repeats 5
+    python -m benchmarks.gpt_block --model llama --dtypes bfloat16 --batch 1 --seq 2048
 """
 
 from __future__ import annotations
@@ -31,47 +35,64 @@ IMPLS = ("jax", "einfuse", "einfuse_fuse")
 CONTROL = "jax_again"
 
 
-def _compiled(impl: str) -> Any:
+def _compiled(impl: str, model: str = "gpt") -> Any:
     import jax
 
-    from examples.gpt_block import block
-
+    if model == "llama":
+        from examples.llama import forward as fn
+    else:
+        from examples.gpt_block import block as fn
     if impl == "jax":
-        return jax.jit(block, static_argnums=2)
+        return jax.jit(fn, static_argnums=2)
     import einfuse
 
     passes = "fuse" if impl == "einfuse_fuse" else None
-    return einfuse.jit(block, static_argnums=2, passes=passes)
+    return einfuse.jit(fn, static_argnums=2, passes=passes)
 
 
-def _inputs(dtype: str, batch: int, seq: int, width: int) -> tuple[Any, Any]:
+def _inputs(
+    dtype: str, batch: int, seq: int, width: int, heads: int, model: str = "gpt", layers: int = 2
+) -> tuple[Any, Any, Any]:
+    """The model's arguments: weights, activations (or tokens), and its static third one."""
     import jax
 
+    if model == "llama":
+        import numpy as np
+
+        from examples.llama import Config, init_params
+
+        cfg = Config(dim=width, heads=heads, kv_heads=max(1, heads // 2), hidden=2 * width)
+        cfg = Config(**{**cfg.__dict__, "layers": layers})
+        tokens = np.random.default_rng(1).integers(0, cfg.vocab, (batch, seq))
+        params = init_params(cfg, dtype=dtype)
+        return (*jax.block_until_ready((params, jax.numpy.asarray(tokens))), cfg)
     from examples.gpt_block import make_inputs
 
     params, x = make_inputs(batch, seq, width, dtype)
-    return jax.block_until_ready((params, x))
+    return (*jax.block_until_ready((params, x)), heads)
 
 
-def make_one(impl: str, dtype: str, batch: int, seq: int, width: int, heads: int) -> Any:
+def make_one(impl: str, dtype: str, model: str = "gpt", layers: int = 2, **sizes: int) -> Any:
     """One implementation and its inputs: the zero-argument call to measure."""
-    fn, (params, x) = _compiled(impl), _inputs(dtype, batch, seq, width)
-    return lambda: fn(params, x, heads)
+    fn, args = _compiled(impl, model), _inputs(dtype, **sizes, model=model, layers=layers)
+    return lambda: fn(*args)
 
 
-def make_all(dtype: str, batch: int, seq: int, width: int, heads: int) -> dict[str, Any]:
+def make_all(dtype: str, model: str = "gpt", layers: int = 2, **sizes: int) -> dict[str, Any]:
     """Every implementation on the same inputs, to be timed interleaved."""
-    params, x = _inputs(dtype, batch, seq, width)
-    fns = {i: _compiled(i) for i in IMPLS} | {CONTROL: _compiled("jax")}
-    return {i: (lambda f=f: f(params, x, heads)) for i, f in fns.items()}
+    args = _inputs(dtype, **sizes, model=model, layers=layers)
+    fns = {i: _compiled(i, model) for i in IMPLS} | {CONTROL: _compiled("jax", model)}
+    return {i: (lambda f=f: f(*args)) for i, f in fns.items()}
 
 
-def hlo_differences(dtype: str, batch: int, seq: int, width: int, heads: int) -> dict[str, str]:
+def hlo_differences(
+    dtype: str, model: str = "gpt", layers: int = 2, **sizes: int
+) -> dict[str, str]:
     """Per implementation, the optimized-HLO op kinds whose counts differ from jax.jit's."""
     from einfuse.backends.inspection import inspect_hlo
 
-    params, x = _inputs(dtype, batch, seq, width)
-    counts = {i: inspect_hlo(_compiled(i).lower(params, x, heads)).op_counts for i in IMPLS}
+    args = _inputs(dtype, **sizes, model=model, layers=layers)
+    counts = {i: inspect_hlo(_compiled(i, model).lower(*args)).op_counts for i in IMPLS}
     out = {}
     for impl in IMPLS:
         kinds = sorted(set(counts[impl]) | set(counts["jax"]))
@@ -91,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--model", choices=("gpt", "llama"), default="gpt")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (--model llama)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--no-hlo", action="store_true", help="skip the HLO op-count comparison")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     sizes = {"batch": args.batch, "seq": args.seq, "width": args.width, "heads": args.heads}
+    sizes |= {"model": args.model, "layers": args.layers}
     rows: list[dict[str, Any]] = []
     notes = ["optimized-HLO op counts unlike jax.jit's (kind jax->impl; - when all equal):"]
     for dtype in args.dtypes.split(","):
