@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from einfuse.backends.jax_backend import emit_jax
 from einfuse.backends.reference import interpret
 from einfuse.einsum_cascade import attention
 from einfuse.ir import Cascade, parse, verify
@@ -268,3 +269,28 @@ def test_fuse_keeps_results_and_either_fuses_or_explains(drawn, tile: int, seed:
     want, got = interpret(c, inputs), interpret(fused, inputs)
     for name in c.outputs:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-9, atol=1e-12)
+
+
+def test_key_side_projection_runs_once_before_the_loop_not_per_query_block() -> None:
+    c = parse(
+        "inputs Q[e, p], X[d, m], W[d, e], V[f, m]\n"
+        "KP[e, m] = X[d, m] * W[d, e]\n"
+        "QK[m, p] = Q[e, p] * KP[e, m]\n"
+        "GM[p] = max(m) QK[m, p]\n"
+        "SN[m, p] = exp(QK[m, p] - GM[p])\n"
+        "SD[p] = SN[m, p]\n"
+        "AV[f, p] = SN[m, p] * V[f, m] / SD[p]\n"
+        "outputs AV"
+    )
+    fused = run_passes(c, "fuse{tile=4}").cascade
+    assert "KP[e, m] = X[d, m] * W[d, e]" in str(fused)  # whole, not split into tiles
+    (group,) = fused_groups(fused)
+    assert "KP" not in group.einsums and "KP" in group.reads
+    rng = np.random.default_rng(0)
+    sizes = {"d": 3, "e": 4, "f": 5, "m": 12, "p": 6}
+    ins = {t.name: rng.standard_normal([sizes[r] for r in t.ranks]) for t in c.inputs}
+    np.testing.assert_allclose(
+        interpret(fused, ins)["AV"], interpret(c, ins)["AV"], rtol=1e-12, atol=1e-12
+    )
+    got = emit_jax(fused).as_dict(**ins)["AV"]
+    np.testing.assert_allclose(np.asarray(got), interpret(c, ins)["AV"], rtol=1e-4, atol=1e-5)

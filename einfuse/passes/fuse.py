@@ -175,8 +175,21 @@ def _partition(c: Cascade, rank: str, tile: int) -> tuple[Cascade, Partition]:
     outer, inner = f"{rank}1", f"{rank}0"
     while outer in used or inner in used:
         outer, inner = f"{outer}_", f"{inner}_"
-    out = verify(partition(c, rank, tile, outer, inner))
+    out = verify(partition(c, rank, tile, outer, inner, keep=_key_side(c, rank)))
     return out, out.partitions[-1]
+
+
+def _key_side(c: Cascade, rank: str) -> frozenset[str]:
+    """Tensors along the key rank that lack some rank of its max (a K or V projection, RoPE
+    of K: no query rank): computed once before the loop, not once per query block inside it.
+    A score (every rank of the max, and the key rank) stays in the loop, never built whole."""
+    maxes = [e for e in c.einsums if e.reduce == "max" and rank in e.reduced_ranks]
+    if not maxes:
+        return frozenset()
+    state = set.intersection(*(set(e.output_ranks) for e in maxes))
+    return frozenset(
+        e.output for e in c.einsums if rank in e.output_ranks and not state <= set(e.output_ranks)
+    )
 
 
 # --------------------------------------------------------------------------- the online rewrite

@@ -47,8 +47,18 @@ def divides(tile: SizeValue, size: SizeValue) -> bool:
 
 
 @register_pass("partition")
-def partition(c: Cascade, rank: str, tile: int, outer: str = "", inner: str = "") -> Cascade:
-    """Split ``rank`` into ``outer`` x ``inner`` (default ``rank1``, ``rank0``) of size ``tile``."""
+def partition(
+    c: Cascade,
+    rank: str,
+    tile: int,
+    outer: str = "",
+    inner: str = "",
+    keep: frozenset[str] = frozenset(),
+) -> Cascade:
+    """Split ``rank`` into ``outer`` x ``inner`` (default ``rank1``, ``rank0``) of size ``tile``.
+
+    ``keep`` names Einsums computed from inputs alone that stay whole, read by the split
+    ones through ``outer*INNER+inner`` (see ``whole_outputs``)."""
     outer, inner = outer or f"{rank}1", inner or f"{rank}0"
     if not isinstance(tile, int) or tile <= 0:
         raise PartitionError(f"partition {rank}: tile must be a positive integer, got {tile!r}")
@@ -67,6 +77,7 @@ def partition(c: Cascade, rank: str, tile: int, outer: str = "", inner: str = ""
             )
     size = c.size(rank)
     pad = not divides(tile, size)
+    whole = whole | (set(keep) & _from_inputs(c, rank))
     split = {e.output for e in c.einsums if rank in e.output_ranks and e.output not in whole}
     einsums = [_split_einsum(c, e, rank, outer, inner, split, pad) for e in c.einsums]
     sizes = dict(c.sizes)
@@ -88,17 +99,23 @@ def whole_outputs(c: Cascade, rank: str) -> set[str]:
     """
     if not any(rank in e.reduced_ranks for e in c.einsums):
         return set()  # nothing to split for: every output keeps the rank
-    candidates: set[str] = set()
-    for e in c.einsums:
-        if rank not in e.output_ranks or rank in e.reduced_ranks:
-            continue
-        if all(c.input_decl(t) is not None or t in candidates for t in e.inputs):
-            candidates.add(e.output)
+    candidates = _from_inputs(c, rank)
     whole = {o for o in c.outputs if o in candidates}
     for e in reversed(c.einsums):
         if e.output in whole:
             whole.update(t for t in e.inputs if t in candidates)
     return whole
+
+
+def _from_inputs(c: Cascade, rank: str) -> set[str]:
+    """Einsums along ``rank`` (not reducing it) that read inputs and each other only."""
+    out: set[str] = set()
+    for e in c.einsums:
+        if rank not in e.output_ranks or rank in e.reduced_ranks or e.is_recurrence:
+            continue
+        if all(c.input_decl(t) is not None or t in out for t in e.inputs):
+            out.add(e.output)
+    return out
 
 
 def _split_einsum(
