@@ -46,5 +46,6 @@ def test_greedy_predictions_agree_as_well_as_jax_bfloat16_does(setup) -> None:
     dense = jax.jit(forward, static_argnums=2)
     bf16 = dense(params, tokens, CFG)
     f32 = dense(cast_params(params, jnp.float32), tokens, CFG)
-    assert greedy_agreement(got, bf16) >= greedy_agreement(bf16, f32) - 0.01
-    assert greedy_agreement(got, f32) >= greedy_agreement(bf16, f32) - 0.01
+    # The bar, exactly; and about as close to float32 as jax.jit's own bfloat16.
+    assert greedy_agreement(got, bf16) >= greedy_agreement(bf16, f32)
+    assert greedy_agreement(got, f32) >= greedy_agreement(bf16, f32) - 0.02
