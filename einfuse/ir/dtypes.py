@@ -10,9 +10,9 @@ The mixed-precision rule, one for every stage (lifter, reference, cost model, ba
   Constants, rank values, integer tensors and comparisons are *weak*: they take the dtype
   of what they meet, like JAX's Python scalars. An expression with no typed leaf is ``float32``.
 - Numerically, an Einsum evaluates its map and reduction exactly (the reference does so in
-  float64) and rounds once, to its output dtype; a cast rounds where it stands. Backends
-  may keep more precision inside one Einsum (a bfloat16 contraction accumulates in float32),
-  never less.
+  float64) and rounds once, to its output dtype; a cast rounds where it stands. A backend
+  computes a map op by op in the dtype its operands promote to, as JAX does (so bfloat16
+  arithmetic inside one Einsum may round per op); contractions accumulate in float32.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ computes the sunk arithmetic in the wider dtype, which only adds precision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from einfuse.ir.cascade import Cascade, Einsum
 from einfuse.ir.dtypes import cast, expr_dtype, promote, round_constant, tensor_dtypes
 from einfuse.ir.expr import CAST_OPS, Const, Expr, Op
@@ -38,18 +40,21 @@ def _sunk(e: Einsum, dtypes: dict[str, str]) -> Einsum:
     return Einsum(e.output, e.indices, expr, e.reduce, e.init, e.loc)
 
 
-def _sink(x: Expr, dtype_of) -> Expr:  # type: ignore[no-untyped-def]
+DtypeOf = Callable[[str], str | None]
+
+
+def _sink(x: Expr, dtype_of: DtypeOf) -> Expr:
     if not isinstance(x, Op):
         return x
     args = tuple(_sink(a, dtype_of) for a in x.args)
+    if x.op == "where":  # a fill cast to the scores' dtype (bfloat16(-inf)): that constant
+        args = (args[0], *(_folded(a) for a in args[1:]))
     if x.op not in CAST_OPS:
         return Op(x.op, args)
     (inner,) = args
-    if isinstance(inner, Const):  # bfloat16(-inf): the constant as that dtype rounds it
-        return Const(round_constant(inner.value, x.op))
     if _constant_select(inner):  # a mask bias where(c, 0, fill): its two constants, rounded
         cond, a, b = inner.args  # type: ignore[union-attr]
-        return Op("where", (cond, _sink(cast(x.op, a), dtype_of), _sink(cast(x.op, b), dtype_of)))
+        return Op("where", (cond, _folded(cast(x.op, a)), _folded(cast(x.op, b))))
     got = expr_dtype(inner, dtype_of)
     if got is None or got == x.op:
         return inner if got == x.op else Op(x.op, args)
@@ -62,6 +67,14 @@ def _sink(x: Expr, dtype_of) -> Expr:  # type: ignore[no-untyped-def]
         for k, a in enumerate(inner.args)
     ]
     return Op(inner.op, tuple(moved))
+
+
+def _folded(x: Expr) -> Expr:
+    """A cast constant as the constant it rounds to. Only for a ``where`` branch: the other
+    branch (or what the ``where`` meets) fixes the dtype, so weak is the same value there."""
+    if isinstance(x, Op) and x.op in CAST_OPS and isinstance(x.args[0], Const):
+        return Const(round_constant(x.args[0].value, x.op))
+    return x
 
 
 def _constant_select(x: Expr) -> bool:
