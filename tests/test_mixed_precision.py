@@ -226,3 +226,49 @@ def test_bfloat16_additive_mask_is_recognized_and_bounded(fill: float) -> None:
     (loop,) = [x for x in lowered if isinstance(x, BlockwiseCascade)]
     mask = loop.plan.mask
     assert mask is not None and mask.additive and mask.bound is not None
+
+
+# Elementwise steps and reductions a model chains, each with JAX's own rounding, for the
+# lifter's hypothesis test below (tame ranges, so bfloat16 rounding stays bfloat16-sized).
+STEPS = {
+    "tanh": jnp.tanh,
+    "scale": lambda x: x * 1.5,
+    "shift": lambda x: x - 0.25,
+    "square": lambda x: x * x,
+    "to_bf16": lambda x: x.astype(BF16),
+    "to_f32": lambda x: x.astype(jnp.float32),
+    "row_max": lambda x: x - jnp.max(x, axis=-1, keepdims=True),
+    "row_mean": lambda x: x - jnp.mean(x, axis=-1, keepdims=True),
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(st.sampled_from(sorted(STEPS)), min_size=1, max_size=6),
+    start=st.sampled_from(["float32", "bfloat16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_mixed_precision_chains_lift_as_one_region_matching_jax_and_the_reference(
+    steps: list[str], start: str, seed: int
+) -> None:
+    x = jax.random.normal(jax.random.key(seed), (4, 6), jnp.float32).astype(start)
+
+    def f(x):
+        for s in steps:
+            x = STEPS[s](x)
+        return x
+
+    program = lift(jax.make_jaxpr(f)(x))
+    want = np.asarray(jax.jit(f)(x), np.float64)
+    if not program.regions:  # nothing to lift (say, a lone cast to the input's dtype)
+        return
+    assert len(program.regions) == 1 and not program.opaques
+    (region,) = program.regions
+    c = region.cascade
+    assert tensor_dtypes(c)[region.output_tensors[0]] == str(jax.eval_shape(f, x).dtype)
+    got = einfuse.interpret(c, {region.input_tensors[0]: np.asarray(x, np.float64)})
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got[region.output_tensors[0]], want, atol=0.05 * scale)
+    out = einfuse.jit(f)(x)
+    assert out.dtype == jax.jit(f)(x).dtype
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=0.05 * scale)
