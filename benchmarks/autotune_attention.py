@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from einfuse.autotune.measure import Bench, Prepared
+from einfuse.autotune.measure import Bench, Prepared, consumed
 from einfuse.autotune.measured import MeasuredSearch
 from einfuse.autotune.screen import ModelEvaluator
 from einfuse.autotune.space import Candidate, SearchSpace, SpaceOptions, build_space
@@ -151,7 +151,7 @@ def final_times(
     prepared: dict[str, Prepared] = {}
     program = {}
     for name, candidate in named.items():
-        projected = space.candidate(space.project(candidate.point, bench.backend.consumes))
+        projected = space.candidate(space.project(candidate.point, consumed(bench.backend)))
         program[name] = projected.key
         p = bench.prepare(projected)
         if isinstance(p, Prepared):

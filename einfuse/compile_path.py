@@ -73,11 +73,13 @@ def region_sizes(program: Program, region: Region) -> dict[str, int]:
     return infer_sizes(region.cascade, shapes)
 
 
-def region_key(cascade: Cascade, sizes: Mapping[str, int], target: Target) -> TuningKey:
-    """The tuning key of a canonical cascade at ``sizes`` on ``target``."""
+def region_key(
+    cascade: Cascade, sizes: Mapping[str, int], target: Target, backend: str = "jax"
+) -> TuningKey:
+    """The tuning key of a canonical cascade at ``sizes`` on ``target``, emitted by ``backend``."""
     from einfuse.autotune.key import make_key
 
-    return make_key(cascade, sizes, target)
+    return make_key(cascade, sizes, target, backend=backend)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 from jax._src import core
 
+from einfuse.backends.backend import get_backend
 from einfuse.backends.program import ProgramRunner
 from einfuse.compile_path import Compiled, lift_canonical, region_sizes, run_pipeline
 from einfuse.einsum_cascade.lift import Program, Region, format_program
@@ -72,6 +73,7 @@ def jit(
     static_argnames: str | Sequence[str] = (),
     donate_argnums: int | Sequence[int] = (),
     autotune: Any = None,
+    backend: str = "jax",
 ) -> Any:
     """Compile ``fun`` through einfuse; usable as ``@einfuse.jit`` or ``@einfuse.jit(...)``.
 
@@ -83,6 +85,7 @@ def jit(
     ``autotune`` (True for the default tuning database, or a storage URL, ``journal:PATH``
     or an exported ``.json``) reuses what ``einfuse autotune`` stored for each region with
     these shapes and target, in place of ``passes``; it never searches at compile time.
+    ``backend`` names what emits the regions (``einfuse.backends.backend``; ``jax``).
     """
     options = dict(
         passes=passes,
@@ -91,6 +94,7 @@ def jit(
         static_argnames=static_argnames,
         donate_argnums=donate_argnums,
         autotune=autotune,
+        backend=backend,
     )
     if fun is None:
         return lambda f: JitFunction(f, **options)
@@ -114,6 +118,7 @@ class JitFunction:
         static_argnames: str | Sequence[str],
         donate_argnums: int | Sequence[int],
         autotune: Any,
+        backend: str = "jax",
     ) -> None:
         if target is not None and target not in RUNNABLE:
             raise EinfuseError(
@@ -125,6 +130,7 @@ class JitFunction:
             parse_pipeline(passes)  # fail at decoration time on a bad pipeline
         functools.update_wrapper(self, fun)
         self.fun, self.passes, self.target = fun, passes or None, target
+        self.backend = get_backend(backend)  # an unknown name fails at decoration time
         # None: no tuning database; True: the default one; else a storage spec or URL.
         self.autotune = autotune
         self.static_argnums, self.static_argnames = _resolve_statics(
@@ -208,7 +214,7 @@ class JitFunction:
             [r.with_cascade(c.cascade, c.schedule) for r, c in zip(lifted.regions, compiled)]
         )
         t3 = time.perf_counter()
-        runner = ProgramRunner(program)
+        runner = ProgramRunner(program, self.backend)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
         history = tuple(c.history() for c in compiled)
         return Traced(
@@ -233,7 +239,8 @@ class JitFunction:
 
         storage = None if self.autotune is True else self.autotune
         sizes = region_sizes(program, region)
-        return tuned_lookup(region.cascade, sizes, resolve_target(self.target), storage)
+        target = resolve_target(self.target)
+        return tuned_lookup(region.cascade, sizes, target, storage, self.backend.name)
 
     def _tuning_notes(self, looked_up: list[tuple[Any, Any]]) -> tuple[str, ...]:
         """Per region what autotune found; warns once per key about regions with nothing."""

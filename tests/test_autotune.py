@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from einfuse.autotune import space as space_module
-from einfuse.autotune.measure import Backend, Bench, Prepared, jax_backend, sliceable_rank
+from einfuse.autotune.measure import Bench, Prepared, consumed, jax_backend, sliceable_rank
 from einfuse.autotune.objectives import TuningError
 from einfuse.autotune.screen import ModelEvaluator, screen
 from einfuse.autotune.space import Param, SearchSpace, SpaceOptions, build_space, register_space
 from einfuse.autotune.tuner import autotune
+from einfuse.backends.backend import Backend
 from einfuse.cost_model.target import get_target
 from einfuse.einsum_cascade import attention
 from einfuse.ir import parse
@@ -78,7 +79,7 @@ def test_the_blockwise_query_tile_is_searched_while_fusion_is_on():
     query = space.param("fuse.query_tile")
     assert (query.subject, query.when, query.default) == ("p", ("fuse", True), 512)
     assert space.param("tile.p").when == ("fuse", False)
-    measured = {p.name for p in space.params if p.consumed_by(jax_backend().consumes)}
+    measured = {p.name for p in space.params if p.consumed_by(consumed(jax_backend()))}
     assert measured == {"fuse", "fuse.tile", "fuse.query_tile"}
     fused = space.candidate(space.point({"fuse": True, "fuse.query_tile": 128}))
     assert fused.schedule.tile("p") == 128
@@ -170,7 +171,7 @@ def faulty_backend(raise_for: str, wrong_for: str) -> Backend:
             return lambda *args: tuple(o * 0 for o in fn(*args))  # fast, and wrong
         return fn
 
-    return Backend("faulty", emit, real.consumes)
+    return Backend("faulty", emit, real.schedule_fields)
 
 
 def test_failing_candidates_are_recorded_with_their_reason_and_never_win():

@@ -2,9 +2,9 @@
 
 A result is only valid for what it was measured on, so every stored result is keyed by the
 cascade's fingerprint, every rank's size, the input dtypes, the target and the device kind
-(the host CPU's model for ``cpu``), and the versions of einfuse, jax and jaxlib
-(TVM's database once handed out records for the wrong hardware: tvm#15549). The Optuna study
-name derives from the key, so a lookup never crosses keys.
+(the host CPU's model for ``cpu``), the backend that emits it, and the versions of einfuse,
+jax and jaxlib (TVM's database once handed out records for the wrong hardware: tvm#15549).
+The Optuna study name derives from the key, so a lookup never crosses keys.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class TuningKey:
     device_kind: str
     versions: tuple[tuple[str, str], ...]
     schema: int = SCHEMA
+    backend: str = "jax"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class TuningKey:
             "device_kind": self.device_kind,
             "versions": dict(self.versions),
             "schema": self.schema,
+            "backend": self.backend,
         }
 
     @classmethod
@@ -58,6 +60,7 @@ class TuningKey:
             str(data["device_kind"]),
             tuple(sorted((str(k), str(v)) for k, v in data["versions"].items())),
             int(data.get("schema", SCHEMA)),
+            str(data.get("backend", "jax")),  # keys stored before backends were named
         )
 
     def digest(self) -> str:
@@ -113,6 +116,7 @@ def make_key(
     sizes: Mapping[str, int],
     target: Target,
     dtypes: Mapping[str, str] | None = None,
+    backend: str = "jax",
 ) -> TuningKey:
     """The key of ``cascade`` bound to ``sizes`` (every rank) on ``target``.
 
@@ -127,4 +131,5 @@ def make_key(
         target=target.name,
         device_kind=device_kind_for(target),
         versions=library_versions(),
+        backend=backend,
     )

@@ -14,7 +14,6 @@ nothing raises out of `Bench.prepare`, so one bad candidate never aborts a searc
 
 from __future__ import annotations
 
-import inspect
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -24,8 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from einfuse.autotune.space import PIPELINE_KINDS, SCHEDULE_KINDS, Candidate
+from einfuse.autotune.space import PIPELINE_KINDS, Candidate
 from einfuse.autotune.timing import Timing, time_interleaved
+from einfuse.backends.backend import Backend, get_backend
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import Var, accesses, size_refs
@@ -58,38 +58,14 @@ class Prepared:
 
 
 # --------------------------------------------------------------------------- backends
-@dataclass(frozen=True, slots=True)
-class Backend:
-    """How to emit a cascade, and which params change what it emits.
-
-    ``consumes`` holds param kinds (``"tile"``) or single param names (``"fuse.query_tile"``);
-    candidates that differ only in other params are one program, measured once.
-    """
-
-    name: str
-    emit: Callable[[Cascade, Mapping[str, int], Any], Callable[..., tuple[Any, ...]]]
-    consumes: frozenset[str]
+def consumed(backend: Backend) -> frozenset[str]:
+    """Param kinds and names whose values change the program: the pipeline's, and the
+    Schedule fields ``backend`` declares it reads (see `einfuse.backends.backend`)."""
+    return PIPELINE_KINDS | backend.schedule_fields
 
 
 def jax_backend() -> Backend:
-    """The JAX backend: it reads the pipeline, and the schedule only if `emit_jax` takes one.
-
-    A backend module may declare ``SCHEDULE_PARAMS`` (kinds or param names) to say which
-    schedule params it reads; without a declaration every schedule param is assumed to matter.
-    """
-    from einfuse.backends import jax_backend as module
-
-    takes_schedule = "schedule" in inspect.signature(module.emit_jax).parameters
-    kinds = set(PIPELINE_KINDS)
-    if takes_schedule:
-        kinds |= set(getattr(module, "SCHEDULE_PARAMS", SCHEDULE_KINDS))
-
-    def emit(cascade: Cascade, sizes: Mapping[str, int], schedule: Any) -> Callable[..., Any]:
-        if takes_schedule:
-            return module.emit_jax(cascade, dict(sizes), schedule=schedule)
-        return module.emit_jax(cascade, dict(sizes))
-
-    return Backend("jax", emit, frozenset(kinds))
+    return get_backend("jax")
 
 
 def program_hlo(
@@ -97,7 +73,7 @@ def program_hlo(
     sizes: Mapping[str, int],
     pipeline: str,
     schedule: Any,
-    backend: Backend | None = None,
+    backend: Backend | str | None = None,
 ) -> str:
     """`hlo_fingerprint` of the program a candidate of a canonical cascade emits, as `Bench`
     lowers it: what ``einfuse.jit`` must run when it replays that candidate."""
@@ -107,7 +83,7 @@ def program_hlo(
     from einfuse.compile_path import run_pipeline
 
     transformed = run_pipeline(cascade, pipeline, schedule).cascade
-    fn = (backend or jax_backend()).emit(transformed, bind_sizes(transformed, sizes), schedule)
+    fn = get_backend(backend).emit(transformed, bind_sizes(transformed, sizes), schedule)
     structs = [
         jax.ShapeDtypeStruct(cascade.tensor_shape(t.name, sizes), t.dtype) for t in cascade.inputs
     ]
@@ -241,7 +217,7 @@ class Bench:
 
         self.cascade = cascade
         self.sizes = dict(sizes)
-        self.backend = backend or jax_backend()
+        self.backend = get_backend(backend)
         self.seed = seed
         self.compile_timeout_s = compile_timeout_s
         self.memory_limit_bytes = memory_limit_bytes or MEMORY_FRACTION * available_memory_bytes()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from einfuse.autotune.measure import Bench, Failure, Prepared
+from einfuse.autotune.measure import Bench, Failure, Prepared, consumed
 from einfuse.autotune.screen import tile_weight
 from einfuse.autotune.space import Candidate, Point, SearchSpace
 from einfuse.autotune.timing import Timing
@@ -92,7 +92,7 @@ class MeasuredSearch:
         fresh: bool = False,
     ) -> None:
         self.study, self.space, self.bench = study, space, bench
-        kinds = bench.backend.consumes
+        kinds = consumed(bench.backend)
         self.searched = SearchSpace(tuple(p for p in space.params if p.consumed_by(kinds)))
         self.warmup, self.repeats, self.seed = warmup, repeats, seed
         self.deadline = deadline

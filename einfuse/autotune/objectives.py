@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from einfuse.autotune.key import TuningKey
-from einfuse.autotune.measure import Backend, Bench
+from einfuse.autotune.measure import Bench
 from einfuse.autotune.measured import WORKER, MeasuredSearch
 from einfuse.autotune.result import TuneResult
 from einfuse.autotune.screen import ModelEvaluator, Screening, screen
 from einfuse.autotune.space import Candidate, Point, SearchSpace, SpaceOptions
 from einfuse.autotune.store import BEST_ATTR, RACE_ATTR, BestRecord, TuningStore
+from einfuse.backends.backend import Backend
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.errors import EinfuseError
 
@@ -51,7 +52,7 @@ class Settings:
     progress: bool
     seed: int
     space_options: SpaceOptions | None
-    backend: Backend | None
+    backend: Backend
     warmup: int
     repeats: int
     finalists: int | None

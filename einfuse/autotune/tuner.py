@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from einfuse.autotune.key import TuningKey
-from einfuse.autotune.measure import Backend
 from einfuse.autotune.objectives import (
     DEFAULT_MODEL_TRIALS,
     Job,
@@ -37,6 +36,7 @@ from einfuse.autotune.store import (
     quiet_optuna,
     storage_exists,
 )
+from einfuse.backends.backend import Backend, get_backend
 from einfuse.compile_path import canonicalize, region_key, region_sizes, trace_canonical
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
@@ -62,7 +62,7 @@ def autotune(
     progress: bool = True,
     seed: int = 0,
     space_options: SpaceOptions | None = None,
-    backend: Backend | None = None,
+    backend: Backend | str | None = None,
     warmup: int = 1,
     repeats: int = 5,
     finalists: int | None = None,
@@ -80,6 +80,7 @@ def autotune(
     SQLite file. ``timeout`` bounds the
     measuring (seconds). ``fresh`` tunes again even where a choice is stored (stored trials
     are kept; new ones are added). A function is lifted and each distinct cascade tuned.
+    ``backend`` (a name, default ``jax``) emits the candidates; it is part of the key.
     """
     if objective not in OBJECTIVES:
         raise EinfuseError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -91,7 +92,7 @@ def autotune(
         progress=progress,
         seed=seed,
         space_options=space_options,
-        backend=backend,
+        backend=get_backend(backend),
         warmup=warmup,
         repeats=repeats,
         finalists=finalists,
@@ -166,7 +167,7 @@ def _regions(function: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tu
 def _tune(
     cascade: Cascade, sizes: dict[str, int], target: Target, store: TuningStore, s: Settings
 ) -> TuneResult:
-    key = region_key(cascade, sizes, target)
+    key = region_key(cascade, sizes, target, s.backend.name)
     space = build_space(cascade, target, sizes, s.space_options)
     name = s.study or key.study_name("model" if s.objective == "model" else "measured")
     with quiet_optuna():
@@ -212,14 +213,15 @@ def tuned_pipeline(
     sizes: Mapping[str, int] | None = None,
     target: str | Target | None = None,
     storage: Any = None,
+    backend: str = "jax",
 ) -> tuple[str, Any] | None:
-    """``(pipeline, Schedule)`` stored for this cascade, sizes and target, or None.
+    """``(pipeline, Schedule)`` stored for this cascade, sizes, target and backend, or None.
 
     For ``einfuse.jit``: never tunes, never measures, never calibrates; ``storage`` as in
     `autotune` (a ``.json`` export replays it). The key is that of the canonical cascade,
     as `autotune` stored it; the Schedule names that cascade's ranks.
     """
-    return tuned_lookup(cascade, sizes, target, storage)[1]
+    return tuned_lookup(cascade, sizes, target, storage, backend)[1]
 
 
 def tuned_lookup(
@@ -227,9 +229,10 @@ def tuned_lookup(
     sizes: Mapping[str, int] | None = None,
     target: str | Target | None = None,
     storage: Any = None,
+    backend: str = "jax",
 ) -> tuple[TuningKey, tuple[str, Any] | None]:
     """The key `tuned_pipeline` looks up, and what it finds (so a miss can name the key)."""
-    key = region_key(*_canonical(cascade, sizes), _target(target, calibrate=False))
+    key = region_key(*_canonical(cascade, sizes), _target(target, calibrate=False), backend)
     record = _lookup(key, storage)
     return key, None if record is None else (record.pipeline, parse_schedule(record.schedule))
 

@@ -46,9 +46,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BLOWUP = 2.0
-# The autotuner params that change what this backend emits (the rest only steer the cost
-# model): the query tile of a fused group's blockwise loop.
-SCHEDULE_PARAMS = frozenset({"fuse.query_tile"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +262,7 @@ def emit_jax(
     A group that ``fuse`` made (one loop over a partitioned rank) runs as a blockwise loop,
     tiling the query rank by the ``schedule``'s tile of that rank, else by ``query_tile``
     (see ``jax_blockwise``); ``blockwise=False`` emits it Einsum by Einsum instead. Of a
-    schedule only that tile changes the program (see ``SCHEDULE_PARAMS``).
+    schedule only that tile changes the program (``einfuse.backends.backend`` says so).
     """
     return JaxCascade(
         cascade,

@@ -1,9 +1,10 @@
-"""Run a lifted Program with JAX: regions through the JAX backend, opaque equations re-bound.
+"""Run a lifted Program with JAX: regions through a `Backend`, opaque equations re-bound.
 
-``ProgramRunner(program)`` emits every region once (``emit_jax``) and is then a pure
-function of the program's inputs, so ``jax.jit``, ``jax.grad`` and ``jax.vmap`` apply to it.
-A region the backend refuses (``BackendUnsupported``, or any other ``EinfuseError``) runs
-its original equations instead and says why in ``fallbacks``, so the program stays correct.
+``ProgramRunner(program, backend)`` emits every region once (the backend's ``emit``, JAX's
+by default) and is then a pure function of the program's inputs, so ``jax.jit``,
+``jax.grad`` and ``jax.vmap`` apply to it. A region the backend refuses
+(``BackendUnsupported``, or any other ``EinfuseError``) runs its original equations instead
+and says why in ``fallbacks``, so the program stays correct.
 Emitted regions run under ``jax.named_scope("einfuse_region<k>")``, which names them in
 HLO metadata and profiles.
 
@@ -21,7 +22,8 @@ from typing import Any
 import jax
 from jax._src import core, source_info_util
 
-from einfuse.backends.jax_backend import JaxCascade, emit_jax
+from einfuse.backends.backend import Backend, get_backend
+from einfuse.backends.jax_backend import JaxCascade
 from einfuse.einsum_cascade.lift import Opaque, Program, Region
 from einfuse.einsum_cascade.lift_flatten import FlatEqn
 from einfuse.ir.errors import EinfuseError
@@ -59,14 +61,15 @@ def _read(env: Mapping[int, Any], atom: Any) -> Any:
 class ProgramRunner:
     """A Program ready to run: ``runner(*args)`` returns the flat list of its outputs."""
 
-    def __init__(self, program: Program, **emit_options: Any) -> None:
+    def __init__(self, program: Program, backend: Backend | str | None = None) -> None:
         self.program = program
+        self.backend = get_backend(backend)
         self.emitted: dict[int, JaxCascade] = {}
         self.fallbacks: dict[int, str] = {}
         self._fns: dict[int, RegionFn] = {}
         for k, region in enumerate(program.regions):
             try:
-                self.emitted[k] = emit_jax(region.cascade, schedule=region.schedule, **emit_options)
+                self.emitted[k] = self.backend.emit(region.cascade, None, region.schedule)
             except EinfuseError as exc:
                 self.fallbacks[k] = f"{type(exc).__name__}: {exc}"
             self._fns[k] = _region_fn(region, self.emitted.get(k), program.avals, k)
@@ -140,6 +143,6 @@ def _region_fn(
     return forward
 
 
-def run_program(program: Program, *args: Any, **emit_options: Any) -> list[Any]:
+def run_program(program: Program, *args: Any, backend: Backend | str | None = None) -> list[Any]:
     """Emit and run ``program`` once (for tests and one-off use; ``einfuse.jit`` caches)."""
-    return ProgramRunner(program, **emit_options)(*args)
+    return ProgramRunner(program, backend)(*args)

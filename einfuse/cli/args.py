@@ -194,6 +194,13 @@ def add_passes_argument(parser: Any, help: str) -> None:
     parser.add_argument("--passes", "--pipeline", dest="passes", default="", metavar="P", help=help)
 
 
+def add_backend_argument(parser: Any) -> None:
+    """``--backend NAME``: what emits the regions (``einfuse.backends.backend``)."""
+    parser.add_argument(
+        "--backend", default="jax", metavar="NAME", help="the backend that emits code (jax)"
+    )
+
+
 def parse_sizes(text: str | None) -> dict[str, int]:
     """``"e=64, m=4096"`` -> ``{"e": 64, "m": 4096}``; None (not given) -> ``{}``.
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from einfuse.cli.args import add_sizes_argument, check_sizes, parse_sizes
+from einfuse.cli.args import add_backend_argument, add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError, is_user_error
 
 OBJECTIVES = ("model", "measure", "hybrid")
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_backend_argument(parser)
     parser.add_argument(
         "subject",
         nargs="?",
@@ -119,6 +120,7 @@ def _tune(args: argparse.Namespace) -> Any:
         seed=args.seed,
         repeats=args.repeats,
         fresh=args.fresh,
+        backend=args.backend,
     )
     sizes = parse_sizes(args.sizes)
     if Path(args.subject).is_file():

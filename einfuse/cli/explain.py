@@ -16,7 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from einfuse.cli.args import add_passes_argument, add_sizes_argument, check_sizes, parse_sizes
+from einfuse.cli.args import (
+    add_backend_argument,
+    add_passes_argument,
+    add_sizes_argument,
+    check_sizes,
+    parse_sizes,
+)
 from einfuse.cli.errors import CliError
 
 
@@ -43,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help='a schedule in text form, e.g. "tile p=128, m=256; order b, h, p, m1"',
     )
     add_passes_argument(parser, 'passes to run first, e.g. "fuse"')
+    add_backend_argument(parser)
     parser.add_argument("--dtype", default=None, help="element type (default: the spec's)")
     parser.add_argument(
         "--fusemax-mapping",
@@ -59,12 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from einfuse.autotune.screen import compute_dtype, program_cost_model
+    from einfuse.backends.backend import get_backend
     from einfuse.cli.load import load_spec
     from einfuse.compile_path import canonicalize, check_schedule, run_pipeline
     from einfuse.cost_model.errors import CostModelError
     from einfuse.cost_model.target import get_target, load_target
     from einfuse.ir.schedule import Schedule
 
+    get_backend(args.backend)  # the model prices the program this backend emits: JAX's
     sizes = parse_sizes(args.sizes)
     spec = load_spec(args.spec)
     # the compile path of einfuse.jit and autotune: canonical form, then the pipeline

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from einfuse.cli.args import add_passes_argument
+from einfuse.cli.args import add_backend_argument, add_passes_argument
 from einfuse.cli.errors import CliError, is_user_error
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help='argument shapes and dtypes, e.g. "f32[2,8,128,64] bf16[16] i32[]"',
     )
     add_passes_argument(parser, 'einfuse passes to run first, e.g. "fuse{tile=512}"')
+    add_backend_argument(parser)
     parser.add_argument("--stage", choices=STAGES, default="optimized", help="default: optimized")
     parser.add_argument(
         "--summary", action="store_true", help="print a summary table of the optimized HLO"
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_arg_specs(args.args)
     fn = load_function(args.target)
     try:
-        lowered = _lower(fn, specs, args.passes)
+        lowered = _lower(fn, specs, args.passes, args.backend)
     except Exception as exc:
         if is_user_error(exc):  # already says what is wrong, maybe with a caret under it
             raise
@@ -86,12 +87,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _lower(
-    fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], passes: str | None = None
+    fn: Callable[..., Any],
+    specs: Sequence[jax.ShapeDtypeStruct],
+    passes: str | None = None,
+    backend: str = "jax",
 ) -> jax.stages.Lowered:
     """The one place that turns the user's function into a Lowered: through einfuse.jit."""
     from einfuse.frontend import jit
 
-    return jit(fn, passes=passes or None).lower(*specs)
+    return jit(fn, passes=passes or None, backend=backend).lower(*specs)
 
 
 def _run_with_dump(args: argparse.Namespace) -> int:
@@ -106,6 +110,7 @@ def _run_with_dump(args: argparse.Namespace) -> int:
     before = _files_under(directory)
     command = [sys.executable, "-m", "einfuse", "hlo", args.target, "--args", args.args]
     command += ["--passes", args.passes, "--stage", args.stage, "--compile"]
+    command += ["--backend", args.backend]
     command += ["--summary"] if args.summary else []
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
     child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
