@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from einfuse.backends.jax_blockwise import BlockwiseCascade
-from einfuse.backends.jax_mask import band_tiles
+from einfuse.backends.jax_mask import band_tiles, with_slack
 from einfuse.backends.jax_padding import row_skips, tile_max_by_row
 from einfuse.frontend import jit
 from einfuse.passes.fuse import fused_groups
@@ -183,3 +183,9 @@ def test_unmapped_batch_rows_skip_only_tiles_masked_in_every_row():
     ]  # fmt: skip
     (got,) = jax.jit(loop)(env).values()
     _close(got, jax.jit(fn)(q, k, v, mask))
+
+
+def test_the_masked_score_bound_covers_a_bfloat16_rounded_fill():
+    """bfloat16 rounds -1e4 to -9984, above the float32 fill: the checked bound covers it."""
+    assert float(with_slack(jnp.float32(-1e4))) >= float(jnp.bfloat16(-1e4))
+    assert float(with_slack(jnp.float32(-np.inf))) == -np.inf  # no inf - inf = NaN

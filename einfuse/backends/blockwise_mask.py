@@ -41,8 +41,10 @@ For an additive mask the masked score is ``s + fill``, not ``fill``: ``x`` is bo
 ``fl(B + fill)`` with ``B >= s`` from Cauchy-Schwarz on the score's contraction
 (``|c| * max_p ||q_p|| * max_k ||k_k||``, with 1% for rounding), computed once per call in
 O(S*D); with heads packed in one dim (``q[p, h*D + d]``) the norms are over the whole dim,
-looser but still a bound. A score that is not a scaled contraction of two operands gets no
-bound, and its masked tiles are visited.
+looser but still a bound. The bound (and a plain fill) is raised by ``2**-7`` of its size,
+since a bfloat16 member rounds ``s + fill`` (or the fill) by up to ``2**-8`` relative. A
+score that is not a scaled contraction of two operands gets no bound, and its masked tiles
+are visited.
 """
 
 from __future__ import annotations

@@ -55,10 +55,11 @@ def band_tiles(
 def masked_top(band: MaskBand, env: Mapping[str, Any], dtype: np.dtype) -> jax.Array:
     """An upper bound on every masked score, in ``dtype``: the fill, or for an additive mask
     ``fl(B + fill)`` with ``B`` the Cauchy-Schwarz bound of the scores (rounding is
-    monotone, so ``s <= B`` gives ``fl(s + fill) <= fl(B + fill)``)."""
+    monotone, so ``s <= B`` gives ``fl(s + fill) <= fl(B + fill)``), raised by ``with_slack``
+    for a narrower member dtype."""
     fill = jnp.asarray(band.fill, dtype)
     if not band.additive:
-        return fill
+        return with_slack(fill)  # a bfloat16 fill may round above the float32 one
     if band.bound is None:  # no bound: the check fails and every tile is visited
         return jnp.asarray(jnp.inf, dtype)
     return with_slack(score_bound_value(band.bound, env, dtype) + fill)
