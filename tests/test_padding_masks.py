@@ -189,3 +189,18 @@ def test_the_masked_score_bound_covers_a_bfloat16_rounded_fill():
     """bfloat16 rounds -1e4 to -9984, above the float32 fill: the checked bound covers it."""
     assert float(with_slack(jnp.float32(-1e4))) >= float(jnp.bfloat16(-1e4))
     assert float(with_slack(jnp.float32(-np.inf))) == -np.inf  # no inf - inf = NaN
+
+
+def test_dot_product_attention_with_a_key_mask_skips_and_matches_jax():
+    """jax.nn.dot_product_attention's own ``mask=`` (a where with fill 0.7 * finfo.min)."""
+    q, k, v = _qkv(9, (B, S, H, D))
+    mask = _mask(L, S) > 0
+
+    def attention(q, k, v, mask):
+        m = mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+
+    fused = jit(attention, passes=f"fuse{{tile={TILE}}}")
+    _close(fused(q, k, v, mask), jax.jit(attention)(q, k, v, mask))
+    source = _loop(fused, q, k, v, mask).source()
+    assert "(where): all-masked key tiles skipped where exact" in source
