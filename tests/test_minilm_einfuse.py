@@ -94,8 +94,12 @@ def test_fuse_rewrites_attention_in_every_layer_and_keeps_the_embeddings(
     got = np.asarray(fused(params, ids, mask))
     want = np.asarray(jax.jit(minilm.encode)(params, ids, mask))
     assert np.abs(got - want).max() < 1e-5
-    regions = fused.trace(params, ids, mask).program.regions
-    assert sum(len(fused_groups(r.cascade)) for r in regions) == 6
+    traced = fused.trace(params, ids, mask)
+    assert sum(len(fused_groups(r.cascade)) for r in traced.program.regions) == 6
+    # BERT's padding bias (1 - mask) * finfo.min is recognized: all-padded key tiles skip.
+    sources = [em.source() for em in traced.runner.emitted.values()]
+    skipping = "key padding from input (additive bias): all-masked key tiles skipped where exact"
+    assert sum(skipping in s for s in sources) == 6
 
 
 def test_bfloat16_minilm_fuses_attention_in_every_layer(

@@ -7,7 +7,11 @@ with the query index ``p``, in any of the forms real models write::
     s + where(k <= p, 0, fill)    where(and(k <= p, k > p - W), s, fill)   (sliding window)
 
 makes the visible keys of query ``p`` a band ``p + lo <= k <= p + hi`` (``lo``/``hi``
-absent: unbounded). For a query block and a key tile, the band decides three cases:
+absent: unbounded). A static key padding length, ``where(k < L, s, fill)`` (``k >= L``
+flipped, additive, or ``and``-ed with a band), adds ``k <= limit = L - 1``: the tiles wholly
+at or past ``L`` are outside the band for every query block, and the argument below holds
+unchanged (a masked score is still the fill, or ``s + fill``). Padding read from an input
+tensor is ``blockwise_padding``'s. For a query block and a key tile, the band decides three cases:
 every pair visible (the step runs with ``s`` itself: exact, the mask selects ``s`` there;
 ``s + 0`` equals ``s`` but for the sign of a zero), some visible (the masked step), none
 visible (the tile may be skipped).
@@ -36,13 +40,17 @@ skipping and the full loop compute the same thing (jax.jit gives NaN there, as d
 For an additive mask the masked score is ``s + fill``, not ``fill``: ``x`` is bounded by
 ``fl(B + fill)`` with ``B >= s`` from Cauchy-Schwarz on the score's contraction
 (``|c| * max_p ||q_p|| * max_k ||k_k||``, with 1% for rounding), computed once per call in
-O(S*D). A score that is not a scaled contraction of two operands gets no bound, and its
-masked tiles are visited.
+O(S*D); with heads packed in one dim (``q[p, h*D + d]``) the norms are over the whole dim,
+looser but still a bound. The bound (and a plain fill) is raised by ``2**-7`` of its size,
+since a bfloat16 member rounds ``s + fill`` (or the fill) by up to ``2**-8`` relative. A
+score that is not a scaled contraction of two operands gets no bound, and its masked tiles
+are visited.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from einfuse.ir.cascade import Cascade, Einsum
@@ -72,7 +80,7 @@ class ScoreBound:
 
 @dataclass(frozen=True)
 class MaskBand:
-    """Key ``k`` is visible to query ``p`` iff ``p + lo <= k <= p + hi``."""
+    """Key ``k`` is visible to query ``p`` iff ``p + lo <= k <= p + hi`` and ``k <= limit``."""
 
     member: str
     lo: int | None
@@ -82,6 +90,7 @@ class MaskBand:
     additive: bool
     running_max: str | None  # the carried max to check a finite fill against; None: cannot
     bound: ScoreBound | None  # for an additive finite fill
+    limit: int | None = None  # static key padding: only keys ``k <= limit`` are visible
 
     @property
     def skips_unchecked(self) -> bool:
@@ -101,10 +110,13 @@ class MaskBand:
     def describe(self) -> str:
         lo = "" if self.lo is None else f"p{self.lo:+d} <= "
         hi = "" if self.hi is None else f" <= p{self.hi:+d}"
+        band = f"{lo}k{hi}"
+        if self.limit is not None:  # static key padding
+            band = f"k <= {self.limit}" if band == "k" else f"{band} and k <= {self.limit}"
         how = "skipped" if self.skips_unchecked else "skipped where exact (checked per block)"
         if not self.skips:
             how = "visited (skipping cannot be proven exact)"
-        return f"mask band {lo}k{hi}, fill {self.fill:g}: masked key tiles {how}"
+        return f"mask band {band}, fill {self.fill:g}: masked key tiles {how}"
 
 
 def flat_key(outer: str, inner: str) -> Expr:
@@ -126,8 +138,9 @@ def _offset(e: Expr) -> tuple[str, int] | None:
     return a.rank, c if e.op == "add" else -c
 
 
-def _compare(cond: Expr, flat: Expr) -> tuple[str, str, int] | None:
-    """``k OP p + c`` as (OP, p, c), the key on the left."""
+def _compare(cond: Expr, flat: Expr) -> tuple[str, str | None, int] | None:
+    """``k OP p + c`` as (OP, p, c), the key on the left; ``k OP c`` (integral ``c``, a
+    static padding length) as (OP, None, c)."""
     if not (isinstance(cond, Op) and cond.op in _FLIP):
         return None
     a, b = cond.args
@@ -136,12 +149,18 @@ def _compare(cond: Expr, flat: Expr) -> tuple[str, str, int] | None:
         a, b, op = b, a, _FLIP[op]
     if a != flat:
         return None
+    if isinstance(b, Const) and float(b.value).is_integer():
+        return op, None, int(b.value)
     off = _offset(b)
     return None if off is None else (op, off[0], off[1])
 
 
-def _band(cond: Expr, flat: Expr, visible: bool) -> tuple[str, int | None, int | None] | None:
-    """The band where ``cond`` is ``visible``: (query rank, lo, hi), or None."""
+Band = tuple[str | None, int | None, int | None, int | None]  # (query, lo, hi, limit)
+
+
+def _band(cond: Expr, flat: Expr, visible: bool) -> Band | None:
+    """Where ``cond`` is ``visible``: ``p + lo <= k <= p + hi`` and ``k <= limit`` as
+    (query rank, lo, hi, limit); the query is None for a static padding bound alone."""
     joint = "and" if visible else "or"
     if isinstance(cond, Op) and cond.op == joint:
         # A constant that cannot decide the joint is left out (``and(1, k <= p)``, as
@@ -150,26 +169,38 @@ def _band(cond: Expr, flat: Expr, visible: bool) -> tuple[str, int | None, int |
         if not args or any(isinstance(a, Const) for a in args):
             return None
         parts = [_band(a, flat, visible) for a in args]
-        if any(p is None for p in parts) or len({p[0] for p in parts if p}) != 1:
+        if any(p is None for p in parts):
             return None
-        los = [p[1] for p in parts if p and p[1] is not None]
-        his = [p[2] for p in parts if p and p[2] is not None]
-        return parts[0][0], max(los, default=None), min(his, default=None)  # type: ignore[index]
+        queries = {p[0] for p in parts if p and p[0] is not None}
+        if len(queries) > 1:
+            return None
+
+        def tightest(k: int, pick: Callable[..., int]) -> int | None:
+            return pick((p[k] for p in parts if p and p[k] is not None), default=None)
+
+        query = queries.pop() if queries else None
+        return query, tightest(1, max), tightest(2, min), tightest(3, min)
     cmp = _compare(cond, flat)
     if cmp is None:
         return None
     op, q, c = cmp
     op = op if visible else _NOT[op]
-    return q, *{
-        "le": (None, c),
-        "lt": (None, c - 1),
-        "ge": (c, None),
-        "gt": (c + 1, None),
-    }[op]
+    if q is None:  # a static bound: only an upper one (padding) is a band
+        return {"le": (None, None, None, c), "lt": (None, None, None, c - 1)}.get(op)
+    return (
+        q,
+        *{
+            "le": (None, c),
+            "lt": (None, c - 1),
+            "ge": (c, None),
+            "gt": (c + 1, None),
+        }[op],
+        None,
+    )
 
 
-def _mask_of(x: Expr, flat: Expr) -> tuple[str, int | None, int | None, float, Expr, bool] | None:
-    """(query, lo, hi, fill, unmasked, additive) of a masking expression."""
+def _mask_of(x: Expr, flat: Expr) -> tuple[*Band, float, Expr, bool] | None:
+    """(query, lo, hi, limit, fill, unmasked, additive) of a masking expression."""
     if isinstance(x, Op) and x.op == "add":
         for bias, s in (x.args, x.args[::-1]):
             found = _bias(bias, flat)
@@ -183,8 +214,8 @@ def _mask_of(x: Expr, flat: Expr) -> tuple[str, int | None, int | None, float, E
     return None
 
 
-def _bias(x: Expr, flat: Expr) -> tuple[str, int | None, int | None, float] | None:
-    """``where(cond, 0, fill)`` or ``where(cond, fill, 0)``: (query, lo, hi, fill)."""
+def _bias(x: Expr, flat: Expr) -> tuple[*Band, float] | None:
+    """``where(cond, 0, fill)`` or ``where(cond, fill, 0)``: (query, lo, hi, limit, fill)."""
     if not (isinstance(x, Op) and x.op == "where"):
         return None
     cond, a, b = x.args
@@ -207,14 +238,14 @@ def find_mask(c: Cascade, g: FusedGroup, query: str | None) -> MaskBand | None:
     flat = flat_key(g.rank, g.inner)
     for name in g.einsums:
         found = _mask_of(c.writer(name).expr, flat)
-        if found is None or found[0] != query:
+        if found is None or found[0] not in (None, query):
             continue
-        _, lo, hi, fill, unmasked, additive = found
+        _, lo, hi, limit, fill, unmasked, additive = found
         if math.isnan(fill) or fill == math.inf:
             continue
-        rm = _running_max(c, g, name, flat)
-        bound = _score_bound(c, g, unmasked) if additive else None
-        return MaskBand(name, lo, hi, fill, unmasked, additive, rm, bound)
+        rm = running_max_of(c, g, name, flat)
+        bound = score_bound(c, g, unmasked) if additive else None
+        return MaskBand(name, lo, hi, fill, unmasked, additive, rm, bound, limit)
     return None
 
 
@@ -245,7 +276,7 @@ def _unpadded(x: Expr, flat: Expr) -> Expr:
     return x
 
 
-def _running_max(c: Cascade, g: FusedGroup, member: str, flat: Expr) -> str | None:
+def running_max_of(c: Cascade, g: FusedGroup, member: str, flat: Expr) -> str | None:
     """The carried max ``RM`` that the member reaches the state through, if it reaches it only
     as ``LM = max(k0) X``, ``RM' = max(RM, LM)`` and ``exp(X - SM)``, ``SM`` safe ``RM'``."""
     readers = [c.writer(n) for n in g.einsums if member in reads(c.writer(n))]
@@ -290,7 +321,7 @@ def _is_safe_max(c: Cascade, y: Expr, rm: str, r1: str) -> bool:
     return ok and cond == Op("gt", (val, Const(-math.inf))) and other == Const(0.0)
 
 
-def _score_bound(c: Cascade, g: FusedGroup, s: Expr) -> ScoreBound | None:
+def score_bound(c: Cascade, g: FusedGroup, s: Expr) -> ScoreBound | None:
     """``s`` as ``c * D`` with ``D = A * B`` summed over one rank, A and B read from outside.
 
     Casts are looked through: a bfloat16 score rounds by at most 2**-8 relative (twice, with
@@ -317,10 +348,23 @@ def _score_bound(c: Cascade, g: FusedGroup, s: Expr) -> ScoreBound | None:
         if not isinstance(a, Access) or a.tensor not in g.reads:
             return None  # only what the loop reads from outside is at hand before it
         dims = [k for k, i in enumerate(a.indices) if r in rank_vars(i)]
-        if len(dims) != 1 or a.indices[dims[0]] != Var(r):
+        if len(dims) != 1 or not _shifted(a.indices[dims[0]], r):
             return None
         operands.append((a.tensor, dims[0]))
     return ScoreBound(abs(scale), tuple(operands))
+
+
+def _shifted(i: Expr, r: str) -> bool:
+    """``r`` or ``x + r`` with ``x`` free of ``r`` (heads packed as ``h*D + d``): injective in
+    ``r``, so the squares summed over the whole dim bound those the contraction reads."""
+    if i == Var(r):
+        return True
+    return (
+        isinstance(i, Op)
+        and i.op == "add"
+        and i.args[1] == Var(r)
+        and r not in rank_vars(i.args[0])
+    )
 
 
 def _uncast(x: Expr) -> Expr:

@@ -5,8 +5,9 @@ runs before the loop (and each carried state's initial value), one step of it wi
 rank fixed (reads of the partitioned rank become reads of one tile, ``STEP__`` its index),
 and what runs after it on the final states. The query rank chosen here is tiled too (its
 block index ``QBLOCK__``); a band mask over the loop and query ranks (causal, sliding
-window, whatever its fill: see ``blockwise_mask``) is recognized so the emitter can skip
-the tiles outside the band and drop the mask inside it.
+window, static key padding, whatever its fill: see ``blockwise_mask``) is recognized so the
+emitter can skip the tiles outside the band and drop the mask inside it; without one, key
+padding read from an input (``blockwise_padding``) lets it skip the all-masked key tiles.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from einfuse.backends.blockwise_layout import query_major
 from einfuse.backends.blockwise_mask import MaskBand, find_mask, flat_key, mask_query
+from einfuse.backends.blockwise_padding import KeyPadding, find_padding
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.expr import (
@@ -46,6 +48,7 @@ class BlockPlan:
     post: Cascade  # everything after the loop, reading the final states
     tiles: dict[str, tuple[int, int]]  # external tensor -> (dim, ...) sliced per step
     mask: MaskBand | None  # a band mask over the loop and query ranks (causal, window)
+    padding: KeyPadding | None = None  # key padding read from an input (if no band)
 
     @property
     def causal(self) -> bool:
@@ -146,7 +149,9 @@ def plan_group(c: Cascade, g: FusedGroup, query: str | None) -> BlockPlan:
         tuple(body_inputs.values()), tuple(body), tuple(g.carried), c.sizes, c.partitions
     )
     post = _post(c, g, after, before)
-    return BlockPlan(g, query, pre, body_c, post, tiles, find_mask(c, g, query))
+    mask = find_mask(c, g, query)
+    padding = find_padding(c, g, query) if mask is None else None
+    return BlockPlan(g, query, pre, body_c, post, tiles, mask, padding)
 
 
 def _ranks_without(c: Cascade, t: str, d: int) -> tuple[str, ...]:

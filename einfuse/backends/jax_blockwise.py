@@ -13,7 +13,9 @@ The query rank is tiled too (a ``lax.map`` over its blocks), so a step holds one
 ``P0 x M0`` score tile. With a band mask (causal ``m1*M0+m0 <= p``, a sliding window, any
 fill: ``blockwise_mask``) a ``lax.switch`` per step skips the tiles outside the band and runs
 the tiles inside it without the mask (so the loop stays differentiable); a finite fill is
-checked per query block (``jax_mask``). The split into programs is ``blockwise_plan``'s.
+checked per query block (``jax_mask``). Key padding read from an input skips the key tiles
+whose keys are all masked, read off one max per tile before the loop (``jax_padding``),
+under the same check. The split into programs is ``blockwise_plan``'s.
 
 Dtypes: every tile and step result has its tensor's dtype in the IR (so the program's casts
 hold where it put them), but the carried state (running max, sums, products) is at least
@@ -33,6 +35,7 @@ import numpy as np
 from jax import lax
 
 from einfuse.backends.blockwise_mask import MaskBand, without_mask
+from einfuse.backends.blockwise_padding import keymax_cascade
 from einfuse.backends.blockwise_plan import (
     QBLOCK,
     STEP,
@@ -42,6 +45,7 @@ from einfuse.backends.blockwise_plan import (
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade, with_dtype
 from einfuse.backends.jax_mask import band_tiles, masked_top, skip_is_exact
+from einfuse.backends.jax_padding import padding_bound, row_skips, tile_max_by_row
 from einfuse.backends.jax_values import BackendUnsupported, canonical_dtype
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.dtypes import tensor_dtypes
@@ -105,6 +109,11 @@ class BlockwiseCascade:
             full = self._typed(self._globalized(unmasked.body))
             if {t.name for t in full.inputs} <= set(self.body_inputs):
                 self.full_body = lower_cascade(full, body_sizes, **typed)
+        # Key padding read from an input: the per-tile maxima deciding which tiles to skip.
+        self.keymax: LoweredCascade | None = None
+        if self.plan.padding is not None and self.plan.padding.skips:
+            keymax = keymax_cascade(cascade, group, self.plan.padding)
+            self.keymax = lower_cascade(self._typed(keymax), self.sizes, **typed)
         self.post = lower_program(
             self._typed(self.plan.post), self.sizes, query_tile=query_tile, schedule=schedule,
             **typed,
@@ -160,14 +169,18 @@ class BlockwiseCascade:
         top = None
         if mask is not None and mask.skips and not mask.skips_unchecked:
             top = masked_top(mask, env, self.carry_dtype)
+        pad, tmax = self.plan.padding, None
+        if self.keymax is not None and pad is not None:
+            tmax = tile_max_by_row(pad, self.keymax, env, self.rows, self.sizes)
+            top = padding_bound(pad, env)
         if self.rows:
             # One (batch, head) row at a time: every product in the loop is a plain 2-D
             # GEMM, which XLA:CPU runs faster than the batched form.
             folded = {n: self._rows_to_front(x, self._dims(n, self.rows)) for n, x in raw.items()}
-            finals = lax.map(lambda row: self._run_row(row, top), folded)
+            finals = lax.map(lambda xs: self._run_row(xs[0], top, xs[1]), (folded, tmax))
             finals = {t: self._rows_back(y, self._dims(t, self.rows)) for t, y in finals.items()}
         else:
-            finals = self._run_row(raw, top)
+            finals = self._run_row(raw, top, tmax)
         env.update(finals)
         return {o: x.astype(self.dtypes[o]) for o, x in self.post(env).items()}
 
@@ -194,9 +207,15 @@ class BlockwiseCascade:
         y = y.reshape((*(self.sizes[r] for r in self.rows), *y.shape[1:]))
         return jnp.moveaxis(y, list(range(len(dims))), dims)
 
-    def _run_row(self, raw: dict[str, jax.Array], top: jax.Array | None) -> dict[str, jax.Array]:
+    def _run_row(
+        self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         """The loop for every query block of one row; returns each carried state's last step.
-        ``top`` bounds the masked scores where skipping them must be checked."""
+        ``top`` bounds the masked scores where skipping them must be checked; with key
+        padding, ``tmax`` is the row's per-tile key maxima and ``top`` the score bound."""
+        skip = None
+        if tmax is not None and self.plan.padding is not None and top is not None:
+            skip, top = row_skips(self.plan.padding, tmax, top)
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
         mapped: dict[str, jax.Array] = {}
@@ -229,15 +248,23 @@ class BlockwiseCascade:
 
             step = step_of(self.body)
             mask = self.plan.mask
-            if mask is None:
+            if skip is not None and self.plan.padding is not None:
+                # Key padding: a tile whose keys are all masked is skipped (checked below).
+                def skipping(k: jax.Array, s: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                    return lax.cond(skip[k], lambda: s, lambda: step(k, s))
+
+                fast, checked = lax.fori_loop(0, steps, skipping, state0), self.plan.padding
+            elif mask is None:
                 return lax.fori_loop(0, steps, step, state0)
-            fast = lax.fori_loop(0, steps, self._banded(mask, j, step, step_of), state0)
-            if mask.skips_unchecked or not mask.skips:
-                return fast
+            else:
+                fast = lax.fori_loop(0, steps, self._banded(mask, j, step, step_of), state0)
+                if mask.skips_unchecked or not mask.skips:
+                    return fast
+                checked = mask
             # A finite fill: the skipped tiles were exact zeros only if every row's running
             # max clears the masked scores by the underflow margin; else visit every tile.
-            rm = fast[mask.running_max]
-            d = self._qdim_of(mask.running_max)
+            rm = fast[checked.running_max]
+            d = self._qdim_of(checked.running_max)
             valid = jnp.ones(rm.shape, bool)
             if d is not None:
                 rows = j * self.q_tile + jnp.arange(self.q_tile) < self.sizes[self.query]
@@ -259,7 +286,7 @@ class BlockwiseCascade:
         not a dynamic trip count, so the loop stays reverse-differentiable."""
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
-        t = band_tiles(mask, j, self.q_tile, tile, steps, self.sizes[self.query])
+        t = band_tiles(mask, j, self.q_tile, tile, steps, self.sizes.get(self.query, 1))
         branches = [step, lambda _, s: s]
         if self.full_body is not None:
             branches.insert(0, step_of(self.full_body))
@@ -279,6 +306,7 @@ class BlockwiseCascade:
             f"# blockwise loop over {g.rank} (tile {g.inner}={self.sizes[g.inner]}), "
             f"query rank {self.query} in blocks of {self.q_tile}"
             + (f", {self.plan.mask.describe()}" if self.plan.mask else "")
+            + (f", {self.plan.padding.describe()}" if self.plan.padding else "")
         )
         parts = [head]
         if self.plan.pre.einsums:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from einfuse.backends.blockwise_mask import BOUND_SLACK, UNDERFLOW, MaskBand
+from einfuse.backends.blockwise_mask import BOUND_SLACK, UNDERFLOW, MaskBand, ScoreBound
 
 
 class BandTiles(NamedTuple):
@@ -38,29 +38,46 @@ def band_tiles(
     def clip(t: Any) -> Any:
         return jnp.clip(t, 0, steps)
 
-    lo, hi = band.lo, band.hi
+    lo, hi, limit = band.lo, band.hi, band.limit
+    upper = steps if hi is None else clip((p1 + hi) // tile + 1)
+    full_hi = steps if hi is None else clip((p0 + hi + 1) // tile)
+    if limit is not None:  # static padding: no tile past the one holding key ``limit``
+        upper = jnp.minimum(upper, clip(limit // tile + 1))
+        full_hi = jnp.minimum(full_hi, clip((limit + 1) // tile))
     return BandTiles(
         first=0 if lo is None else clip((p0 + lo) // tile),
-        upper=steps if hi is None else clip((p1 + hi) // tile + 1),
+        upper=upper,
         full_lo=0 if lo is None else clip(-((-(p1 + lo)) // tile)),
-        full_hi=steps if hi is None else clip((p0 + hi + 1) // tile),
+        full_hi=full_hi,
     )
 
 
 def masked_top(band: MaskBand, env: Mapping[str, Any], dtype: np.dtype) -> jax.Array:
     """An upper bound on every masked score, in ``dtype``: the fill, or for an additive mask
     ``fl(B + fill)`` with ``B`` the Cauchy-Schwarz bound of the scores (rounding is
-    monotone, so ``s <= B`` gives ``fl(s + fill) <= fl(B + fill)``)."""
+    monotone, so ``s <= B`` gives ``fl(s + fill) <= fl(B + fill)``), raised by ``with_slack``
+    for a narrower member dtype."""
     fill = jnp.asarray(band.fill, dtype)
     if not band.additive:
-        return fill
+        return with_slack(fill)  # a bfloat16 fill may round above the float32 one
     if band.bound is None:  # no bound: the check fails and every tile is visited
         return jnp.asarray(jnp.inf, dtype)
-    bound = jnp.asarray(band.bound.scale * BOUND_SLACK, dtype)
-    for name, dim in band.bound.operands:
+    return with_slack(score_bound_value(band.bound, env, dtype) + fill)
+
+
+def score_bound_value(bound: ScoreBound, env: Mapping[str, Any], dtype: Any) -> jax.Array:
+    """``B >= |s|``: ``|c| * max_p ||q_p|| * max_k ||k_k||`` with ``BOUND_SLACK``."""
+    b = jnp.asarray(bound.scale * BOUND_SLACK, dtype)
+    for name, dim in bound.operands:
         x = jnp.asarray(env[name]).astype(dtype)
-        bound = bound * jnp.max(jnp.sqrt(jnp.sum(x * x, axis=dim)))
-    return bound + fill
+        b = b * jnp.max(jnp.sqrt(jnp.sum(x * x, axis=dim)))
+    return b
+
+
+def with_slack(top: jax.Array) -> jax.Array:
+    """``top`` raised by ``2**-7`` of its size: a masked score added in bfloat16 rounds by at
+    most ``2**-8`` relative, which may lift it above the float32 ``fl(B + fill)``."""
+    return jnp.where(jnp.isfinite(top), top + jnp.abs(top) * 2.0**-7, top)
 
 
 def skip_is_exact(top: jax.Array, running_max: jax.Array, valid: jax.Array) -> jax.Array:
