@@ -9,6 +9,7 @@ many K/V heads, RoPE, RMSNorm, SwiGLU, a ``finfo.min`` causal fill, float32 soft
   shuffled rounds after warm-up (``time_interleaved``); read the ratio of medians to jax.jit
   (wall time, and process CPU time, steadier on a shared machine). ``jax_again``, a second
   ``jax.jit`` of the same function timed beside them, shows how far a ratio moves by noise.
+  Every implementation's output is checked against jax.jit's before it is timed.
 * First call (trace + lift + emit + compile + run) and peak memory: each implementation in its
   own fresh process, so none warms another; peak RSS of the whole process and its rise over
   the RSS after making the inputs.
@@ -80,8 +81,17 @@ def make_one(impl: str, dtype: str, model: str = "gpt", layers: int = 2, **sizes
 
 def make_all(dtype: str, model: str = "gpt", layers: int = 2, **sizes: int) -> dict[str, Any]:
     """Every implementation on the same inputs, to be timed interleaved."""
+    import numpy as np
+
     args = _inputs(dtype, **sizes, model=model, layers=layers)
     fns = {i: _compiled(i, model) for i in IMPLS} | {CONTROL: _compiled("jax", model)}
+    want = np.asarray(fns["jax"](*args), np.float32)
+    tol = 1e-4 if dtype == "float32" else 2e-2  # relative to the output's scale
+    for impl, fn in fns.items():  # a fast wrong answer is no result: check before timing
+        got = np.asarray(fn(*args), np.float32)
+        err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        if not err <= tol:
+            raise AssertionError(f"{impl} differs from jax.jit by {err:.2e} (> {tol})")
     return {i: (lambda f=f: f(*args)) for i, f in fns.items()}
 
 
