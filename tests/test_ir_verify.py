@@ -261,3 +261,9 @@ def test_partition_tile_must_match_the_inner_size() -> None:
 def test_non_positive_size() -> None:
     with pytest.raises(VerifyError, match="rank i has size 0; sizes must be positive"):
         verify(parse("ranks i=0\ninputs X[i]\noutputs X"))
+
+
+def test_an_unknown_input_dtype_is_refused_at_its_declaration() -> None:
+    with pytest.raises(VerifyError, match="input Q: unknown dtype 'bfloat17'") as info:
+        verify(parse("inputs Q[e, p]: bfloat17\nY[p] = Q[e, p]\noutputs Y"))
+    assert info.value.loc is not None and info.value.loc.line == 1

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from einfuse.ir.cascade import Cascade
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# What an input may be declared as: the floats, and the integers and booleans a lifted region
+# reads as index values and masks.
+DECLARABLE_DTYPES = frozenset(
+    {*FLOAT_DTYPES, "bool", *(f"{k}int{b}" for k in ("", "u") for b in (8, 16, 32, 64))}
+)
 DEFAULT_DTYPE = "float32"
 # Ops whose value is 0/1 whatever their operands: weak, like a comparison in a mask.
 _WEAK_OPS = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not", "sign"})

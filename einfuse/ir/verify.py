@@ -12,6 +12,7 @@ import networkx as nx
 import sympy
 
 from einfuse.ir.cascade import Cascade, Einsum
+from einfuse.ir.dtypes import DECLARABLE_DTYPES
 from einfuse.ir.errors import VerifyError
 from einfuse.ir.expr import (
     OPS,
@@ -42,6 +43,10 @@ def verify(c: Cascade) -> Cascade:
     if len(defined) != len(c.inputs):
         dup = next(t for t in c.inputs if sum(u.name == t.name for u in c.inputs) > 1)
         raise VerifyError(f"input {dup.name} declared twice", dup.loc, where=dup.name)
+    for t in c.inputs:
+        if t.dtype not in DECLARABLE_DTYPES:
+            known = ", ".join(sorted(DECLARABLE_DTYPES))
+            raise VerifyError(f"input {t.name}: unknown dtype {t.dtype!r}; known: {known}", t.loc)
     known_ranks = set(c.all_ranks())
     _check_names(c, known_ranks)
     for r, s in c.sizes:
