@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from einfuse.ir.dtypes import ITEMSIZE
+
 if TYPE_CHECKING:
     import optuna
 
@@ -138,13 +140,10 @@ def _divisors(n: int) -> set[int]:
     return {*small, *(n // d for d in small)}
 
 
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int8": 1, "int32": 4}
-
-
 def _itemsize(dtype: str) -> int:
-    """Bytes per element, without needing JAX to have registered bfloat16 with NumPy."""
-    if dtype in _ITEMSIZE:
-        return _ITEMSIZE[dtype]
+    """Bytes per element (``einfuse.ir.dtypes.ITEMSIZE``; NumPy for anything else)."""
+    if dtype in ITEMSIZE:
+        return ITEMSIZE[dtype]
     import numpy as np
 
     return np.dtype(dtype).itemsize

@@ -20,10 +20,12 @@ from einfuse.cost_model.precision import current_precision, dot_rate
 from einfuse.cost_model.target import ComputeUnit, Target
 from einfuse.cost_model.work import Work
 from einfuse.ir.cascade import Einsum
+from einfuse.ir.dtypes import FLOAT_DTYPES, ITEMSIZE
 
 Charge = tuple[str, float, float, float, float]  # (unit, per MAC, per vector, per transc., rate)
 
-ELEMENT_BYTES = {"float64": 8, "float32": 4, "tensorfloat32": 4, "bfloat16": 2, "float16": 2}
+# The float dtypes' sizes, and TF32's (a float32 dot's compute type on NVIDIA tensor cores).
+ELEMENT_BYTES = {d: ITEMSIZE[d] for d in FLOAT_DTYPES} | {"tensorfloat32": 4}
 ELEMENT_BYTES |= {"float8_e4m3fn": 1, "int8": 1}
 
 

@@ -32,6 +32,10 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 DECLARABLE_DTYPES = frozenset(
     {*FLOAT_DTYPES, "bool", *(f"{k}int{b}" for k in ("", "u") for b in (8, 16, 32, 64))}
 )
+# Bytes per element of each of them: the one table (no NumPy needed for bfloat16).
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "bool": 1} | {
+    f"{k}int{b}": b // 8 for k in ("", "u") for b in (8, 16, 32, 64)
+}
 DEFAULT_DTYPE = "float32"
 # Ops whose value is 0/1 whatever their operands: weak, like a comparison in a mask.
 _WEAK_OPS = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not", "sign"})
