@@ -283,8 +283,15 @@ class JitFunction:
         """The lifted (and passed) program: cascades in the IR text form, opaque ops as comments."""
         return self.trace(*args, **kwargs).cascade()
 
-    def lower(self, *args: Any, **kwargs: Any) -> jax.stages.Lowered:
-        return self._jitted.lower(*args, **kwargs)
+    def lower(
+        self, *args: Any, lowering_platforms: tuple[str, ...] | None = None, **kwargs: Any
+    ) -> jax.stages.Lowered:
+        """JAX's ``Lowered``; ``lowering_platforms=("cuda",)`` (or ``"tpu"``) lowers for a
+        platform this machine lacks: StableHLO to read, not to compile here."""
+        if lowering_platforms is None:
+            return self._jitted.lower(*args, **kwargs)
+        traced = self._jitted.trace(*args, **kwargs)
+        return traced.lower(lowering_platforms=tuple(lowering_platforms))
 
     def hlo(self, *args: Any, stage: str = "optimized", **kwargs: Any) -> str:
         from einfuse.backends.inspection import hlo_text

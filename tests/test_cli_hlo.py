@@ -290,3 +290,23 @@ def test_hlo_dump_reruns_with_the_same_passes(capsys, tmp_path, monkeypatch):
     _assert_user_error(capsys, *argv, "--dump", str(tmp_path))  # the fake run wrote no files
     (command,) = commands
     assert command[command.index("--passes") + 1] == "fuse{tile=16}"
+
+
+# --- other platforms -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_the_fused_loop_lowers_for_a_platform_this_machine_lacks(capsys, platform):
+    code, out, _ = _run(
+        capsys,
+        *("hlo", f"{MODEL}:attention", "--args", "bf16[64,16] bf16[64,16] bf16[64,4]"),
+        *("--passes", "fuse{tile=16}", "--platform", platform, "--stage", "stablehlo"),
+    )
+    assert code == 0 and "stablehlo.while" in out and "bf16" in out
+
+
+def test_a_foreign_platform_cannot_be_compiled_here(capsys):
+    line = _assert_user_error(
+        capsys, "hlo", f"{MODEL}:attention", "--args", ATTENTION_ARGS, "--platform", "tpu"
+    )
+    assert "--platform tpu" in line and "--stage stablehlo" in line

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # Mirrors einfuse.backends.inspection.STAGES (a test keeps them equal); importing it from there
 # would import jax, and `einfuse --help` must not.
 STAGES = ("stablehlo", "optimized")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_backend_argument(parser)
     parser.add_argument("--stage", choices=STAGES, default="optimized", help="default: optimized")
     parser.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default=None,
+        help="lower for this platform (cuda, rocm, tpu: StableHLO only, as nothing here "
+        "compiles for it); default: the device JAX runs on",
+    )
+    parser.add_argument(
         "--summary", action="store_true", help="print a summary table of the optimized HLO"
     )
     parser.add_argument(
@@ -58,15 +66,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     if args.dump is not None:
+        if args.platform not in (None, jax.default_backend()):
+            raise CliError(f"--dump compiles; this machine cannot compile for {args.platform}")
         return _run_with_dump(args)
     from einfuse.backends.inspection import hlo_text, inspect_hlo
     from einfuse.cli.args import load_function, one_line, parse_arg_specs
 
     specs = parse_arg_specs(args.args)
     fn = load_function(args.target)
+    foreign = args.platform is not None and args.platform != jax.default_backend()
+    if foreign and (args.summary or args.stage == "optimized" or args.compile):
+        raise CliError(
+            f"--platform {args.platform}: this machine cannot compile for it; "
+            "give --stage stablehlo (no --summary)"
+        )
     try:
-        lowered = _lower(fn, specs, args.passes, args.backend)
+        lowered = _lower(fn, specs, args.passes, args.backend, args.platform)
     except Exception as exc:
         if is_user_error(exc):  # already says what is wrong, maybe with a caret under it
             raise
@@ -91,11 +109,15 @@ def _lower(
     specs: Sequence[jax.ShapeDtypeStruct],
     passes: str | None = None,
     backend: str = "jax",
+    platform: str | None = None,
 ) -> jax.stages.Lowered:
     """The one place that turns the user's function into a Lowered: through einfuse.jit."""
     from einfuse.frontend import jit
 
-    return jit(fn, passes=passes or None, backend=backend).lower(*specs)
+    platforms = None if platform is None else (platform,)
+    return jit(fn, passes=passes or None, backend=backend).lower(
+        *specs, lowering_platforms=platforms
+    )
 
 
 def _run_with_dump(args: argparse.Namespace) -> int:
