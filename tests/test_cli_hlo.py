@@ -196,7 +196,7 @@ def test_library_errors_count_as_user_errors():
 
 
 def test_library_errors_print_without_a_traceback(capsys, monkeypatch):
-    def failing_lower(fn, specs, passes=None, backend="jax"):
+    def failing_lower(fn, specs, passes=None, backend="jax", platform=None):
         raise SpecError("rank 'm' is bound twice")
 
     monkeypatch.setattr(hlo_command, "_lower", failing_lower)
