@@ -54,3 +54,18 @@ def test_a_result_tuned_for_one_backend_is_never_replayed_on_another(tmp_path, m
     replayed = jit(attn, autotune=store, backend="twin")
     assert replayed.trace(q, k, v).compiled[0].pipeline == result.results[0].pipeline
     np.testing.assert_allclose(replayed(q, k, v), jax.jit(attn)(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_the_tuner_offers_only_placements_the_backend_carries_out(monkeypatch) -> None:
+    from einfuse.autotune.space import SpaceOptions
+    from einfuse.autotune.tuner import _for_backend
+    from einfuse.einsum_cascade import attention
+
+    c = attention("3pass").with_sizes(b=1, h=2, e=64, f=64, p=1024, m=1024)
+    result = autotune(c, target="h200", objective="model", storage="memory", progress=False)
+    assert result.schedule is not None and "tile" in str(result.schedule)
+    assert "place" not in str(result.schedule)  # XLA places tensors; nothing is claimed
+    placing = replace(get_backend(), name="placing", placements=frozenset({"shared_memory"}))
+    assert _for_backend(None, get_backend()).providers is not None
+    assert "placement" not in _for_backend(None, get_backend()).providers
+    assert _for_backend(SpaceOptions(), placing) == SpaceOptions()

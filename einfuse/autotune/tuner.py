@@ -12,6 +12,7 @@ without a single new trial. `lookup_best` and `tuned_pipeline` read choices back
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from einfuse.autotune.key import TuningKey
@@ -168,7 +169,7 @@ def _tune(
     cascade: Cascade, sizes: dict[str, int], target: Target, store: TuningStore, s: Settings
 ) -> TuneResult:
     key = region_key(cascade, sizes, target, s.backend.name)
-    space = build_space(cascade, target, sizes, s.space_options)
+    space = build_space(cascade, target, sizes, _for_backend(s.space_options, s.backend))
     name = s.study or key.study_name("model" if s.objective == "model" else "measured")
     with quiet_optuna():
         study = store.study(name, key)
@@ -188,6 +189,18 @@ def _tune(
         if s.objective == "model":
             return tune_model(job)
         return tune_measured(job)
+
+
+def _for_backend(options: SpaceOptions | None, backend: Backend) -> SpaceOptions:
+    """The space a backend can carry out: no placement params where it places nothing
+    (JAX: XLA decides where tensors live), so no stored Schedule claims a placement."""
+    options = options or SpaceOptions()
+    if backend.placements:
+        return options
+    from einfuse.autotune.space import space_providers
+
+    names = options.providers if options.providers is not None else tuple(space_providers())
+    return replace(options, providers=tuple(n for n in names if n != "placement"))
 
 
 def _evaluator(
