@@ -62,8 +62,8 @@ def _inputs(
 
         from examples.llama import Config, init_params
 
-        cfg = Config(dim=width, heads=heads, kv_heads=max(1, heads // 2), hidden=2 * width)
-        cfg = Config(**{**cfg.__dict__, "layers": layers})
+        kv_heads = max(1, heads // 2)
+        cfg = Config(dim=width, heads=heads, kv_heads=kv_heads, hidden=2 * width, layers=layers)
         tokens = np.random.default_rng(1).integers(0, cfg.vocab, (batch, seq))
         params = init_params(cfg, dtype=dtype)
         return (*jax.block_until_ready((params, jax.numpy.asarray(tokens))), cfg)

@@ -43,12 +43,16 @@ class Traced:
     jaxpr: core.ClosedJaxpr
     lifted: Program
     program: Program
-    pass_history: tuple[tuple[tuple[str, str], ...], ...]  # per region: (pass, cascade text)
     out_tree: Any
     runner: ProgramRunner
     seconds: dict[str, float] = field(default_factory=dict)
     compiled: tuple[Compiled, ...] = ()
     tuning: tuple[str, ...] = ()  # per region, with autotune: what was looked up and found
+
+    @property
+    def pass_history(self) -> tuple[tuple[tuple[str, str], ...], ...]:
+        """Per region, ``(pass, cascade text)`` after each pass of its pipeline."""
+        return tuple(c.history() for c in self.compiled)
 
     def cascade(self) -> str:
         return format_program(self.program)
@@ -216,10 +220,7 @@ class JitFunction:
         t3 = time.perf_counter()
         runner = ProgramRunner(program, self.backend)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
-        history = tuple(c.history() for c in compiled)
-        return Traced(
-            closed, lifted, program, history, out_tree[0], runner, seconds, compiled, tuning
-        )
+        return Traced(closed, lifted, program, out_tree[0], runner, seconds, compiled, tuning)
 
     def _run_passes(self, program: Program) -> tuple[tuple[Compiled, ...], tuple[str, ...]]:
         """Each canonical region through its pipeline: the tuned one if stored, else ``passes``."""

@@ -32,7 +32,7 @@ from einfuse.backends.blockwise_mask import (
     score_bound,
 )
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, rank_vars
+from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var, accesses, rank_vars
 from einfuse.passes.fuse import FusedGroup
 
 KEYMAX = "KEYMAX__"
@@ -100,7 +100,7 @@ def _padding_of(x: Expr, flat: Expr, g: FusedGroup, query: str | None) -> tuple 
 
 def _per_key(x: Expr, flat: Expr, g: FusedGroup, query: str | None) -> bool:
     """Whether ``x`` reads, at the key, only tensors from outside the loop, and not the query."""
-    reads = [a for a in x.walk() if isinstance(a, Access)]
+    reads = accesses(x)
     if query in rank_vars(x) or any(a.tensor in g.einsums for a in reads):
         return False
     return any(flat in a.indices for a in reads)

@@ -98,9 +98,8 @@ class BlockwiseCascade:
         self.pre = lower_program(
             self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, **options
         )
-        typed = options
         body = self._typed(body)
-        self.body: LoweredCascade = lower_cascade(body, body_sizes, **typed)
+        self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
         # A band mask (causal, window): tiles inside the band run a step without the mask
         # (only the tiles on its edges pay for it), tiles outside it are skipped.
         self.full_body: LoweredCascade | None = None
@@ -108,15 +107,15 @@ class BlockwiseCascade:
             unmasked = plan_group(without_mask(cascade, self.plan.mask), group, query)
             full = self._typed(self._globalized(unmasked.body))
             if {t.name for t in full.inputs} <= set(self.body_inputs):
-                self.full_body = lower_cascade(full, body_sizes, **typed)
+                self.full_body = lower_cascade(full, body_sizes, **options)
         # Key padding read from an input: the per-tile maxima deciding which tiles to skip.
         self.keymax: LoweredCascade | None = None
         if self.plan.padding is not None and self.plan.padding.skips:
             keymax = keymax_cascade(cascade, group, self.plan.padding)
-            self.keymax = lower_cascade(self._typed(keymax), self.sizes, **typed)
+            self.keymax = lower_cascade(self._typed(keymax), self.sizes, **options)
         self.post = lower_program(
             self._typed(self.plan.post), self.sizes, query_tile=query_tile, schedule=schedule,
-            **typed,
+            **options,
         )  # fmt: skip
         self.body_cascade = body
 

@@ -33,12 +33,11 @@ import math
 import string
 from collections.abc import Mapping
 
-import ml_dtypes
 import numpy as np
 import sympy
 
 from einfuse.ir.cascade import Cascade, Einsum
-from einfuse.ir.dtypes import tensor_dtypes
+from einfuse.ir.dtypes import rounding_dtype, tensor_dtypes
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
 from einfuse.ir.verify import recurrence_parts, verify
@@ -83,12 +82,11 @@ BINARY = {
     "and": lambda a, b: _bool((a != 0) & (b != 0)),
     "or": lambda a, b: _bool((a != 0) | (b != 0)),
 }
-_NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
 
 def round_to(x: np.ndarray | float, dtype: str) -> np.ndarray:
     """``x`` rounded to ``dtype`` (to nearest even), held in float64."""
-    np_dtype = _NUMPY_DTYPES.get(dtype)
+    np_dtype = rounding_dtype(dtype)
     x = np.asarray(x, dtype=np.float64)
     return x if np_dtype is None else x.astype(np_dtype).astype(np.float64)
 
@@ -117,7 +115,7 @@ def interpret(
     verify(cascade)
     arrays = _check_inputs(cascade, inputs)
     bound = infer_sizes(cascade, {k: v.shape for k, v in arrays.items()}, sizes)
-    rounded = set(_NUMPY_DTYPES) if round_float32 else {"bfloat16", "float16"}
+    rounded = {"bfloat16", "float16", *(["float32"] if round_float32 else [])}
     dtypes = {k: v if v in rounded else "float64" for k, v in tensor_dtypes(cascade).items()}
     tensors: dict[str, np.ndarray] = {k: round_to(v, dtypes[k]) for k, v in arrays.items()}
     with np.errstate(all="ignore"):

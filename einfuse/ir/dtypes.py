@@ -17,14 +17,14 @@ The mixed-precision rule, one for every stage (lifter, reference, cost model, ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from einfuse.ir.expr import CAST_OPS, Access, Expr, Op
 
 if TYPE_CHECKING:
-    from einfuse.ir.cascade import Cascade
+    from einfuse.ir.cascade import Cascade, Einsum
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 # What an input may be declared as: the floats, and the integers and booleans a lifted region
@@ -73,17 +73,24 @@ def expr_dtype(expr: Expr, tensor_dtype: Callable[[str], str | None]) -> str | N
 def tensor_dtypes(cascade: Cascade, weak: str = DEFAULT_DTYPE) -> dict[str, str]:
     """Every tensor's dtype, inputs and Einsum outputs, in cascade order; ``weak`` is the
     dtype of an Einsum that reads no typed value."""
-    out = {t.name: t.dtype for t in cascade.inputs}
-    for e in cascade.einsums:
+    return add_dtypes({t.name: t.dtype for t in cascade.inputs}, cascade.einsums, weak)
+
+
+def add_dtypes(
+    dtypes: dict[str, str], einsums: Iterable[Einsum], weak: str = DEFAULT_DTYPE
+) -> dict[str, str]:
+    """``dtypes`` extended, in place, by the outputs of ``einsums`` (in order), for a pass
+    that builds Einsums and asks their dtypes before it has a whole cascade."""
+    for e in einsums:
 
         def lookup(name: str, _self: str = e.output) -> str | None:
-            return None if name == _self else out.get(name)
+            return None if name == _self else dtypes.get(name)
 
         d = expr_dtype(e.expr, lookup)
         if e.init is not None:
             d = promote(d, expr_dtype(e.init, lookup))
-        out[e.output] = d or weak
-    return out
+        dtypes[e.output] = d or weak
+    return dtypes
 
 
 def cast(dtype: str, expr: Expr) -> Expr:
@@ -93,13 +100,21 @@ def cast(dtype: str, expr: Expr) -> Expr:
     return Op(dtype, (expr,))
 
 
-def round_constant(value: float, dtype: str) -> float:
-    """``value`` rounded to ``dtype`` (to nearest even), as a Python float."""
+def rounding_dtype(dtype: str) -> Any:
+    """The NumPy dtype that rounds a float64 value to ``dtype`` (to nearest even; ml_dtypes'
+    for bfloat16), or None where float64 holds it exactly (float64, integers)."""
     import ml_dtypes
     import numpy as np
 
-    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-    return float(np.asarray(value, np.float64).astype(np_dtype.get(dtype, np.float64)))
+    return {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}.get(dtype)
+
+
+def round_constant(value: float, dtype: str) -> float:
+    """``value`` rounded to ``dtype``, as a Python float."""
+    import numpy as np
+
+    np_dtype = rounding_dtype(dtype)
+    return float(value) if np_dtype is None else float(np.asarray(value).astype(np_dtype))
 
 
 def with_input_dtype(cascade: Cascade, dtype: str) -> Cascade:

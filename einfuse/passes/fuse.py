@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from einfuse.ir.cascade import Cascade, Einsum, Partition
-from einfuse.ir.dtypes import cast, expr_dtype, keep_output_dtypes, tensor_dtypes
+from einfuse.ir.dtypes import add_dtypes, cast, expr_dtype, keep_output_dtypes, tensor_dtypes
 from einfuse.ir.errors import EinfuseError, VerifyError
 from einfuse.ir.expr import (
     Access,
@@ -306,21 +306,27 @@ def _rewrite(c: Cascade, plan: ChainPlan) -> tuple[Cascade, str]:
         return Access(sm, (step, *at)) if at is not None else None
 
     out: list[Einsum] = []
+    written = {t.name: t.dtype for t in c.inputs}  # the dtypes of ``out``, as it grows
+
+    def emit(einsums: list[Einsum]) -> None:
+        out.extend(einsums)
+        add_dtypes(written, einsums)
+
     for e in c.einsums:
         if e.output == g.output:
-            out.extend(new)
+            emit(new)
             continue
         if e.output not in plan.loop:
-            out.append(e)
+            emit([e])
             continue
         e = Einsum(e.output, e.indices, substitute(e.expr, to_running), e.reduce, e.init, loc=e.loc)
         td = plan.running.get(e.output)
         if td is None:
-            out.append(e)
+            emit([e])
             continue
         at = tuple(e.indices[d] for d in td.dims)
         rescale = Access(prm[td.coef], (step, *at))
-        out.extend(_running(e, r1, taken, rescale, c.with_einsums([*out, e])))
+        emit(_running(e, r1, taken, rescale, written))
     return c.with_einsums(out), rm
 
 
@@ -340,13 +346,15 @@ def widened(x: Expr, dtypes: dict[str, str]) -> Expr:
     return cast("float32", x)
 
 
-def _running(e: Einsum, r1: str, taken: set[str], rescale: Expr | None, c: Cascade) -> list[Einsum]:
+def _running(
+    e: Einsum, r1: str, taken: set[str], rescale: Expr | None, dtypes: dict[str, str]
+) -> list[Einsum]:
     """``S[o] = reduce(r1, rest) x`` as ``L[r1, o] = reduce(rest) x``, a recurrence
     ``R[r1+1, o] = R[r1, o] (*rescale) (+) L[r1, o]`` and ``S[o] = R[R1, o]``; ``L`` and
-    ``R`` in at least float32 (``c`` gives the dtypes ``x`` reads)."""
+    ``R`` in at least float32 (``dtypes`` holds those of what ``x`` reads)."""
     step, o = Var(r1), e.indices
     out: list[Einsum] = []
-    local = widened(e.expr, tensor_dtypes(c))
+    local = widened(e.expr, dtypes)
     if len(e.reduced_ranks) > 1:
         lname = unique_name(f"L{_stem(e.output)}", taken)
         taken.add(lname)
@@ -371,12 +379,13 @@ def _running_reductions(c: Cascade, r1: str) -> Cascade:
     """Every remaining reduction over the loop rank accumulates across steps instead, so
     each Einsum of the loop writes one step (what ``fused_groups`` promises)."""
     taken = {t.name for t in c.inputs} | {e.output for e in c.einsums}
+    dtypes = tensor_dtypes(c)
     out: list[Einsum] = []
     for e in c.einsums:
         if e.is_recurrence or r1 not in e.reduced_ranks:
             out.append(e)
         else:
-            out.extend(_running(e, r1, taken, None, c))
+            out.extend(_running(e, r1, taken, None, dtypes))
     return c.with_einsums(out)
 
 
