@@ -52,7 +52,16 @@ def _jax() -> Backend:
     )
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"jax": _jax}
+def _pallas() -> Backend:
+    from einfuse.backends.pallas import SCHEDULE_FIELDS, emit_pallas
+
+    def emit(cascade: Cascade, sizes: Mapping[str, int] | None, schedule: Any) -> Any:
+        return emit_pallas(cascade, sizes, schedule=schedule)
+
+    return Backend("pallas", emit, SCHEDULE_FIELDS, frozenset(), ("cpu", "cuda", "rocm", "tpu"))
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"jax": _jax, "pallas": _pallas}
 DEFAULT_BACKEND = "jax"
 
 

@@ -257,3 +257,40 @@ def row_ranks(c: Cascade, g: FusedGroup, body: Cascade, query: str | None) -> tu
         if t.ranks:
             common &= set(t.ranks)
     return tuple(r for r in c.all_ranks() if r in common)
+
+
+def drop_ranks(c: Cascade, ranks: tuple[str, ...]) -> Cascade:
+    """``c`` with ``ranks`` removed from every tensor: one kernel program holds one value of
+    each (a batch row, a head), so a step's tiles are the 2-D blocks GPU and TPU kernels
+    multiply. A dropped rank's value read anywhere but an index is refused."""
+    drop = set(ranks)
+    if not drop:
+        return c
+    positions = {t.name: [r in drop for r in t.ranks] for t in c.inputs}
+    for e in c.einsums:
+        positions[e.output] = [bool(set(rank_vars(i)) & drop) for i in e.indices]
+
+    def strip(node: Expr) -> Expr | None:
+        if isinstance(node, Access):
+            keep = positions.get(node.tensor)
+            if keep is None:
+                return None
+            return Access(node.tensor, tuple(i for i, d in zip(node.indices, keep) if not d))
+        if isinstance(node, Var) and node.rank in drop:
+            raise BackendUnsupported(f"the rank {node.rank} is read as a value in the loop")
+        return None
+
+    decls = tuple(
+        TensorDecl(t.name, tuple(r for r in t.ranks if r not in drop), t.dtype, t.loc)
+        for t in c.inputs
+    )
+    einsums = tuple(
+        replace(
+            e,
+            indices=tuple(i for i, d in zip(e.indices, positions[e.output]) if not d),
+            expr=substitute(e.expr, strip),
+            init=None if e.init is None else substitute(e.init, strip),
+        )
+        for e in c.einsums
+    )
+    return Cascade(decls, einsums, c.outputs, c.sizes, c.partitions)

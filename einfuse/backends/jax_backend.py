@@ -142,9 +142,11 @@ class JaxCascade:
         blockwise: bool = True,
         query_tile: int = 512,
         schedule: Schedule | None = None,
+        loop: Any = None,
         **options: Any,
     ) -> None:
         self.cascade = verify(cascade)
+        self.loop = loop
         self.blockwise = blockwise
         self.query_tile = query_tile
         self.schedule = schedule
@@ -179,6 +181,7 @@ class JaxCascade:
                     bound,
                     query_tile=self.query_tile,
                     schedule=self.schedule,
+                    loop=self.loop,
                     **self.options,
                 )
             else:

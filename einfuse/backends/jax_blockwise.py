@@ -26,7 +26,7 @@ dtypes, as the Einsum-by-Einsum emitter gives them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -54,6 +54,9 @@ from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
 
+LoopFactory = Callable[..., "BlockwiseCascade"]
+
+
 def carry_dtype(dtype: Any, accumulate: Any = None) -> np.dtype:
     """The dtype the loop carries its state in: ``dtype`` widened to ``accumulate`` and to at
     least float32 (the cost model prices the loop with it too)."""
@@ -72,6 +75,7 @@ class BlockwiseCascade:
         query_tile: int = 512,
         schedule: Schedule | None = None,
         rows: bool = True,
+        loop: LoopFactory | None = None,
         **options: Any,
     ) -> None:
         self.sizes = dict(sizes)
@@ -96,18 +100,21 @@ class BlockwiseCascade:
         body_sizes.update(dict.fromkeys(self.rows, 1))
         self.body_inputs = tuple(t.name for t in body.inputs)
         self.pre = lower_program(
-            self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, **options
-        )
+            self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, loop=loop,
+            **options,
+        )  # fmt: skip
         body = self._typed(body)
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
         # A band mask (causal, window): tiles inside the band run a step without the mask
         # (only the tiles on its edges pay for it), tiles outside it are skipped.
         self.full_body: LoweredCascade | None = None
+        self.full_cascade: Cascade | None = None
         if self.plan.mask is not None:
             unmasked = plan_group(without_mask(cascade, self.plan.mask), group, query)
             full = self._typed(self._globalized(unmasked.body))
             if {t.name for t in full.inputs} <= set(self.body_inputs):
                 self.full_body = lower_cascade(full, body_sizes, **options)
+                self.full_cascade = full
         # Key padding read from an input: the per-tile maxima deciding which tiles to skip.
         self.keymax: LoweredCascade | None = None
         if self.plan.padding is not None and self.plan.padding.skips:
@@ -115,7 +122,7 @@ class BlockwiseCascade:
             self.keymax = lower_cascade(self._typed(keymax), self.sizes, **options)
         self.post = lower_program(
             self._typed(self.plan.post), self.sizes, query_tile=query_tile, schedule=schedule,
-            **options,
+            loop=loop, **options,
         )  # fmt: skip
         self.body_cascade = body
 
@@ -151,6 +158,16 @@ class BlockwiseCascade:
         env = dict(arrays)
         if self.plan.pre.einsums:
             env.update(self.pre(env))
+        raw, top, tmax = self.loop_inputs(env)
+        env.update(self.run_loop(raw, top, tmax))
+        return {o: x.astype(self.dtypes[o]) for o, x in self.post(env).items()}
+
+    def loop_inputs(
+        self, env: Mapping[str, Any]
+    ) -> tuple[dict[str, jax.Array], jax.Array | None, jax.Array | None]:
+        """The loop's inputs by body name (key tiles padded to whole tiles, carried state
+        at its initial value), the bound on masked scores where skipping must be checked, and
+        with key padding the per-tile key maxima by row."""
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
         raw: dict[str, jax.Array] = {}
@@ -172,16 +189,19 @@ class BlockwiseCascade:
         if self.keymax is not None and pad is not None:
             tmax = tile_max_by_row(pad, self.keymax, env, self.rows, self.sizes)
             top = padding_bound(pad, env)
-        if self.rows:
-            # One (batch, head) row at a time: every product in the loop is a plain 2-D
-            # GEMM, which XLA:CPU runs faster than the batched form.
-            folded = {n: self._rows_to_front(x, self._dims(n, self.rows)) for n, x in raw.items()}
-            finals = lax.map(lambda xs: self._run_row(xs[0], top, xs[1]), (folded, tmax))
-            finals = {t: self._rows_back(y, self._dims(t, self.rows)) for t, y in finals.items()}
-        else:
-            finals = self._run_row(raw, top, tmax)
-        env.update(finals)
-        return {o: x.astype(self.dtypes[o]) for o, x in self.post(env).items()}
+        return raw, top, tmax
+
+    def run_loop(
+        self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None
+    ) -> dict[str, jax.Array]:
+        """Each carried state's value after the last step."""
+        if not self.rows:
+            return self._run_row(raw, top, tmax)
+        # One (batch, head) row at a time: every product in the loop is a plain 2-D
+        # GEMM, which XLA:CPU runs faster than the batched form.
+        folded = {n: self._rows_to_front(x, self._dims(n, self.rows)) for n, x in raw.items()}
+        finals = lax.map(lambda xs: self._run_row(xs[0], top, xs[1]), (folded, tmax))
+        return {t: self._rows_back(y, self._dims(t, self.rows)) for t, y in finals.items()}
 
     def _ranks(self, name: str) -> tuple[str, ...]:
         t = name.removesuffix("__prev")
@@ -346,24 +366,27 @@ def lower_program(
     *,
     query_tile: int = 512,
     schedule: Schedule | None = None,
+    loop: LoopFactory | None = None,
     **options: Any,
 ) -> LoweredCascade | BlockwiseCascade:
     """Lower a cascade, emitting its first fused group (if any) as a blockwise loop.
 
     What runs before and after the loop is lowered the same way, so a cascade with one
     fused attention per layer becomes one loop per layer. The loop's query tile is the
-    schedule's tile of the query rank where it has one, else ``query_tile``.
+    schedule's tile of the query rank where it has one, else ``query_tile``. ``loop`` makes
+    the loop (another backend's kernel: ``einfuse.backends.pallas``); default the JAX one.
     """
     groups = fused_groups(cascade)
     if groups:
         typed = {k: v for k, v in options.items() if k != "dtype"}  # declared from here on
         try:
-            return BlockwiseCascade(
+            return (loop or BlockwiseCascade)(
                 with_dtype(cascade, options.get("dtype")),
                 groups[0],
                 sizes,
                 query_tile=query_tile,
                 schedule=schedule,
+                loop=loop,
                 **typed,
             )
         except BackendUnsupported:

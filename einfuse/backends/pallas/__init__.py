@@ -1,0 +1,41 @@
+"""The Pallas backend: each fused group one kernel (see ``attention``), the rest XLA.
+
+What is not a fused group (projections, norms, the unfused program) is emitted as the JAX
+backend emits it, so ``backend="pallas"`` never computes less than ``backend="jax"``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from einfuse.backends.jax_backend import JaxCascade
+from einfuse.backends.pallas.attention import PallasBlockwise
+from einfuse.backends.pallas.config import DEFAULT_QUERY_TILE, SCHEDULE_FIELDS, KernelConfig
+from einfuse.ir.cascade import Cascade
+from einfuse.ir.schedule import Schedule
+
+__all__ = ["SCHEDULE_FIELDS", "KernelConfig", "PallasBlockwise", "emit_pallas"]
+
+
+def emit_pallas(
+    cascade: Cascade,
+    sizes: Mapping[str, int] | None = None,
+    *,
+    schedule: Schedule | None = None,
+    query_tile: int = DEFAULT_QUERY_TILE,
+    jit: bool = True,
+    **options: Any,
+) -> JaxCascade:
+    """Like ``emit_jax``, with every fused group's loop a ``pallas_call``."""
+    loop = functools.partial(PallasBlockwise, config=KernelConfig.from_schedule(schedule))
+    return JaxCascade(
+        cascade,
+        None if sizes is None else dict(sizes),
+        jit=jit,
+        query_tile=query_tile,
+        schedule=schedule,
+        loop=loop,
+        **options,
+    )

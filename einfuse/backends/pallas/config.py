@@ -1,0 +1,50 @@
+"""What a Schedule sets in a Pallas kernel besides its tiles: the compiler's knobs.
+
+The query block is the Schedule's tile of the query rank (``fuse.query_tile``), the key
+block the tile ``fuse`` partitioned the key rank with; Triton also takes the warps per
+program and the software-pipelining stages of its key loop (``pallas.num_warps``,
+``pallas.num_stages``). On a TPU both grid dimensions (rows, query blocks) are parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from einfuse.ir.schedule import Schedule
+
+NUM_WARPS, NUM_STAGES = "pallas.num_warps", "pallas.num_stages"
+SCHEDULE_FIELDS = frozenset({"fuse.query_tile", NUM_WARPS, NUM_STAGES})
+DEFAULT_QUERY_TILE = 128  # the query block of Pallas' own GPU attention kernel
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Triton's warps and stages (None: Pallas' defaults)."""
+
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule | None) -> KernelConfig:
+        if schedule is None:
+            return cls()
+        values = []
+        for name in (NUM_WARPS, NUM_STAGES):
+            v = schedule.option(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"schedule option {name}={v!r}: a positive int")
+            values.append(v)
+        return cls(*values)
+
+    def compiler_params(self, platform: str) -> Any:
+        """The ``pallas_call`` compiler params for ``platform`` (None on the CPU)."""
+        if platform in ("cuda", "rocm"):
+            from jax.experimental.pallas import triton as pl_triton
+
+            return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+        if platform == "tpu":
+            from jax.experimental.pallas import tpu as pl_tpu
+
+            return pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+        return None
