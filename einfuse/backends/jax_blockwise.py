@@ -53,7 +53,6 @@ from einfuse.ir.expr import Access
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
-
 LoopFactory = Callable[..., "BlockwiseCascade"]
 
 
