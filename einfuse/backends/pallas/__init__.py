@@ -12,7 +12,12 @@ from typing import Any
 
 from einfuse.backends.jax_backend import JaxCascade
 from einfuse.backends.pallas.attention import PallasBlockwise
-from einfuse.backends.pallas.config import DEFAULT_QUERY_TILE, SCHEDULE_FIELDS, KernelConfig
+from einfuse.backends.pallas.config import (
+    DEFAULT_QUERY_TILE,
+    KERNEL,
+    SCHEDULE_FIELDS,
+    KernelConfig,
+)
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.schedule import Schedule
 
@@ -30,6 +35,8 @@ def emit_pallas(
 ) -> JaxCascade:
     """Like ``emit_jax``, with every fused group's loop a ``pallas_call``."""
     loop = functools.partial(PallasBlockwise, config=KernelConfig.from_schedule(schedule))
+    if schedule is not None and schedule.option(KERNEL) is False:
+        loop = None  # the JAX loop, chosen by the autotuner
     return JaxCascade(
         cascade,
         None if sizes is None else dict(sizes),

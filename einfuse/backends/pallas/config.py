@@ -4,6 +4,8 @@ The query block is the Schedule's tile of the query rank (``fuse.query_tile``), 
 block the tile ``fuse`` partitioned the key rank with; Triton also takes the warps per
 program and the software-pipelining stages of its key loop (``pallas.num_warps``,
 ``pallas.num_stages``). On a TPU both grid dimensions (rows, query blocks) are parallel.
+``pallas.kernel=false`` keeps the JAX backend's loop for the group, so the autotuner can
+pick it where the kernel loses (the unfused program stays a candidate through ``fuse``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 from einfuse.ir.schedule import Schedule
 
 NUM_WARPS, NUM_STAGES = "pallas.num_warps", "pallas.num_stages"
-SCHEDULE_FIELDS = frozenset({"fuse.query_tile", NUM_WARPS, NUM_STAGES})
+KERNEL = "pallas.kernel"  # false: the fused group runs as the JAX backend's loop instead
+SCHEDULE_FIELDS = frozenset({"fuse.query_tile", NUM_WARPS, NUM_STAGES, KERNEL})
 DEFAULT_QUERY_TILE = 128  # the query block of Pallas' own GPU attention kernel
 
 
