@@ -259,35 +259,62 @@ def row_ranks(c: Cascade, g: FusedGroup, body: Cascade, query: str | None) -> tu
     return tuple(r for r in c.all_ranks() if r in common)
 
 
+def squeezed_dims(c: Cascade, ranks: tuple[str, ...]) -> dict[str, tuple[Expr | None, ...]]:
+    """Per tensor, per dim: the index it is read at where that reads only ``ranks`` (the dim
+    holds one value per kernel program: a batch row, a head, ``e*K+k`` of a grouped query
+    head), else None. Every read of a tensor must agree."""
+    drop = set(ranks)
+    out: dict[str, tuple[Expr | None, ...]] = {}
+    for e in c.einsums:
+        out[e.output] = tuple(i if set(rank_vars(i)) & drop else None for i in e.indices)
+    for e in c.einsums:
+        for a in e.expr.walk():
+            if not isinstance(a, Access) or c.input_decl(a.tensor) is None:
+                continue
+            dims = tuple(
+                i if rank_vars(i) and set(rank_vars(i)) <= drop else None for i in a.indices
+            )
+            if out.setdefault(a.tensor, dims) != dims:
+                raise BackendUnsupported(f"{a.tensor} is read at different rows in one step")
+    return out
+
+
 def drop_ranks(c: Cascade, ranks: tuple[str, ...]) -> Cascade:
     """``c`` with ``ranks`` removed from every tensor: one kernel program holds one value of
     each (a batch row, a head), so a step's tiles are the 2-D blocks GPU and TPU kernels
-    multiply. A dropped rank's value read anywhere but an index is refused."""
-    drop = set(ranks)
-    if not drop:
+    multiply (``squeezed_dims`` says which dims go). A dropped rank's value read anywhere but
+    an index is refused."""
+    if not ranks:
         return c
-    positions = {t.name: [r in drop for r in t.ranks] for t in c.inputs}
-    for e in c.einsums:
-        positions[e.output] = [bool(set(rank_vars(i)) & drop) for i in e.indices]
+    drop, squeezed = set(ranks), squeezed_dims(c, ranks)
 
     def strip(node: Expr) -> Expr | None:
-        if isinstance(node, Access):
-            keep = positions.get(node.tensor)
-            if keep is None:
-                return None
-            return Access(node.tensor, tuple(i for i, d in zip(node.indices, keep) if not d))
+        if isinstance(node, Access) and node.tensor in squeezed:
+            dims = squeezed[node.tensor]
+            kept = tuple(i for i, d in zip(node.indices, dims) if d is None)
+            for i in kept:
+                if set(rank_vars(i)) & drop:
+                    raise BackendUnsupported(f"{node} mixes a row rank into a tiled index")
+            return Access(node.tensor, kept)
         if isinstance(node, Var) and node.rank in drop:
             raise BackendUnsupported(f"the rank {node.rank} is read as a value in the loop")
         return None
 
     decls = tuple(
-        TensorDecl(t.name, tuple(r for r in t.ranks if r not in drop), t.dtype, t.loc)
+        TensorDecl(
+            t.name,
+            tuple(r for r, d in zip(t.ranks, squeezed.get(t.name, ())) if d is None)
+            if t.name in squeezed
+            else t.ranks,
+            t.dtype,
+            t.loc,
+        )
         for t in c.inputs
     )
     einsums = tuple(
         replace(
             e,
-            indices=tuple(i for i, d in zip(e.indices, positions[e.output]) if not d),
+            indices=tuple(i for i, d in zip(e.indices, squeezed[e.output]) if d is None),
             expr=substitute(e.expr, strip),
             init=None if e.init is None else substitute(e.init, strip),
         )

@@ -27,21 +27,23 @@ program equals the JAX backend's.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from einfuse.backends.blockwise_plan import QBLOCK, STEP, drop_ranks
+from einfuse.backends.blockwise_plan import QBLOCK, STEP, drop_ranks, squeezed_dims
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade, _pad_to
 from einfuse.backends.jax_mask import band_tiles, skip_is_exact
+from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.backends.pallas.config import KernelConfig
 from einfuse.ir.cascade import Cascade
+from einfuse.ir.expr import Const, Expr, Op, Size, Var
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup
 
@@ -66,52 +68,93 @@ class PallasBlockwise(BlockwiseCascade):
             **options,
         )  # fmt: skip
         self.config = config
-        kernel_sizes = {r: n for r, n in self.sizes.items() if r not in self.rows}
+        kernel_sizes = dict(self.sizes)
         if self.query is not None:
             kernel_sizes[self.query] = self.q_tile
-        self.kernel_body = lower_cascade(
-            drop_ranks(self.body_cascade, self.rows), kernel_sizes, **options
+        # The grid: one program per value of the ranks every carried state has (batch, query
+        # heads; a K/V head is read by the programs of its query-head group) and per query
+        # block. Those ranks and any other of size 1 leave the step's tiles.
+        body = self.body_cascade
+        state = [e for e in body.einsums if e.output in group.carried]
+        common = set.intersection(*(set(e.output_ranks) for e in state))
+        common -= {group.inner, self.query}
+        self.grid_rows = tuple(r for r in body.all_ranks() if r in common)
+        units = tuple(
+            r
+            for r in body.all_ranks()
+            if kernel_sizes.get(r) == 1 and r not in common and r not in (self.query, group.inner)
         )
+        drop = self.grid_rows + units
+        self.squeezed = squeezed_dims(body, drop)
+        self.kernel_body = lower_cascade(drop_ranks(body, drop), kernel_sizes, **options)
         self.kernel_full: LoweredCascade | None = None
         if self.full_cascade is not None:
             self.kernel_full = lower_cascade(
-                drop_ranks(self.full_cascade, self.rows), kernel_sizes, **options
+                drop_ranks(self.full_cascade, drop), kernel_sizes, **options
             )
-        self.row_count = math.prod(self.sizes[r] for r in self.rows)
 
-    # -- layouts: [rows..., rest] in the loop's rank order <-> [R, rest without rows] -------
-    def _qdim(self, name: str) -> int | None:
-        """The query rank's dim in the kernel layout (after the flattened rows)."""
-        ranks = [r for r in self._ranks(name) if r not in self.rows]
-        return 1 + ranks.index(self.query) if self.query in ranks else None
+    # -- layouts: each tensor's dims in the loop's order, on a TPU with the squeezed dims first
+    # (Mosaic tiles the last two dims of a block by (8, 128)); a trailing unit dim where a
+    # block would keep fewer than two dims -------------------------------------------------
+    def _operand(self, name: str) -> tuple[tuple[str, ...], tuple[Expr | None, ...]]:
+        """The tensor's ranks and, per dim, the grid index it is squeezed at (or None)."""
+        base = name.removesuffix("__prev")
+        ranks = self._ranks(name)
+        return ranks, self.squeezed.get(base if name.endswith("__prev") else name, ())
 
-    def _to_kernel(self, name: str, x: jax.Array) -> jax.Array:
-        dims = self._dims(name, self.rows) if self._ranks(name) else []
-        x = jnp.moveaxis(x, dims, list(range(len(dims))))
-        x = x.reshape((-1, *x.shape[len(dims) :])) if dims else x[None]
-        if (d := self._qdim(name)) is not None:
+    def _perm(self, name: str, tpu: bool) -> tuple[list[int], bool]:
+        """The kernel layout's dim order and whether it has a trailing unit dim."""
+        ranks, squeeze = self._operand(name)
+        kept = [k for k in range(len(ranks)) if squeeze[k] is None]
+        perm = [k for k in range(len(ranks)) if squeeze[k] is not None] + kept if tpu else None
+        return (perm or list(range(len(ranks)))), len(kept) < 2
+
+    def _query_dim(self, name: str, tpu: bool) -> int | None:
+        ranks, squeeze = self._operand(name)
+        perm, _ = self._perm(name, tpu)
+        for pos, k in enumerate(perm):
+            if ranks[k] == self.query and squeeze[k] is None:
+                return pos
+        return None
+
+    def _to_kernel(self, name: str, x: jax.Array, tpu: bool) -> jax.Array:
+        perm, trailing = self._perm(name, tpu)
+        x = jnp.transpose(x, perm)
+        if trailing:
+            x = x[..., None]
+        if (d := self._query_dim(name, tpu)) is not None:
             x = _pad_to(x, d, self.q_blocks * self.q_tile)
         return x
 
-    def _from_kernel(self, name: str, y: jax.Array) -> jax.Array:
-        if (d := self._qdim(name)) is not None:
+    def _from_kernel(self, name: str, y: jax.Array, tpu: bool) -> jax.Array:
+        perm, trailing = self._perm(name, tpu)
+        if (d := self._query_dim(name, tpu)) is not None:
             y = lax.slice_in_dim(y, 0, self.sizes[self.query], axis=d)
-        dims = self._dims(name, self.rows)
-        y = y.reshape((*(self.sizes[r] for r in self.rows), *y.shape[1:]))
-        return jnp.moveaxis(y, list(range(len(dims))), dims)
+        if trailing:
+            y = y[..., 0]
+        return jnp.transpose(y, [int(k) for k in np.argsort(perm)])
 
-    def _spec(self, name: str, shape: tuple[int, ...]) -> pl.BlockSpec:
-        """Row ``r`` of every tensor; its query block ``j`` where it has the query rank; the
+    def _spec(self, name: str, shape: tuple[int, ...], tpu: bool) -> pl.BlockSpec:
+        """Its grid row of every tensor; its query block where it has the query rank; the
         whole key range of a key tile input (the kernel loads one tile per step)."""
-        qd = self._qdim(name)
-        block: list[int | None] = [None, *shape[1:]]
-        if qd is not None:
-            block[qd] = self.q_tile
+        squeeze = self._operand(name)[1]
+        perm, trailing = self._perm(name, tpu)
+        qd = self._query_dim(name, tpu)
+        at = [squeeze[k] for k in perm] + [None] * trailing
+        block = tuple(
+            None if a is not None else self.q_tile if d == qd else n
+            for d, (a, n) in enumerate(zip(at, shape))
+        )
+        rows, sizes = self.grid_rows, self.sizes
 
-        def index(r: Any, j: Any) -> tuple[Any, ...]:
-            return tuple(r if k == 0 else j if k == qd else 0 for k in range(len(shape)))
+        def index(*ids: Any) -> tuple[Any, ...]:
+            env = dict(zip(rows, ids))
+            return tuple(
+                ids[-1] if d == qd else 0 if a is None else grid_index(a, env, sizes)
+                for d, a in enumerate(at)
+            )
 
-        return pl.BlockSpec(tuple(block), index)
+        return pl.BlockSpec(block, index)
 
     # -- the loop -----------------------------------------------------------------------
     def run_loop(
@@ -148,30 +191,32 @@ class PallasBlockwise(BlockwiseCascade):
         return loop(raw, top)
 
     def _kernel(self, raw: dict[str, jax.Array], *, skip: bool) -> dict[str, jax.Array]:
-        """Each carried state after the last step, by one ``pallas_call`` over rows x query
-        blocks; ``skip``: visit only the key tiles inside the mask's band."""
+        """Each carried state after the last step, by one ``pallas_call`` over the grid rows
+        and query blocks; ``skip``: visit only the key tiles inside the mask's band."""
         g = self.plan.group
         names = [n for n in self.body_inputs if n not in (STEP, QBLOCK)]
-        args = [self._to_kernel(n, raw[n]) for n in names]
-        outs = [
-            jax.ShapeDtypeStruct(self._to_kernel(f"{t}__prev", raw[f"{t}__prev"]).shape,
-                                 self.carry[t])
-            for t in g.carried
-        ]  # fmt: skip
-        kernel = functools.partial(self._program, names, skip)
-        grid = (self.row_count, self.q_blocks)
+        grid = (*(self.sizes[r] for r in self.grid_rows), self.q_blocks)
 
-        def call(platform: str) -> Any:
-            return pl.pallas_call(
-                kernel,
+        def call(platform: str) -> list[jax.Array]:
+            tpu = platform == "tpu"
+            args = [self._to_kernel(n, raw[n], tpu) for n in names]
+            outs = [
+                jax.ShapeDtypeStruct(
+                    self._to_kernel(f"{t}__prev", raw[f"{t}__prev"], tpu).shape, self.carry[t]
+                )
+                for t in g.carried
+            ]
+            finals = pl.pallas_call(
+                functools.partial(self._program, names, skip, tpu),
                 out_shape=outs,
                 grid=grid,
-                in_specs=[self._spec(n, a.shape) for n, a in zip(names, args)],
-                out_specs=[self._spec(t, o.shape) for t, o in zip(g.carried, outs)],
+                in_specs=[self._spec(n, a.shape, tpu) for n, a in zip(names, args)],
+                out_specs=[self._spec(t, o.shape, tpu) for t, o in zip(g.carried, outs)],
                 interpret=platform == "cpu",
-                compiler_params=self.config.compiler_params(platform),
+                compiler_params=self.config.compiler_params(platform, len(grid)),
                 name=f"einfuse_{g.rank}",
             )(*args)
+            return [self._from_kernel(t, y, tpu) for t, y in zip(g.carried, finals)]
 
         finals = lax.platform_dependent(
             cpu=lambda: call("cpu"),
@@ -179,17 +224,22 @@ class PallasBlockwise(BlockwiseCascade):
             rocm=lambda: call("rocm"),
             tpu=lambda: call("tpu"),
         )
-        return {t: self._from_kernel(t, y) for t, y in zip(g.carried, finals)}
+        return dict(zip(g.carried, finals))
 
-    def _program(self, names: list[str], skip: bool, *refs: Any) -> None:
-        """One program: row ``program_id(0)``, query block ``program_id(1)``."""
+    def _program(self, names: list[str], skip: bool, tpu: bool, *refs: Any) -> None:
+        """One program: a grid row (batch, head) and query block ``j``, the last grid index."""
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
         ins = dict(zip(names, refs[: len(names)]))
         outs = refs[len(names) :]
-        j = pl.program_id(1)
-        fixed = {n: ref[...] for n, ref in ins.items() if not n.endswith(("__blk", "__prev"))}
-        state = {t: ins[f"{t}__prev"][...] for t in g.carried}
+        j = pl.program_id(len(self.grid_rows))
+
+        def load(n: str) -> jax.Array:
+            x = ins[n][...]
+            return x.reshape(x.shape[:-1]) if self._perm(n, tpu)[1] else x
+
+        fixed = {n: load(n) for n in ins if not n.endswith(("__blk", "__prev"))}
+        state = {t: load(f"{t}__prev") for t in g.carried}
 
         def step_of(body: LoweredCascade) -> Any:
             def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -197,11 +247,10 @@ class PallasBlockwise(BlockwiseCascade):
                 start = pl.multiple_of(k * tile, tile)
                 for n, ref in ins.items():
                     if n.endswith("__blk"):
-                        d = self.plan.tiles[n.removesuffix("__blk")][0]
-                        d = d - sum(1 for r in self._ranks(n)[:d] if r in self.rows)
-                        idx = [slice(None)] * (len(ref.shape))
-                        idx[d] = pl.ds(start, tile)
-                        inputs[n] = ref[tuple(idx)]
+                        idx: list[Any] = [slice(None)] * len(ref.shape)
+                        idx[self._key_dim(n, tpu)] = pl.ds(start, tile)
+                        x = ref[tuple(idx)]
+                        inputs[n] = x.reshape(x.shape[:-1]) if self._perm(n, tpu)[1] else x
                 for t in g.carried:
                     inputs[f"{t}__prev"] = state[t]
                 out = body({n: inputs[n] for n, _ in body.inputs})
@@ -225,4 +274,26 @@ class PallasBlockwise(BlockwiseCascade):
                 state = lax.fori_loop(lo, hi, step_of(self.kernel_full), state)
                 state = lax.fori_loop(hi, upper, masked, state)
         for ref, t in zip(outs, g.carried):
-            ref[...] = state[t]
+            ref[...] = state[t].reshape(ref.shape)
+
+    def _key_dim(self, name: str, tpu: bool) -> int:
+        """The key tile's dim of a key input inside the kernel (squeezed dims gone)."""
+        ranks, squeeze = self._operand(name)
+        perm, _ = self._perm(name, tpu)
+        kept = [ranks[k] for k in perm if squeeze[k] is None]
+        return kept.index(self.plan.group.inner)
+
+
+def grid_index(index: Expr, env: Mapping[str, Any], sizes: Mapping[str, int]) -> Any:
+    """A squeezed dim's block index from the grid ids: ``e*K+k`` of a grouped query head;
+    a squeezed rank of size 1 that is not a grid rank is 0."""
+    if isinstance(index, Var):
+        return env.get(index.rank, 0)
+    if isinstance(index, Const):
+        return int(index.value)
+    if isinstance(index, Size):
+        return sizes[index.rank]
+    if isinstance(index, Op) and index.op in ("add", "mul", "sub"):
+        a, b = (grid_index(x, env, sizes) for x in index.args)
+        return a + b if index.op == "add" else a * b if index.op == "mul" else a - b
+    raise BackendUnsupported(f"a row is read at {index}, which the kernel's grid cannot index")

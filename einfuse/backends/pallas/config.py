@@ -3,7 +3,7 @@
 The query block is the Schedule's tile of the query rank (``fuse.query_tile``), the key
 block the tile ``fuse`` partitioned the key rank with; Triton also takes the warps per
 program and the software-pipelining stages of its key loop (``pallas.num_warps``,
-``pallas.num_stages``). On a TPU both grid dimensions (rows, query blocks) are parallel.
+``pallas.num_stages``). On a TPU every grid dimension (rows, query blocks) is parallel.
 ``pallas.kernel=false`` keeps the JAX backend's loop for the group, so the autotuner can
 pick it where the kernel loses (the unfused program stays a candidate through ``fuse``).
 """
@@ -40,7 +40,7 @@ class KernelConfig:
             values.append(v)
         return cls(*values)
 
-    def compiler_params(self, platform: str) -> Any:
+    def compiler_params(self, platform: str, grid_dims: int) -> Any:
         """The ``pallas_call`` compiler params for ``platform`` (None on the CPU)."""
         if platform in ("cuda", "rocm"):
             from jax.experimental.pallas import triton as pl_triton
@@ -49,5 +49,5 @@ class KernelConfig:
         if platform == "tpu":
             from jax.experimental.pallas import tpu as pl_tpu
 
-            return pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+            return pl_tpu.CompilerParams(dimension_semantics=("parallel",) * grid_dims)
         return None
