@@ -93,8 +93,10 @@ def lower_cascade(
     accumulate_dtype: Any = None,
     precision: Any = None,
     max_blowup: float = DEFAULT_MAX_BLOWUP,
+    wide_dots: bool = False,
 ) -> LoweredCascade:
-    """Lower every Einsum for concrete ``sizes`` (one int per rank, as ``infer_sizes`` gives)."""
+    """Lower every Einsum for concrete ``sizes`` (one int per rank, as ``infer_sizes`` gives);
+    ``wide_dots``: every contraction accumulates in (at least) float32, for kernel bodies."""
     cascade = with_dtype(cascade, dtype)
     weak = canonical_dtype(dtype or np.float32).name
     dtypes = {k: canonical_dtype(v) for k, v in tensor_dtypes(cascade, weak).items()}
@@ -102,6 +104,7 @@ def lower_cascade(
         None if accumulate_dtype is None else canonical_dtype(accumulate_dtype),
         precision,
         max_blowup,
+        wide_dots,
     )
     tensors: dict[str, TensorInfo] = {}
     inputs = []

@@ -46,6 +46,9 @@ class Policy:
     accumulate_dtype: np.dtype | None
     precision: Any
     max_blowup: float
+    # Every dot of narrow floats accumulates in float32, rounded to its dtype after: what XLA
+    # does inside a bf16 dot anyway, spelled out where a kernel compiler (Mosaic) wants it.
+    wide_dots: bool = False
 
 
 class Names:
@@ -219,6 +222,8 @@ class _EinsumLowering:
         subscripts = ",".join("".join(letters[r] for r in v.ranks) for v in vals)
         spec = f"{subscripts}->{''.join(letters[r] for r in out_ranks)}"
         acc = self.policy.accumulate_dtype
+        if self.policy.wide_dots:
+            preferred = np.dtype(jnp.promote_types(preferred or np.float32, np.float32))
         if preferred is not None:
             acc = preferred if acc is None else np.dtype(jnp.promote_types(acc, preferred))
         node = call(

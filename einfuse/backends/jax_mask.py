@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from einfuse.backends.blockwise_mask import BOUND_SLACK, UNDERFLOW, MaskBand, ScoreBound
 
@@ -39,15 +40,20 @@ def band_tiles(
         return jnp.clip(t, 0, steps)
 
     lo, hi, limit = band.lo, band.hi, band.limit
-    upper = steps if hi is None else clip((p1 + hi) // tile + 1)
-    full_hi = steps if hi is None else clip((p0 + hi + 1) // tile)
+    def div(a: Any) -> Any:  # floor(a / tile) without ``sign``, which Mosaic cannot lower
+        if isinstance(a, int):
+            return a // tile
+        return jnp.where(a >= 0, lax.div(a, tile), -lax.div(tile - 1 - a, tile))
+
+    upper = steps if hi is None else clip(div(p1 + hi) + 1)
+    full_hi = steps if hi is None else clip(div(p0 + hi + 1))
     if limit is not None:  # static padding: no tile past the one holding key ``limit``
         upper = jnp.minimum(upper, clip(limit // tile + 1))
         full_hi = jnp.minimum(full_hi, clip((limit + 1) // tile))
     return BandTiles(
-        first=0 if lo is None else clip((p0 + lo) // tile),
+        first=0 if lo is None else clip(div(p0 + lo)),
         upper=upper,
-        full_lo=0 if lo is None else clip(-((-(p1 + lo)) // tile)),
+        full_lo=0 if lo is None else clip(-div(-(p1 + lo))),
         full_hi=full_hi,
     )
 

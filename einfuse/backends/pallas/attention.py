@@ -86,11 +86,13 @@ class PallasBlockwise(BlockwiseCascade):
         )
         drop = self.grid_rows + units
         self.squeezed = squeezed_dims(body, drop)
-        self.kernel_body = lower_cascade(drop_ranks(body, drop), kernel_sizes, **options)
+        self.kernel_body = lower_cascade(
+            drop_ranks(body, drop), kernel_sizes, wide_dots=True, **options
+        )
         self.kernel_full: LoweredCascade | None = None
         if self.full_cascade is not None:
             self.kernel_full = lower_cascade(
-                drop_ranks(self.full_cascade, drop), kernel_sizes, **options
+                drop_ranks(self.full_cascade, drop), kernel_sizes, wide_dots=True, **options
             )
 
     # -- layouts: each tensor's dims in the loop's order, on a TPU with the squeezed dims first
