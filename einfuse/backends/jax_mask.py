@@ -40,6 +40,7 @@ def band_tiles(
         return jnp.clip(t, 0, steps)
 
     lo, hi, limit = band.lo, band.hi, band.limit
+
     def div(a: Any) -> Any:  # floor(a / tile) without ``sign``, which Mosaic cannot lower
         if isinstance(a, int):
             return a // tile

@@ -78,11 +78,10 @@ class PallasBlockwise(BlockwiseCascade):
         state = [e for e in body.einsums if e.output in group.carried]
         common = set.intersection(*(set(e.output_ranks) for e in state))
         common -= {group.inner, self.query}
-        self.grid_rows = tuple(r for r in body.all_ranks() if r in common)
+        ranks = body.all_ranks()
+        self.grid_rows = tuple(r for r in ranks if r in common and kernel_sizes[r] > 1)
         units = tuple(
-            r
-            for r in body.all_ranks()
-            if kernel_sizes.get(r) == 1 and r not in common and r not in (self.query, group.inner)
+            r for r in ranks if kernel_sizes.get(r) == 1 and r not in (self.query, group.inner)
         )
         drop = self.grid_rows + units
         self.squeezed = squeezed_dims(body, drop)
