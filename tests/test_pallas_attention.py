@@ -160,3 +160,34 @@ def test_the_grid_runs_rows_and_query_blocks_and_kernel_false_keeps_the_jax_loop
     assert _pallas_grids(emit_pallas(cascade, schedule=Schedule.of(tiles={"p": 16})), q2, q2, q2)
     jax_loop = emit_pallas(cascade, schedule=Schedule.of(options={"pallas.kernel": False}))
     assert _pallas_grids(jax_loop, q2, q2, q2) == []
+
+
+# ------------------------------------------------------------------ lowering for GPU and TPU
+@pytest.mark.parametrize(
+    ("platform", "call"), [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")]
+)
+def test_einfuse_hlo_lowers_the_kernel_for_a_platform_this_machine_lacks(capsys, platform, call):
+    from einfuse.cli import main
+
+    code = main(
+        [
+            *("hlo", "tests/fixtures/small_model.py:attention"),
+            *("--args", "bf16[256,64] bf16[256,64] bf16[256,64]", "--passes", "fuse{tile=64}"),
+            *("--backend", "pallas", "--platform", platform, "--stage", "stablehlo"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and f"custom_call @{call}" in out
+
+
+def test_schedule_options_reach_the_triton_kernel():
+    cascade = run_passes(parse(_cascade(256, 256, 64, "causal", "bfloat16")), "fuse{tile=64}")
+    options = {"pallas.num_warps": 8, "pallas.num_stages": 3}
+    schedule = Schedule.of(tiles={"p": 128}, options=options)
+    f = emit_pallas(cascade.cascade, schedule=schedule, jit=False)
+    x = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16)
+    text = jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "num_warps = 8" in text and "num_stages = 3" in text
+    assert "grid_x = 2" in text  # two query blocks of 128
+    with pytest.raises(ValueError, match="pallas.num_warps=0"):
+        emit_pallas(cascade.cascade, schedule=Schedule.of(options={"pallas.num_warps": 0}))
