@@ -341,6 +341,9 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
             lines.append(f"  autotune: {traced.tuning[k]}")
         compiled = traced.compiled[k] if k < len(traced.compiled) else None
         lines += [f"  {step.verdict()}" for step in (compiled.steps if compiled else ())]
+        emitted = traced.runner.emitted.get(k)
+        loops = emitted.loops() if emitted is not None else []
+        lines += [f"  emitted: {loop.describe()}" for loop in loops]
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")

@@ -210,6 +210,16 @@ class JaxCascade:
             shapes[t.name] = shape
         return self._lower(infer_sizes(self.cascade, shapes, self.sizes))
 
+    def loops(self) -> list[Any]:
+        """The fused groups' loops of the lowerings made so far (for ``explain``)."""
+        out, todo = [], list(self._lowered.values())
+        while todo:
+            x = todo.pop(0)
+            if hasattr(x, "plan"):
+                out.append(x)
+                todo += [x.pre, x.post]
+        return out
+
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Inputs by name from positional (declaration order) and keyword arguments."""
         if len(args) > len(self.input_names):

@@ -319,19 +319,27 @@ class BlockwiseCascade:
 
     def source(self, fn_name: str = "cascade") -> str:
         """The three programs, for ``explain``: before, one step of the loop, after."""
+        parts = [f"# {self.describe()}"]
+        if self.plan.pre.einsums:
+            parts.append(self.pre.source(f"{fn_name}_before"))
+        parts.append(self.step_source(f"{fn_name}_step"))
+        parts.append(self.post.source(f"{fn_name}_after"))
+        return "\n".join(parts)
+
+    kind = "blockwise loop"
+
+    def describe(self) -> str:
+        """One line: what runs the group, its tiles, and what its mask lets it skip."""
         g = self.plan.group
-        head = (
-            f"# blockwise loop over {g.rank} (tile {g.inner}={self.sizes[g.inner]}), "
+        return (
+            f"{self.kind} over {g.rank} (tile {g.inner}={self.sizes[g.inner]}), "
             f"query rank {self.query} in blocks of {self.q_tile}"
             + (f", {self.plan.mask.describe()}" if self.plan.mask else "")
             + (f", {self.plan.padding.describe()}" if self.plan.padding else "")
         )
-        parts = [head]
-        if self.plan.pre.einsums:
-            parts.append(self.pre.source(f"{fn_name}_before"))
-        parts.append(self.body.source(f"{fn_name}_step"))
-        parts.append(self.post.source(f"{fn_name}_after"))
-        return "\n".join(parts)
+
+    def step_source(self, fn_name: str) -> str:
+        return self.body.source(fn_name)
 
     def _q_split(self, x: jax.Array, d: int | None) -> jax.Array:
         """``[..., P, ...]`` -> ``[blocks, ..., P0, ...]``, zero-padded to whole blocks."""

@@ -94,6 +94,14 @@ class PallasBlockwise(BlockwiseCascade):
                 drop_ranks(self.full_cascade, drop), kernel_sizes, wide_dots=True, **options
             )
 
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        grid = " x ".join([*self.grid_rows, f"{self.q_blocks} query blocks"])
+        return f"Pallas kernel (grid {grid}; {self.config}) looping"
+
+    def step_source(self, fn_name: str) -> str:
+        return self.kernel_body.source(fn_name)
+
     # -- layouts: each tensor's dims in the loop's order, on a TPU with the squeezed dims first
     # (Mosaic tiles the last two dims of a block by (8, 128)); a trailing unit dim where a
     # block would keep fewer than two dims -------------------------------------------------

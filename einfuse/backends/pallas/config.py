@@ -28,6 +28,12 @@ class KernelConfig:
     num_warps: int | None = None
     num_stages: int | None = None
 
+    def __str__(self) -> str:
+        return ", ".join(
+            f"{name} {'default' if v is None else v}"
+            for name, v in (("num_warps", self.num_warps), ("num_stages", self.num_stages))
+        )
+
     @classmethod
     def from_schedule(cls, schedule: Schedule | None) -> KernelConfig:
         if schedule is None:
