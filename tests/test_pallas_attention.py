@@ -191,3 +191,48 @@ def test_schedule_options_reach_the_triton_kernel():
     assert "grid_x = 2" in text  # two query blocks of 128
     with pytest.raises(ValueError, match=r"pallas\.num_warps=0"):
         emit_pallas(cascade.cascade, schedule=Schedule.of(options={"pallas.num_warps": 0}))
+
+
+# ------------------------------------------------------------------ the TPU form, interpreted
+GQA = """\
+ranks b=2, k=2, g=2, n=4, p={p}, m={m}, e=8, f=8
+inputs Q[b, n, p, e]: {dt}, K[b, k, m, e]: {dt}, V[b, k, m, f]: {dt}
+QK[b, k, g, p, m] = Q[b, k*G+g, p, e] * K[b, k, m, e]
+MQK[b, k, g, p, m] = {mask}
+GM[b, k, g, p] = max(m) MQK[b, k, g, p, m]
+SN[b, k, g, p, m] = exp(MQK[b, k, g, p, m] - GM[b, k, g, p])
+SD[b, k, g, p] = SN[b, k, g, p, m]
+A[b, k, g, p, m] = {dt}(SN[b, k, g, p, m] / SD[b, k, g, p])
+AV[b, k, g, p, f] = A[b, k, g, p, m] * V[b, k, m, f]
+outputs AV
+"""
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bias"])
+@pytest.mark.parametrize("place", ["vmem", "hbm"])
+def test_the_tpu_kernel_with_vmem_or_streamed_key_tiles_matches_the_reference(mask, place):
+    p, m, dt = 24, 40, "float32"
+    text = MASKS[mask].format(s="float32(QK[b, k, g, p, m]) * 0.25")
+    c = parse(GQA.format(p=p, m=m, dt=dt, mask=text))
+    fused = run_passes(c, "fuse{tile=8}").cascade
+    rng = np.random.default_rng(7)
+    ins = {
+        "Q": rng.standard_normal((2, 4, p, 8)),
+        "K": rng.standard_normal((2, 2, m, 8)),
+        "V": rng.standard_normal((2, 2, m, 8)),
+    }
+    schedule = Schedule.of(tiles={"p": 8}, placement={"K": place, "V": place})
+    f = emit_pallas(fused, schedule=schedule, interpret_tpu=True)
+    (got,) = f(**{k: jnp.asarray(v, jnp.float32) for k, v in ins.items()})
+    np.testing.assert_allclose(got, einfuse.interpret(c, ins)["AV"], atol=2e-5, rtol=2e-5)
+
+
+def test_streamed_key_tiles_lower_for_tpu_as_dmas_and_a_bad_placement_is_refused():
+    cascade = run_passes(parse(_cascade(256, 256, 128, "causal", "bfloat16")), "fuse{tile=64}")
+    schedule = Schedule.of(tiles={"p": 128}, placement={"K": "hbm", "V": "hbm"})
+    f = emit_pallas(cascade.cascade, schedule=schedule, jit=False)
+    x = jax.ShapeDtypeStruct((256, 128), jnp.bfloat16)
+    text = jax.jit(f).trace(x, x, x).lower(lowering_platforms=("tpu",)).as_text()
+    assert "custom_call @tpu_custom_call" in text
+    with pytest.raises(einfuse.EinfuseError, match="place K=smem: the pallas backend places"):
+        emit_pallas(cascade.cascade, schedule=Schedule.of(placement={"K": "smem"}))

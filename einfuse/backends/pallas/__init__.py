@@ -31,10 +31,13 @@ def emit_pallas(
     schedule: Schedule | None = None,
     query_tile: int = DEFAULT_QUERY_TILE,
     jit: bool = True,
+    interpret_tpu: bool = False,
     **options: Any,
 ) -> JaxCascade:
-    """Like ``emit_jax``, with every fused group's loop a ``pallas_call``."""
-    loop = functools.partial(PallasBlockwise, config=KernelConfig.from_schedule(schedule))
+    """Like ``emit_jax``, with every fused group's loop a ``pallas_call``; ``interpret_tpu``
+    runs the TPU kernel in Mosaic's interpreter (to check it on a CPU)."""
+    config = KernelConfig.from_schedule(schedule, interpret_tpu)
+    loop = functools.partial(PallasBlockwise, config=config)
     if schedule is not None and schedule.option(KERNEL) is False:
         loop = None  # the JAX loop, chosen by the autotuner
     return JaxCascade(

@@ -19,7 +19,9 @@ sum, P·V, in at least float32) in registers or VMEM:
 
 One kernel is written; ``lax.platform_dependent`` picks how it runs: interpreted on the CPU
 (how the tests check it against the float64 reference), through Triton on CUDA and ROCm
-(``num_warps``, ``num_stages``), through Mosaic on TPU. The backward pass is the JAX loop's
+(``num_warps``, ``num_stages``), through Mosaic on TPU, where a key input the Schedule places
+in ``hbm`` streams its tiles by DMA (``stream``). ``KernelConfig(interpret_tpu=True)`` runs
+the TPU form, DMAs included, in Mosaic's interpreter on the CPU. The backward pass is the JAX loop's
 (``jax.vjp`` of ``jax_blockwise``'s loop on the same inputs), so ``jax.grad`` of a Pallas
 program equals the JAX backend's.
 """
@@ -41,7 +43,8 @@ from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade, _pad_to
 from einfuse.backends.jax_mask import band_tiles, skip_is_exact
 from einfuse.backends.jax_values import BackendUnsupported
-from einfuse.backends.pallas.config import KernelConfig
+from einfuse.backends.pallas.config import PLACEMENTS, KernelConfig, PlacementError
+from einfuse.backends.pallas.stream import KeyStream, tile_buffers, tpu_interpreter
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Const, Expr, Op, Size, Var
 from einfuse.ir.schedule import Schedule
@@ -68,6 +71,10 @@ class PallasBlockwise(BlockwiseCascade):
             **options,
         )  # fmt: skip
         self.config = config
+        self.schedule = schedule
+        for n in self.body_inputs:
+            if n.endswith("__blk"):
+                self._streamed(n)  # a placement it cannot carry out fails here, by name
         kernel_sizes = dict(self.sizes)
         if self.query is not None:
             kernel_sizes[self.query] = self.q_tile
@@ -205,9 +212,13 @@ class PallasBlockwise(BlockwiseCascade):
         g = self.plan.group
         names = [n for n in self.body_inputs if n not in (STEP, QBLOCK)]
         grid = (*(self.sizes[r] for r in self.grid_rows), self.q_blocks)
+        placed = [n for n in names if n.endswith("__blk") and self._streamed(n)]
 
         def call(platform: str) -> list[jax.Array]:
-            tpu = platform == "tpu"
+            # Streaming key tiles by DMA is a TPU kernel; Triton streams every key tile from
+            # global memory through shared memory anyway, and the CPU interprets the VMEM form.
+            tpu = platform in ("tpu", "tpu-interpret")
+            streamed = placed if tpu else []
             args = [self._to_kernel(n, raw[n], tpu) for n in names]
             outs = [
                 jax.ShapeDtypeStruct(
@@ -215,18 +226,29 @@ class PallasBlockwise(BlockwiseCascade):
                 )
                 for t in g.carried
             ]
+            specs = [
+                pl.BlockSpec(memory_space=pl.ANY) if n in streamed else self._spec(n, a.shape, tpu)
+                for n, a in zip(names, args)
+            ]
+            scratch = [s for n in streamed for s in tile_buffers(self._tile_shape(n), raw[n].dtype)]
+            interpret: Any = platform == "cpu"
+            if platform == "tpu-interpret":
+                interpret = tpu_interpreter()
             finals = pl.pallas_call(
-                functools.partial(self._program, names, skip, tpu),
+                functools.partial(self._program, names, skip, tpu, tuple(streamed)),
                 out_shape=outs,
                 grid=grid,
-                in_specs=[self._spec(n, a.shape, tpu) for n, a in zip(names, args)],
+                in_specs=specs,
                 out_specs=[self._spec(t, o.shape, tpu) for t, o in zip(g.carried, outs)],
-                interpret=platform == "cpu",
+                scratch_shapes=scratch,
+                interpret=interpret,
                 compiler_params=self.config.compiler_params(platform, len(grid)),
                 name=f"einfuse_{g.rank}",
             )(*args)
             return [self._from_kernel(t, y, tpu) for t, y in zip(g.carried, finals)]
 
+        if self.config.interpret_tpu:
+            return dict(zip(g.carried, call("tpu-interpret")))
         finals = lax.platform_dependent(
             cpu=lambda: call("cpu"),
             cuda=lambda: call("cuda"),
@@ -235,20 +257,50 @@ class PallasBlockwise(BlockwiseCascade):
         )
         return dict(zip(g.carried, finals))
 
-    def _program(self, names: list[str], skip: bool, tpu: bool, *refs: Any) -> None:
+    def _streamed(self, name: str) -> bool:
+        """Whether the Schedule places this key input in HBM, streamed tile by tile (else
+        each program's whole key range is one block, in VMEM on a TPU)."""
+        base = name.removesuffix("__blk")
+        level = self.schedule.place(base) if self.schedule is not None else None
+        if level not in (None, *PLACEMENTS):
+            raise PlacementError(
+                f"place {base}={level}: the pallas backend places a key input in "
+                f"{' or '.join(PLACEMENTS)}"
+            )
+        return level == "hbm"
+
+    def _tile_shape(self, name: str) -> tuple[int, ...]:
+        """One key tile of ``name`` as the kernel holds it (TPU layout, squeezed dims gone)."""
+        ranks, squeeze = self._operand(name)
+        perm, trailing = self._perm(name, True)
+        sizes = {**self.sizes, self.plan.group.inner: self.sizes[self.plan.group.inner]}
+        shape = [sizes[ranks[k]] for k in perm if squeeze[k] is None]
+        return (*shape, 1) if trailing else tuple(shape)
+
+    def _program(
+        self, names: list[str], skip: bool, tpu: bool, streamed: tuple[str, ...], *refs: Any
+    ) -> None:
         """One program: a grid row (batch, head) and query block ``j``, the last grid index."""
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
         ins = dict(zip(names, refs[: len(names)]))
-        outs = refs[len(names) :]
+        outs = refs[len(names) : len(names) + len(g.carried)]
+        scratch = refs[len(names) + len(g.carried) :]
         j = pl.program_id(len(self.grid_rows))
+        ids = {r: pl.program_id(k) for k, r in enumerate(self.grid_rows)}
 
-        def load(n: str) -> jax.Array:
-            x = ins[n][...]
+        def unit(n: str, x: jax.Array) -> jax.Array:  # drop the trailing unit dim
             return x.reshape(x.shape[:-1]) if self._perm(n, tpu)[1] else x
 
-        fixed = {n: load(n) for n in ins if not n.endswith(("__blk", "__prev"))}
-        state = {t: load(f"{t}__prev") for t in g.carried}
+        fixed = {n: unit(n, ins[n][...]) for n in ins if not n.endswith(("__blk", "__prev"))}
+        state = {t: unit(f"{t}__prev", ins[f"{t}__prev"][...]) for t in g.carried}
+        stream = KeyStream(
+            {n: ins[n].at[self._hbm_rows(n, ids)] for n in streamed},
+            dict(zip(streamed, zip(scratch[::2], scratch[1::2]))),
+            {n: self._key_dim(n, True) for n in streamed},
+            tile,
+            steps,
+        )
 
         def step_of(body: LoweredCascade) -> Any:
             def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -256,10 +308,12 @@ class PallasBlockwise(BlockwiseCascade):
                 start = pl.multiple_of(k * tile, tile)
                 for n, ref in ins.items():
                     if n.endswith("__blk"):
+                        if n in streamed:
+                            inputs[n] = unit(n, stream.tile(n))
+                            continue
                         idx: list[Any] = [slice(None)] * len(ref.shape)
                         idx[self._key_dim(n, tpu)] = pl.ds(start, tile)
-                        x = ref[tuple(idx)]
-                        inputs[n] = x.reshape(x.shape[:-1]) if self._perm(n, tpu)[1] else x
+                        inputs[n] = unit(n, ref[tuple(idx)])
                 for t in g.carried:
                     inputs[f"{t}__prev"] = state[t]
                 out = body({n: inputs[n] for n, _ in body.inputs})
@@ -268,22 +322,36 @@ class PallasBlockwise(BlockwiseCascade):
             return step
 
         masked = step_of(self.kernel_body)
+        full = step_of(self.kernel_full) if self.kernel_full is not None else None
         mask = self.plan.mask
-        if mask is None or not (skip and mask.skips):
-            state = lax.fori_loop(0, steps, masked, state)
-        else:
+        first, upper = jnp.int32(0), jnp.int32(steps)
+        lo = hi = first  # the tiles every query of the block sees (run without the mask)
+        if mask is not None and skip and mask.skips:
             t = band_tiles(mask, j, self.q_tile, tile, steps, self.sizes.get(self.query, 1))
             first, upper = jnp.asarray(t.first, jnp.int32), jnp.asarray(t.upper, jnp.int32)
-            if self.kernel_full is None:
-                state = lax.fori_loop(first, upper, masked, state)
-            else:
+            if full is not None:
                 lo = jnp.clip(jnp.asarray(t.full_lo, jnp.int32), first, upper)
                 hi = jnp.clip(jnp.asarray(t.full_hi, jnp.int32), lo, upper)
-                state = lax.fori_loop(first, lo, masked, state)
-                state = lax.fori_loop(lo, hi, step_of(self.kernel_full), state)
-                state = lax.fori_loop(hi, upper, masked, state)
+        if streamed:  # each step waits for its tile and fetches the next
+            state = stream.loop(first, upper, lo, hi, masked, full, state)
+        elif full is None:
+            state = lax.fori_loop(first, upper, masked, state)
+        else:
+            state = lax.fori_loop(first, lo, masked, state)
+            state = lax.fori_loop(lo, hi, full, state)
+            state = lax.fori_loop(hi, upper, masked, state)
         for ref, t in zip(outs, g.carried):
             ref[...] = state[t].reshape(ref.shape)
+
+    def _hbm_rows(self, name: str, ids: Mapping[str, Any]) -> tuple[Any, ...]:
+        """An HBM input (TPU layout) at this program's row: its squeezed dims fixed."""
+        _, squeeze = self._operand(name)
+        perm, trailing = self._perm(name, True)
+        idx = [
+            slice(None) if squeeze[k] is None else grid_index(squeeze[k], ids, self.sizes)
+            for k in perm
+        ]
+        return tuple(idx + [slice(None)] * trailing)
 
     def _key_dim(self, name: str, tpu: bool) -> int:
         """The key tile's dim of a key input inside the kernel (squeezed dims gone)."""

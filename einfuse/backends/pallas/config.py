@@ -13,12 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from einfuse.errors import EinfuseError
 from einfuse.ir.schedule import Schedule
 
 NUM_WARPS, NUM_STAGES = "pallas.num_warps", "pallas.num_stages"
 KERNEL = "pallas.kernel"  # false: the fused group runs as the JAX backend's loop instead
 SCHEDULE_FIELDS = frozenset({"fuse.query_tile", NUM_WARPS, NUM_STAGES, KERNEL})
-DEFAULT_QUERY_TILE = 128  # the query block of Pallas' own GPU attention kernel
+# Where a key input (K, V) may be placed: ``vmem`` holds each program's whole key range as
+# one block; ``hbm`` leaves it in HBM and streams its tiles by double-buffered DMA (TPU).
+PLACEMENTS = ("vmem", "hbm")
+DEFAULT_QUERY_TILE = 128
+
+
+class PlacementError(EinfuseError):
+    """A Schedule places a tensor where the Pallas kernel cannot put it."""
+
+
+# the query block of Pallas' own GPU attention kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +38,7 @@ class KernelConfig:
 
     num_warps: int | None = None
     num_stages: int | None = None
+    interpret_tpu: bool = False  # run the TPU kernel in Mosaic's interpreter (a CPU check)
 
     def __str__(self) -> str:
         return ", ".join(
@@ -35,16 +47,16 @@ class KernelConfig:
         )
 
     @classmethod
-    def from_schedule(cls, schedule: Schedule | None) -> KernelConfig:
+    def from_schedule(cls, schedule: Schedule | None, interpret_tpu: bool = False) -> KernelConfig:
         if schedule is None:
-            return cls()
+            return cls(interpret_tpu=interpret_tpu)
         values = []
         for name in (NUM_WARPS, NUM_STAGES):
             v = schedule.option(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"schedule option {name}={v!r}: a positive int")
             values.append(v)
-        return cls(*values)
+        return cls(*values, interpret_tpu=interpret_tpu)
 
     def compiler_params(self, platform: str, grid_dims: int) -> Any:
         """The ``pallas_call`` compiler params for ``platform`` (None on the CPU)."""
