@@ -89,7 +89,7 @@ class BlockwiseCascade:
             query_tile = schedule.tile(query, query_tile) or query_tile
         if query_tile < 1:
             raise BackendUnsupported(f"query tile {query_tile} of rank {query}: must be >= 1")
-        self.q_tile = min(query_tile, total) if query else 1
+        self.q_tile = self.query_block(min(query_tile, total)) if query else 1
         self.q_blocks = -(-total // self.q_tile)
         body = self._globalized(self.plan.body)
         self.rows = mapped_rows if rows else ()
@@ -327,6 +327,11 @@ class BlockwiseCascade:
         return "\n".join(parts)
 
     kind = "blockwise loop"
+
+    def query_block(self, tile: int) -> int:
+        """The query block for a tile (already at most the rank's size); a kernel backend may
+        round it up to what its compiler takes, padding the rows."""
+        return tile
 
     def describe(self) -> str:
         """One line: what runs the group, its tiles, and what its mask lets it skip."""

@@ -75,6 +75,13 @@ class PallasBlockwise(BlockwiseCascade):
         for n in self.body_inputs:
             if n.endswith("__blk"):
                 self._streamed(n)  # a placement it cannot carry out fails here, by name
+        # A state starting from a constant (-inf, 0) starts in the kernel, not read from HBM.
+        inits = {e.output: e.expr for e in self.plan.pre.einsums}
+        self.const_init = {
+            t: float(x.value)
+            for t in group.carried
+            if isinstance(x := inits.get(f"{t}__init"), Const)
+        }
         kernel_sizes = dict(self.sizes)
         if self.query is not None:
             kernel_sizes[self.query] = self.q_tile
@@ -100,6 +107,10 @@ class PallasBlockwise(BlockwiseCascade):
             self.kernel_full = lower_cascade(
                 drop_ranks(self.full_cascade, drop), kernel_sizes, wide_dots=True, **options
             )
+
+    def query_block(self, tile: int) -> int:
+        """A power of two of at least 16: Triton's block shapes and ``tl.dot`` need both."""
+        return max(16, 1 << (tile - 1).bit_length())
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -210,7 +221,11 @@ class PallasBlockwise(BlockwiseCascade):
         """Each carried state after the last step, by one ``pallas_call`` over the grid rows
         and query blocks; ``skip``: visit only the key tiles inside the mask's band."""
         g = self.plan.group
-        names = [n for n in self.body_inputs if n not in (STEP, QBLOCK)]
+        names = [
+            n
+            for n in self.body_inputs
+            if n not in (STEP, QBLOCK) and n.removesuffix("__prev") not in self.const_init
+        ]
         grid = (*(self.sizes[r] for r in self.grid_rows), self.q_blocks)
         placed = [n for n in names if n.endswith("__blk") and self._streamed(n)]
 
@@ -293,7 +308,12 @@ class PallasBlockwise(BlockwiseCascade):
             return x.reshape(x.shape[:-1]) if self._perm(n, tpu)[1] else x
 
         fixed = {n: unit(n, ins[n][...]) for n in ins if not n.endswith(("__blk", "__prev"))}
-        state = {t: unit(f"{t}__prev", ins[f"{t}__prev"][...]) for t in g.carried}
+        state = {
+            t: unit(t, jnp.full(ref.shape, self.const_init[t], self.carry[t]))
+            if t in self.const_init
+            else unit(f"{t}__prev", ins[f"{t}__prev"][...])
+            for t, ref in zip(g.carried, outs)
+        }
         stream = KeyStream(
             {n: ins[n].at[self._hbm_rows(n, ids)] for n in streamed},
             dict(zip(streamed, zip(scratch[::2], scratch[1::2]))),
