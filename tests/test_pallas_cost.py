@@ -16,7 +16,7 @@ from einfuse.autotune.tuner import tuned_pipeline
 from einfuse.cli import main
 from einfuse.compile_path import region_key
 from einfuse.cost_model.kernel_footprint import footprint
-from einfuse.cost_model.kernel_pallas import jax_loop_seconds, pallas_seconds
+from einfuse.cost_model.kernel_pallas import jax_loop_seconds, pallas_seconds, step_compute_s
 from einfuse.cost_model.target import TargetSpecError, get_target, parse_target
 from einfuse.einsum_cascade import attention
 from einfuse.ir import parse
@@ -135,6 +135,9 @@ def test_float32_kernel_dots_are_priced_as_tf32_on_the_tensor_cores():
     f32 = pallas_seconds(kernel("float32", d=64, heads=16), H200, 8, 2)
     bf16 = pallas_seconds(kernel("bfloat16", d=64, heads=16), H200, 8, 2)
     assert math.isfinite(f32) and bf16 < f32 < 3 * bf16
+    # At HIGHEST, Triton runs float32 dots in IEEE float32: on the CUDA cores, far slower.
+    f32_k = kernel("float32", d=64)
+    assert step_compute_s(f32_k, H200, "highest") > 3 * step_compute_s(f32_k, H200, "default")
     flops = 4 * 4096**2 * 128 * 16
     tflops = flops / pallas_seconds(kernel("bfloat16", heads=16), H200, 8, 2) / 1e12
     assert 150 < tflops < 989  # below the H200's bf16 peak, above a plain XLA softmax

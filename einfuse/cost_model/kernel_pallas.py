@@ -6,10 +6,10 @@ A simple model, stated so its predictions can be checked against a table of meas
   exponentials, the vector ops of the online softmax: a program's warps issue them in
   sequence), each at its unit's rate divided among the cores (SMs; one TensorCore on a
   v5e). Dots run on the matrix unit in their dtype: bfloat16 and float16 on the tensor
-  cores; a float32 dot at the target's *default* float32 route, which on an NVIDIA GPU is
-  TF32 on the tensor cores (Pallas' Triton lowering runs a float32 ``jnp.dot`` as TF32
-  unless the dot itself asks for HIGHEST; the kernel's dots ask nothing), on a TPU one
-  bfloat16 MXU pass;
+  cores; a float32 dot at the target's float32 route for JAX's matmul precision, which by
+  default on an NVIDIA GPU is TF32 on the tensor cores (Pallas' Triton lowering runs a
+  float32 dot at DEFAULT or HIGH precision as TF32, at HIGHEST as IEEE float32), on a TPU
+  one bfloat16 MXU pass;
 * **streamed tiles** (K, V) come from L2 on a GPU (every query block of a row reads the
   same keys), at each SM's share of its bandwidth; with ``num_stages >= 2`` the copy of the
   next tile overlaps this step's work (Triton's software pipelining), with 1 it adds. On a
@@ -49,8 +49,9 @@ REGISTER_BYTES_PER_THREAD = 255 * 4  # CUDA: at most 255 32-bit registers per th
 DEFAULT_NUM_WARPS, DEFAULT_NUM_STAGES = 4, 3  # Pallas' Triton CompilerParams defaults
 
 
-def step_compute_s(loop: KernelLoop, target: Target) -> float:
-    """Seconds of one key step of one program on one core, its operations in sequence."""
+def step_compute_s(loop: KernelLoop, target: Target, precision: str | None = None) -> float:
+    """Seconds of one key step of one program on one core, its operations in sequence;
+    float32 dots at ``precision`` (default: JAX's matmul precision now)."""
     from einfuse.cost_model.model import work_dtype
 
     body = loop.body
@@ -58,7 +59,7 @@ def step_compute_s(loop: KernelLoop, target: Target) -> float:
     ir = tensor_dtypes(body)
     dtypes = [work_dtype(e, ir, loop.dtype) for e in body.einsums]
     work = [einsum_work(e) for e in body.einsums]
-    charges = einsum_charges(target, dtypes, body.einsums, work, {}, "default")
+    charges = einsum_charges(target, dtypes, body.einsums, work, {}, precision)
     total = 0.0
     for e, w, charge in zip(body.einsums, work, charges):
         macs = math.prod(sizes[r] for r in e.ranks) * w.macs
