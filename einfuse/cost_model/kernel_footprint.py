@@ -15,9 +15,12 @@ Where they live, per platform (what each compiler allocates):
   pipelines; the query block is a dot operand read every step); the carried state and the
   score tile are registers. The sum must fit the shared memory of one thread block
   (``per_kernel_bytes``: 227 KiB on an H100/H200), else Triton refuses with "Shared memory
-  size limit exceeded". Pallas' own ``mha`` at float32, 128 x 128 blocks, head dim 128 and
-  2 stages asked Triton for 262144 B (two stages of K and V); this model adds the query
-  block (327680 B), so it refuses at least what Triton refuses;
+  size limit exceeded". Checked against Triton 3.3.1's allocator for sm_90
+  (``benchmarks/triton_shared_memory.py``): float32 exactly (327680 B at 128 x 128, head
+  dim 128, 2 stages); bfloat16 got one buffer per load whatever the stages, so the count
+  may refuse a bfloat16 schedule that compiles, not accept one that does not. XLA's Triton
+  asked 262144 B for Pallas' own float32 ``mha`` at those blocks (no query block: it
+  scales the query in registers first);
 * TPU (Mosaic): every block of a BlockSpec is double-buffered in VMEM, and the kernel's
   key-tiled inputs are blocked over the whole key range of a row (one DMA per row, one tile
   sliced per step), so they count whole; the carried state and the score tile are VMEM
