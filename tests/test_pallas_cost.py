@@ -158,3 +158,17 @@ def test_autotune_pallas_on_h200_returns_a_fused_schedule_that_fits(tmp_path, ca
     (loop,) = planned_loops(fused, tuple(sorted({**sizes, "e": 64, "f": 64}.items())))
     stages = schedule.option("pallas.num_stages")
     assert footprint(loop.kernel(schedule.tile("p"), "bfloat16"), H200, stages).fits
+
+
+def test_explain_with_the_pallas_backend_shows_the_kernel_and_refuses_what_does_not_fit(capsys):
+    argv = ["explain", SPEC, "--sizes", "p=4096,m=4096,e=128,f=128", "--passes", "fuse{tile=256}"]
+    argv += ["--target", "h200", "--backend", "pallas", "--schedule"]
+    assert main([*argv, "tile p=128; option pallas.num_stages=1"]) == 0
+    out = capsys.readouterr().out
+    assert "pallas kernel over m1: grid 1 rows x 32 query blocks of 128, 16 key steps" in out
+    assert "holds 163840 of 232448 B of shared memory" in out and "predicted" in out
+    assert main([*argv, "tile p=128; option pallas.num_stages=4"]) == 1
+    assert "refused: needs 557056 B of shared memory per block" in capsys.readouterr().out
+    jax = [a if a != "pallas" else "jax" for a in argv]
+    assert main([*jax, "tile p=128; option pallas.num_stages=4"]) == 0
+    assert "pallas kernel" not in capsys.readouterr().out

@@ -6,9 +6,8 @@ into a ``pallas_call`` is checked against the target's per-kernel capacity
 in place of the cost model's price of the same loop; with ``pallas.kernel=false`` the loop is
 priced as the JAX backend runs it, one step after another (``jax_loop_seconds``), so the
 choice between them compares like with like. The rest of the program keeps the cost model's
-price. A kernel that does
-not fit refuses the candidate with the reason, before anything compiles. On a CPU target
-the kernel runs interpreted: nothing is refused or repriced there.
+price. A kernel that does not fit refuses the candidate with the reason, before anything
+compiles. On a CPU target the kernel runs interpreted: nothing is refused or repriced there.
 """
 
 from __future__ import annotations
@@ -89,3 +88,42 @@ class PallasPricer:
                 return f"pallas kernel over {loop.loop_rank} {why}"
             total += pallas_seconds(loop, self.target, config.num_warps, config.num_stages)
         return total, frozenset(names)
+
+
+def describe_kernels(
+    fused: Cascade, sizes: dict[str, int], schedule: Any, target: Target, dtype: str | None
+) -> list[tuple[str, bool]]:
+    """For ``einfuse explain --backend pallas``: one line per kernel (its grid, what one
+    program holds against the target's capacity, its predicted time), and whether it fits."""
+    from einfuse.backends.pallas.config import DEFAULT_QUERY_TILE, KERNEL, KernelConfig
+
+    if target.device_kind not in PLATFORMS or (
+        schedule is not None and schedule.option(KERNEL) is False
+    ):
+        return []
+    config = KernelConfig.from_schedule(schedule)
+    stages = config.num_stages or DEFAULT_NUM_STAGES
+    lines = []
+    for planned in planned_loops(fused, tuple(sorted(sizes.items()))):
+        query = planned.plan.query
+        q_tile = (schedule.tile(query, None) if schedule and query else None) or DEFAULT_QUERY_TILE
+        loop = planned.kernel(q_tile, dtype)
+        fp = footprint(loop, target, stages)
+        head = (
+            f"pallas kernel over {loop.loop_rank}: grid {loop.rows} rows x {loop.q_blocks} "
+            f"query blocks of {loop.q_tile}, {loop.key_steps} key steps of {loop.key_tile}"
+        )
+        if not fp.fits:
+            lines.append((f"{head}; refused: {fp.refusal(target)}", False))
+            continue
+        assert fp.level is not None
+        held = ", ".join(what for what, _ in fp.parts)
+        seconds = pallas_seconds(loop, target, config.num_warps, config.num_stages)
+        lines.append(
+            (
+                f"{head}; holds {fp.bytes} of {int(fp.level.kernel_capacity_bytes)} B of "
+                f"{fp.level.name.replace('_', ' ')} ({held}); predicted {seconds * 1e3:.4g} ms",
+                True,
+            )
+        )
+    return lines
