@@ -31,6 +31,15 @@ class Refused(Exception):
     """A candidate whose kernel cannot compile on the target; the message says why."""
 
 
+def query_tile(planned: PlannedLoop, schedule: Any) -> int:
+    """The kernel's query block: the Schedule's tile of the query rank, else Pallas' default
+    (as ``emit_pallas`` tiles it)."""
+    from einfuse.backends.pallas.config import DEFAULT_QUERY_TILE
+
+    query = planned.plan.query
+    return (schedule.tile(query, None) if schedule and query else None) or DEFAULT_QUERY_TILE
+
+
 class PallasPricer:
     """Prices candidates' Pallas kernels; what depends only on the pipeline, the query tile,
     the warps and the stages is computed once (the model objective scores thousands)."""
@@ -48,7 +57,7 @@ class PallasPricer:
     ) -> tuple[float, frozenset[str]]:
         """Seconds of the candidate's kernels and the names of the cost model's kernels they
         replace (``loop m1``); raises `Refused` for a kernel that does not fit."""
-        from einfuse.backends.pallas.config import DEFAULT_QUERY_TILE, KERNEL, KernelConfig
+        from einfuse.backends.pallas.config import KERNEL, KernelConfig
 
         if self.target.device_kind not in PLATFORMS:
             return 0.0, frozenset()
@@ -59,11 +68,7 @@ class PallasPricer:
         if not loops:
             return 0.0, frozenset()
         config = KernelConfig.from_schedule(schedule)
-        q_tiles = tuple(
-            (schedule.tile(lp.plan.query, None) if schedule and lp.plan.query else None)
-            or DEFAULT_QUERY_TILE
-            for lp in loops
-        )
+        q_tiles = tuple(query_tile(lp, schedule) for lp in loops)
         key = (pipeline, q_tiles, config.num_warps, config.num_stages, jax_loop)
         found = self._prices.get(key)
         if found is None:
@@ -95,7 +100,7 @@ def describe_kernels(
 ) -> list[tuple[str, bool]]:
     """For ``einfuse explain --backend pallas``: one line per kernel (its grid, what one
     program holds against the target's capacity, its predicted time), and whether it fits."""
-    from einfuse.backends.pallas.config import DEFAULT_QUERY_TILE, KERNEL, KernelConfig
+    from einfuse.backends.pallas.config import KERNEL, KernelConfig
 
     if target.device_kind not in PLATFORMS or (
         schedule is not None and schedule.option(KERNEL) is False
@@ -105,9 +110,7 @@ def describe_kernels(
     stages = config.num_stages or DEFAULT_NUM_STAGES
     lines = []
     for planned in planned_loops(fused, tuple(sorted(sizes.items()))):
-        query = planned.plan.query
-        q_tile = (schedule.tile(query, None) if schedule and query else None) or DEFAULT_QUERY_TILE
-        loop = planned.kernel(q_tile, dtype)
+        loop = planned.kernel(query_tile(planned, schedule), dtype)
         fp = footprint(loop, target, stages)
         head = (
             f"pallas kernel over {loop.loop_rank}: grid {loop.rows} rows x {loop.q_blocks} "
