@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks.attention_explore import blockwise_attention
-from einfuse.autotune.providers import fused_loop
+from einfuse.autotune.loop_plan import fused_loop
 from einfuse.autotune.timing import time_interleaved
 from einfuse.autotune.timing_steal import cpu_steal_fraction
 from einfuse.backends.jax_backend import emit_jax

@@ -68,4 +68,4 @@ def test_the_tuner_offers_only_placements_the_backend_carries_out(monkeypatch) -
     placing = replace(get_backend(), name="placing", placements=frozenset({"shared_memory"}))
     assert _for_backend(None, get_backend()).providers is not None
     assert "placement" not in _for_backend(None, get_backend()).providers
-    assert _for_backend(SpaceOptions(), placing) == SpaceOptions()
+    assert _for_backend(SpaceOptions(), placing) == SpaceOptions(backend="placing")

@@ -8,12 +8,12 @@ the fused loop would take at least two tiles.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from einfuse.autotune.loop_plan import fused_loop
 from einfuse.autotune.space import (
     Choice,
     Param,
@@ -21,9 +21,6 @@ from einfuse.autotune.space import (
     loop_order_choices,
     register_space,
 )
-
-if TYPE_CHECKING:
-    from einfuse.ir.cascade import Cascade
 
 
 @register_space("fuse")
@@ -53,6 +50,10 @@ def fuse_params(ctx: SpaceContext) -> Sequence[Param]:
     choices = ctx.tile_choices(max(ranks, key=ctx.sizes.__getitem__), smallest)
     tile_param = inspect.signature(passes["fuse"]).parameters.get("tile")
     preferred = tile_param.default if tile_param is not None else None
+    kernel = _pallas_tiles(ctx)
+    if kernel is not None:  # the key tile is the kernel's key block
+        choices = tuple(t for t in kernel[0] if t < size) or (min(kernel[0]),)
+        preferred = kernel[2]
     default_tile = ctx.default_tile(choices, preferred if isinstance(preferred, int) else None)
     on_by_default = size >= 2 * default_tile
     params = [
@@ -73,10 +74,11 @@ def fuse_params(ctx: SpaceContext) -> Sequence[Param]:
     # so the cost model prices a step as the emitter runs it rather than all rows at once.
     for r in rows:
         params.append(Param(f"fuse.rows.{r}", "tile", r, (1,), 1, when=("fuse", True)))
-    if query is not None and ctx.sizes.get(query, 0) > QUERY_TILES[0]:
-        top = min(ctx.sizes[query], QUERY_TILES[-1])
-        q_choices = tuple(sorted({t for t in (*QUERY_TILES, ctx.sizes[query]) if t <= top}))
-        q_default = ctx.default_tile(q_choices, 512)  # emit_jax's own default
+    q_tiles, q_preferred = (kernel[1], kernel[2]) if kernel else (QUERY_TILES, 512)
+    if query is not None and ctx.sizes.get(query, 0) > q_tiles[0]:
+        top = min(ctx.sizes[query], q_tiles[-1])
+        q_choices = tuple(sorted({t for t in (*q_tiles, ctx.sizes[query]) if t <= top}))
+        q_default = ctx.default_tile(q_choices, q_preferred)  # the emitter's own default
         params.append(
             Param(
                 "fuse.query_tile",
@@ -94,24 +96,38 @@ def fuse_params(ctx: SpaceContext) -> Sequence[Param]:
 # Query tiles of the blockwise loop worth measuring on any target: below 128 the per-block
 # overhead dominates, above 1024 a P0 x M0 score tile no longer stays in cache.
 QUERY_TILES = (128, 256, 512, 1024)
+# The Pallas kernel's (key tiles, query tiles, default of both), per device kind: blocks
+# a GPU thread block holds in shared memory and registers (Pallas' own attention uses
+# 128 x 128), and on a TPU multiples of the 128 lanes of a vector register.
+PALLAS_TILES = {
+    "gpu": ((32, 64, 128, 256), (64, 128, 256), 128),
+    "tpu": ((128, 256, 512), (128, 256, 512), 128),
+}
 
 
-@functools.lru_cache(maxsize=64)
-def fused_loop(
-    cascade: Cascade, tile: int, sizes: tuple[tuple[str, int], ...]
-) -> tuple[str | None, tuple[str, ...]]:
-    """The query rank and the row ranks of the blockwise loop ``fuse{tile}`` leads to."""
-    from einfuse.backends.blockwise_plan import plan_loop
-    from einfuse.ir.cascade import bind_sizes
-    from einfuse.passes.fuse import fuse, fused_groups
+def _pallas_tiles(ctx: SpaceContext) -> tuple[tuple[int, ...], tuple[int, ...], int] | None:
+    """The Pallas kernel's tile choices where the backend is pallas (a CPU interprets the
+    GPU kernel, so it gets the GPU's), else None."""
+    if ctx.options.backend != "pallas":
+        return None
+    return PALLAS_TILES.get(ctx.target.device_kind, PALLAS_TILES["gpu"])
 
-    fused = fuse(cascade, tile=tile)
-    groups = fused_groups(fused)
-    if not groups:
-        return None, ()
-    bound = bind_sizes(fused, {r: n for r, n in sizes if r in fused.all_ranks()})
-    _, plan, rows = plan_loop(fused, groups[0], bound)
-    return plan.query, rows
+
+@register_space("pallas")
+def pallas_params(ctx: SpaceContext) -> Sequence[Param]:
+    """The Pallas backend's own choices, for a cascade ``fuse`` applies to: the kernel or
+    the JAX loop for each fused group; on a GPU, Triton's warps and pipeline stages."""
+    from einfuse.backends.pallas.config import KERNEL, NUM_STAGES, NUM_WARPS
+
+    if ctx.options.backend != "pallas" or not fuse_params(ctx):
+        return ()
+    params = [Param(KERNEL, "option", KERNEL, (True, False), True, when=("fuse", True))]
+    if ctx.target.device_kind == "gpu":
+        on = (KERNEL, True)
+        # Defaults: Pallas' own (Triton's CompilerParams: 4 warps, 3 stages), what runs untuned.
+        params.append(Param(NUM_WARPS, "option", NUM_WARPS, (4, 8), 4, when=on))
+        params.append(Param(NUM_STAGES, "option", NUM_STAGES, (1, 2, 3, 4), 3, when=on))
+    return params
 
 
 def tiled_ranks(ctx: SpaceContext) -> list[str]:

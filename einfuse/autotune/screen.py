@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from einfuse.autotune.measure import describe_error
+from einfuse.autotune.pallas_model import PallasPricer, Refused
 from einfuse.autotune.space import Candidate, Point, SearchSpace
 from einfuse.ir.cascade import Cascade, bind_sizes
 from einfuse.ir.errors import EinfuseError
@@ -64,7 +65,9 @@ class Score:
 class ModelEvaluator:
     """Predicted time of candidates: pipelines and cost models cached per pipeline."""
 
-    def __init__(self, cascade: Cascade, target: object, sizes: Mapping[str, int]) -> None:
+    def __init__(
+        self, cascade: Cascade, target: object, sizes: Mapping[str, int], backend: str = "jax"
+    ) -> None:
         try:
             import einfuse.cost_model.model  # noqa: F401
         except ImportError as exc:
@@ -74,6 +77,8 @@ class ModelEvaluator:
         self.cascade = cascade
         self.target = target
         self.sizes = dict(sizes)
+        # The Pallas backend's kernels are priced, and refused, as kernels of their own.
+        self.pallas = PallasPricer(target, compute_dtype(cascade)) if backend == "pallas" else None
         self._models: dict[str, object | str] = {}
         self._by_cascade: dict[tuple[str, tuple[tuple[str, int], ...]], object] = {}
 
@@ -101,12 +106,21 @@ class ModelEvaluator:
         if isinstance(model, str):
             return math.inf, model
         try:
-            seconds = float(model.estimate(candidate.schedule))  # type: ignore[attr-defined]
+            kernels, without = self._kernels(candidate, model)
+            seconds = kernels + float(model.estimate(candidate.schedule, without))  # type: ignore[attr-defined]
+        except Refused as exc:
+            return math.inf, f"does not fit: {exc}"
         except Exception as exc:
             return math.inf, f"cost model refused: {describe_error(exc)}"
         if not math.isfinite(seconds):
             return math.inf, self.why_not(candidate)
         return seconds, ""
+
+    def _kernels(self, candidate: Candidate, model: Any) -> tuple[float, frozenset[str]]:
+        """The backend's own kernels: their seconds and the cost-model kernels they replace."""
+        if self.pallas is None:
+            return 0.0, frozenset()
+        return self.pallas.price(candidate.pipeline, model.cascade, model.sizes, candidate.schedule)
 
     def why_not(self, candidate: Candidate) -> str:
         """The model's reason a candidate scores infinity (does not fit, ...)."""

@@ -80,6 +80,7 @@ class SpaceOptions:
     max_divisor_choices: int = 4  # non-power-of-two divisors kept per rank
     max_loop_ranks: int = 3
     providers: tuple[str, ...] | None = None  # None: every registered provider
+    backend: str = "jax"  # the backend the candidates are emitted by (its own params, tiles)
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,7 +180,9 @@ def _tune(
                 f"study {name!r} in {store.where} holds results for another key "
                 f"({TuningKey.from_dict(stored_key).to_dict()}); pick another --study"
             )
-        evaluator = _evaluator(cascade, target, sizes, required=s.objective != "measure")
+        evaluator = _evaluator(
+            cascade, target, sizes, required=s.objective != "measure", backend=s.backend.name
+        )
         job = Job(cascade, sizes, target, key, space, store, study, s, evaluator)
         with store.guard():
             attrs = study.user_attrs
@@ -194,7 +196,7 @@ def _tune(
 def _for_backend(options: SpaceOptions | None, backend: Backend) -> SpaceOptions:
     """The space a backend can carry out: no placement params where it places nothing
     (JAX: XLA decides where tensors live), so no stored Schedule claims a placement."""
-    options = options or SpaceOptions()
+    options = replace(options or SpaceOptions(), backend=backend.name)
     if backend.placements:
         return options
     from einfuse.autotune.space import space_providers
@@ -204,10 +206,10 @@ def _for_backend(options: SpaceOptions | None, backend: Backend) -> SpaceOptions
 
 
 def _evaluator(
-    cascade: Cascade, target: Target, sizes: dict[str, int], *, required: bool
+    cascade: Cascade, target: Target, sizes: dict[str, int], *, required: bool, backend: str
 ) -> ModelEvaluator | None:
     try:
-        return ModelEvaluator(cascade, target, sizes)
+        return ModelEvaluator(cascade, target, sizes, backend)
     except ModelUnavailable:
         if required:
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from einfuse.cli.args import (
     add_backend_argument,
@@ -114,7 +115,21 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     print()
     print(report.why())
-    return 0 if report.fits else 1
+    kernels = _pallas_kernels(args.backend, cascade, model, schedule)
+    for line, _ in kernels:
+        print(line)
+    return 0 if report.fits and all(fits for _, fits in kernels) else 1
+
+
+def _pallas_kernels(backend: str, cascade: object, model: object, schedule: object) -> list:
+    """The Pallas backend's kernels: what one program holds and its price (see
+    ``autotune.pallas_model``); the table above prices the loop as the JAX backend runs it."""
+    if backend != "pallas":
+        return []
+    from einfuse.autotune.pallas_model import describe_kernels
+
+    m: Any = model
+    return describe_kernels(cascade, m.sizes, schedule, m.target, m.dtype)
 
 
 def _default(model: object) -> str:

@@ -177,11 +177,15 @@ class CostModel:
         return sizes, tiles
 
     # ------------------------------------------------------------------ evaluation
-    def estimate(self, schedule: object | None = None) -> float:
+    def estimate(
+        self, schedule: object | None = None, without: frozenset[str] = frozenset()
+    ) -> float:
         """Predicted seconds (``inf`` for a schedule whose tiles do not fit): the fast path.
 
         ``None`` prices the default tiles (``default_tiles``). Equal to ``report(schedule)
         .total_s``: kernels priced before under the same inputs are not priced again.
+        Kernels named in ``without`` (``loop m1``) are left out: the caller prices them
+        (a backend that runs that loop as a kernel of its own, ``autotune.pallas_model``).
         """
         view = self.default_view() if schedule is None else ScheduleView.of(schedule)
         self._check_placement(view)
@@ -192,6 +196,8 @@ class CostModel:
         order = view.loop_order
         total = 0.0
         for k, dep, memo in zip(self.kernels, self._depends, self._memo):
+            if without and k.name in without:
+                continue
             loop_ranks = dep.loop_ranks
             key: tuple = (
                 dep.pick(sizes),
@@ -318,7 +324,7 @@ def _einsum_dtypes(cascade: Cascade, dtype: str, carry_dtype: str | None) -> tup
     from einfuse.ir.dtypes import tensor_dtypes, with_input_dtype
 
     ir = tensor_dtypes(with_input_dtype(cascade, dtype), dtype)
-    out = [_work_dtype(e, ir, dtype) for e in cascade.einsums]
+    out = [work_dtype(e, ir, dtype) for e in cascade.einsums]
     carry = dtype if carry_dtype is None else canonical_dtype(carry_dtype)
     if carry == dtype:
         return tuple(out)
@@ -332,7 +338,7 @@ def _einsum_dtypes(cascade: Cascade, dtype: str, carry_dtype: str | None) -> tup
     return tuple(out)
 
 
-def _work_dtype(e: Einsum, ir: Mapping[str, str], dtype: str) -> str:
+def work_dtype(e: Einsum, ir: Mapping[str, str], dtype: str) -> str:
     """The dtype of ``e``'s arithmetic: a sum of products cast up runs on the narrow ones."""
     from einfuse.ir.dtypes import expr_dtype
     from einfuse.ir.expr import CAST_OPS, Op

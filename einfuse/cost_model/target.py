@@ -126,13 +126,20 @@ class ComputeUnit:
 
 @dataclass(frozen=True, slots=True)
 class MemoryLevel:
-    """One level of the memory hierarchy; `managed` levels are software-placed scratchpads."""
+    """One level of the memory hierarchy; `managed` levels are software-placed scratchpads.
+
+    ``per_kernel_bytes`` is what one kernel program (a GPU thread block, a TPU kernel) may
+    hold at this level, where the compiler enforces less than the hardware has: 227 KiB of
+    an H100 SM's 228 KiB of shared memory, the 16 MiB scoped VMEM of a v5e's 128 MiB. A
+    kernel that needs more fails to compile (see ``kernel_footprint``).
+    """
 
     name: str
     capacity_bytes: float  # per instance; math.inf where the model does not bound it
     bandwidth_bytes_per_s: float  # summed over all instances
     instances: int = 1
     managed: bool = False
+    per_kernel_bytes: float | None = None  # None: the whole capacity
 
     def __post_init__(self) -> None:
         if not self.capacity_bytes > 0:
@@ -141,6 +148,18 @@ class MemoryLevel:
             raise TargetSpecError(f"memory {self.name!r}: bandwidth {self.bandwidth_bytes_per_s}")
         if self.instances < 1:
             raise TargetSpecError(f"memory {self.name!r}: {self.instances} instances")
+        if self.per_kernel_bytes is not None and not (
+            0 < self.per_kernel_bytes <= self.capacity_bytes
+        ):
+            raise TargetSpecError(
+                f"memory {self.name!r}: per_kernel_bytes {self.per_kernel_bytes} is not in "
+                f"(0, capacity_bytes = {self.capacity_bytes}]"
+            )
+
+    @property
+    def kernel_capacity_bytes(self) -> float:
+        """What one kernel program may hold here."""
+        return self.capacity_bytes if self.per_kernel_bytes is None else self.per_kernel_bytes
 
     @property
     def total_capacity_bytes(self) -> float:
@@ -271,6 +290,7 @@ _TABLE_KEYS = {"units", "memory", "interconnect", "float32_dots"}
 _UNIT_KEYS = {"name", "kind", "clock_hz", "lanes", "ops_per_s", "flops_per_s", "dtypes"}
 _UNIT_KEYS |= {"ops_per_lane_per_cycle", "emulated_on"}
 _MEMORY_KEYS = {"name", "capacity_bytes", "bandwidth_bytes_per_s", "instances", "managed"}
+_MEMORY_KEYS |= {"per_kernel_bytes"}
 _INTERCONNECT_KEYS = {"latency_s", "bandwidth_bytes_per_s", "topology"}
 
 
