@@ -69,7 +69,8 @@ def _price(cascade: Any, sizes: dict, target: str, backend: str, values: dict) -
     seconds, reason = evaluator.estimate(candidate)
     if reason:
         return None, reason
-    return seconds, f"{candidate.pipeline or 'unfused'}; {candidate.schedule}; priced for {how}"
+    schedule = candidate.schedule or "no schedule (XLA's)"
+    return seconds, f"{candidate.pipeline or 'unfused'}; {schedule}; priced for {how}"
 
 
 def _tuned(cascade: Any, sizes: dict, target: str) -> Prediction:
@@ -109,10 +110,13 @@ def markdown(cases: list[Case], target: str) -> str:
         ]
         label = "einfuse (pallas), the model's own choice" if row == "pallas_tuned" else LABELS[row]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    lines += ["", "How each was priced:", ""]
-    for c, p in zip(cases, preds):
-        for row, (_, how) in p.items():
-            lines.append(f"- {c.name}, {row}: {how}")
+    lines += ["", "How each was priced (or why the model refused it):", ""]
+    for row in preds[0]:
+        by_how: dict[str, list[str]] = {}
+        for c, p in zip(cases, preds):
+            by_how.setdefault(p[row][1], []).append(c.name)
+        for how, names in by_how.items():
+            lines.append(f"- {row}, {', '.join(names)}: {how}")
     return "\n".join(lines) + "\n"
 
 

@@ -157,8 +157,12 @@ def compiled_row(fn: Any, args: tuple) -> tuple[Callable[[], Any], dict[str, Any
     return functools.partial(exe, *args), {**info, "out": out}
 
 
-def max_error(out: Any, ref: Any) -> float:
-    return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+def check(out: Any, ref: Any, dtype: str) -> dict[str, Any]:
+    """The max abs error against ``ref``, and whether every element is within tolerance."""
+    atol, rtol = TOLERANCE.get(dtype, TOLERANCE["float32"])
+    ref = ref.astype(jnp.float32)
+    err = jnp.abs(out.astype(jnp.float32) - ref)
+    return {"max_err": float(err.max()), "ok": bool(jnp.all(err <= atol + rtol * jnp.abs(ref)))}
 
 
 def device_peak_mib() -> float | None:
@@ -206,8 +210,7 @@ def _make_case(
             return None, {"error": describe_error(exc)}
         out = got.pop("out")
         if ref is not None:
-            got["max_err"] = max_error(out, ref)
-            got["ok"] = got["max_err"] <= TOLERANCE.get(c.dtype, 1e-4)
+            got |= check(out, ref, c.dtype)
         return call, {**got, "_out": out}
 
     mine["reference"] = "cudnn"

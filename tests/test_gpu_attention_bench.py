@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_attention, gpu_attention_rows
-from benchmarks.gpu_attention import TOLERANCE, Case, as_dict
+from benchmarks.gpu_attention import Case, as_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Case("bfloat16", 64, True, heads=4, kv_heads=2, dim=32)  # causal GQA
@@ -34,11 +34,21 @@ def test_each_row_is_checked_against_the_reference_or_says_why_not(tmp_path, mon
     assert got["cudnn"]["error"].startswith("skipped: cuDNN needs")
     assert got["einfuse_jax"]["error"] == "out of memory: MemoryError: pretend"
     for row in ("jit", "pallas_tuned"):
-        assert 0 < got[row]["max_err"] <= TOLERANCE["bfloat16"], row
+        assert 0 < got[row]["max_err"] < 0.05, row
         assert got[row]["ok"] and got[row]["first_call_s"] > 0 and "temp_mib" in got[row]
     assert got["pallas_tuned"]["label"].endswith("best of 1/16")  # no budget: one config
     assert set(calls) >= {"0:jit", "0:pallas_tuned"}
     assert "0:einfuse_jax" not in calls and "0:cudnn" not in calls
+
+
+def test_the_check_flags_an_output_off_by_more_than_a_few_ulps():
+    import jax.numpy as jnp
+
+    ref = jnp.array([0.5, 4.0, -6.0], jnp.float32)
+    near = jnp.array([0.5078125, 4.0625, -6.0], jnp.bfloat16)  # 2 ulps off at 0.5 and at 4
+    assert gpu_attention_rows.check(near, ref, "bfloat16")["ok"]
+    far = jnp.array([0.5, 4.0, -5.5], jnp.bfloat16)
+    assert gpu_attention_rows.check(far, ref, "bfloat16") == {"max_err": 0.5, "ok": False}
 
 
 def test_a_scheduled_row_lowers_its_warps_and_query_tile_for_cuda():
