@@ -221,10 +221,15 @@ def _make_case(
             got |= {"max_err": 0.0, "ok": True}
             runnable["cudnn"] = call
         record("cudnn", got)
-    if ref is None:  # no cuDNN here: a float32 softmax is the reference
+    if ref is None:  # no cuDNN here: a float32 softmax is the reference, where it fits
         mine["reference"] = "float32 jax.jit softmax"
-        f32 = tuple(a.astype(jnp.float32) for a in args)
-        ref = jax.jit(functools.partial(attention, causal=c.causal))(*f32)
+        try:
+            f32 = tuple(a.astype(jnp.float32) for a in args)
+            ref = jax.block_until_ready(
+                jax.jit(functools.partial(attention, causal=c.causal))(*f32)
+            )
+        except Exception as exc:  # the rows still run and are timed, unchecked
+            mine["reference"] = f"none ({describe_error(exc)})"
     for row in rows:
         if row in ("cudnn", "pallas_tuned"):
             continue

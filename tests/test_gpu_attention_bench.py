@@ -41,6 +41,22 @@ def test_each_row_is_checked_against_the_reference_or_says_why_not(tmp_path, mon
     assert "0:einfuse_jax" not in calls and "0:cudnn" not in calls
 
 
+def test_rows_still_run_unchecked_when_the_reference_does_not_fit(tmp_path, monkeypatch):
+    real = gpu_attention_rows.attention
+
+    def attention(q, k, v, causal):
+        if q.dtype == "float32":
+            raise MemoryError("pretend the float32 reference does not fit")
+        return real(q, k, v, causal)
+
+    monkeypatch.setattr(gpu_attention_rows, "attention", attention)
+    side = tmp_path / "rows.json"
+    calls = gpu_attention_rows.make([as_dict(TINY)], ["jit"], str(side), sweep_s=0.0)
+    case = json.loads(side.read_text())["cases"][0]
+    assert case["reference"].startswith("none (out of memory: MemoryError: pretend")
+    assert "max_err" not in case["rows"]["jit"] and list(calls) == ["0:jit"]
+
+
 def test_the_check_flags_an_output_off_by_more_than_a_few_ulps():
     import jax.numpy as jnp
 
