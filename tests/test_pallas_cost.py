@@ -11,8 +11,9 @@ import pytest
 from einfuse.autotune.loop_plan import planned_loops
 from einfuse.autotune.providers import PALLAS_TILES, QUERY_TILES
 from einfuse.autotune.screen import ModelEvaluator
-from einfuse.autotune.space import SpaceOptions, build_space
-from einfuse.autotune.tuner import tuned_pipeline
+from einfuse.autotune.space import build_space
+from einfuse.autotune.tuner import _for_backend, tuned_pipeline
+from einfuse.backends.backend import get_backend
 from einfuse.cli import main
 from einfuse.compile_path import region_key
 from einfuse.cost_model.kernel_footprint import footprint
@@ -70,6 +71,8 @@ def test_a_tpu_kernel_holds_whole_key_rows_in_vmem():
     assert not long.fits and "of vmem per kernel" in long.refusal(V5E)
     assert "tpu_v5e has 16777216 B" in long.refusal(V5E)
     assert footprint(kernel("float32"), get_target("cpu", calibrate=False)).fits
+    streamed = footprint(kernel("bfloat16", n=32768), V5E, streamed=frozenset({"K", "V"}))
+    assert streamed.fits and "streamed K/V 2 DMA slots" in " ".join(w for w, _ in streamed.parts)
 
 
 def evaluator(backend: str, target=H200, n: int = 4096, dtype: str = "bfloat16"):
@@ -110,7 +113,8 @@ def test_the_jax_backend_is_not_refused_and_has_no_pallas_params():
 def test_the_pallas_space_offers_gpu_blocks_warps_and_stages_and_keeps_xla():
     c = attention("3pass", heads=False, batch=False, p=4096, m=4096, e=128, f=128)
     sizes = {"p": 4096, "m": 4096, "e": 128, "f": 128}
-    gpu = build_space(c, H200, sizes, SpaceOptions(backend="pallas"))
+    pallas = _for_backend(None, get_backend("pallas"))  # the space the tuner builds
+    gpu = build_space(c, H200, sizes, pallas)
     keys, queries, _ = PALLAS_TILES["gpu"]
     assert gpu.param("fuse.tile").choices == keys == (32, 64, 128, 256)
     assert gpu.param("fuse.query_tile").choices == queries == (64, 128, 256)
@@ -118,8 +122,26 @@ def test_the_pallas_space_offers_gpu_blocks_warps_and_stages_and_keeps_xla():
     assert gpu.param("pallas.num_stages").choices == (1, 2, 3, 4)
     assert gpu.param("pallas.kernel").choices == (True, False)
     assert False in gpu.param("fuse").choices  # plain XLA stays a candidate
-    tpu = build_space(c, V5E, sizes, SpaceOptions(backend="pallas"))
+    tpu = build_space(c, V5E, sizes, pallas)
     assert {p.name for p in tpu.params if p.name.startswith("pallas.")} == {"pallas.kernel"}
+    # On a TPU each key input is held whole in VMEM or streamed from HBM by DMA; nothing
+    # else is placed (the kernel holds its intermediates on chip).
+    placed = {p.name: p.choices for p in tpu.params if p.kind == "placement"}
+    assert placed == {"place.K": ("vmem", "hbm"), "place.V": ("vmem", "hbm")}
+    assert not [p for p in gpu.params if p.kind == "placement"]
+
+
+def test_on_a_tpu_long_keys_are_streamed_from_hbm_rather_than_refused():
+    c = attention("3pass", heads=False, batch=False, p=32768, m=32768, e=128, f=128)
+    sizes = {"p": 32768, "m": 32768, "e": 128, "f": 128}
+    from einfuse.autotune.tuner import autotune
+
+    result = autotune(
+        with_input_dtype(c, "bfloat16"), sizes=sizes, target="tpu_v5e", objective="model",
+        storage="memory", progress=False, backend="pallas",
+    )  # fmt: skip
+    assert result.schedule.option("pallas.kernel") is True
+    assert result.schedule.place("K") == result.schedule.place("V") == "hbm"
 
 
 def test_the_grid_runs_in_waves_over_the_sms():

@@ -69,16 +69,22 @@ class PallasPricer:
             return 0.0, frozenset()
         config = KernelConfig.from_schedule(schedule)
         q_tiles = tuple(query_tile(lp, schedule) for lp in loops)
-        key = (pipeline, q_tiles, config.num_warps, config.num_stages, jax_loop)
+        streamed = streamed_inputs(schedule)
+        key = (pipeline, q_tiles, config.num_warps, config.num_stages, jax_loop, streamed)
         found = self._prices.get(key)
         if found is None:
-            found = self._prices[key] = self._price(loops, q_tiles, config, jax_loop)
+            found = self._prices[key] = self._price(loops, q_tiles, config, jax_loop, streamed)
         if isinstance(found, str):
             raise Refused(found)
         return found
 
     def _price(
-        self, loops: tuple[PlannedLoop, ...], q_tiles: tuple[int, ...], config: Any, jax: bool
+        self,
+        loops: tuple[PlannedLoop, ...],
+        q_tiles: tuple[int, ...],
+        config: Any,
+        jax: bool,
+        streamed: frozenset[str],
     ) -> tuple[float, frozenset[str]] | str:
         stages = config.num_stages or DEFAULT_NUM_STAGES
         total, names = 0.0, set()
@@ -88,11 +94,18 @@ class PallasPricer:
             if jax:
                 total += jax_loop_seconds(loop, self.target)
                 continue
-            why = footprint(loop, self.target, stages).refusal(self.target)
+            why = footprint(loop, self.target, stages, streamed).refusal(self.target)
             if why:
                 return f"pallas kernel over {loop.loop_rank} {why}"
             total += pallas_seconds(loop, self.target, config.num_warps, config.num_stages)
         return total, frozenset(names)
+
+
+def streamed_inputs(schedule: Any) -> frozenset[str]:
+    """The key inputs a Schedule places in HBM: streamed tile by tile (TPU), not held whole."""
+    if schedule is None:
+        return frozenset()
+    return frozenset(t for t, level in schedule.placement if level == "hbm")
 
 
 def describe_kernels(
@@ -111,7 +124,7 @@ def describe_kernels(
     lines = []
     for planned in planned_loops(fused, tuple(sorted(sizes.items()))):
         loop = planned.kernel(query_tile(planned, schedule), dtype)
-        fp = footprint(loop, target, stages)
+        fp = footprint(loop, target, stages, streamed_inputs(schedule))
         head = (
             f"pallas kernel over {loop.loop_rank}: grid {loop.rows} rows x {loop.q_blocks} "
             f"query blocks of {loop.q_tile}, {loop.key_steps} key steps of {loop.key_tile}"

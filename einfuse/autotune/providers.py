@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from einfuse.autotune.loop_plan import fused_loop
+from einfuse.autotune.loop_plan import fused_loop, planned_loops
 from einfuse.autotune.space import (
     Choice,
     Param,
@@ -117,17 +117,34 @@ def _pallas_tiles(ctx: SpaceContext) -> tuple[tuple[int, ...], tuple[int, ...], 
 def pallas_params(ctx: SpaceContext) -> Sequence[Param]:
     """The Pallas backend's own choices, for a cascade ``fuse`` applies to: the kernel or
     the JAX loop for each fused group; on a GPU, Triton's warps and pipeline stages."""
-    from einfuse.backends.pallas.config import KERNEL, NUM_STAGES, NUM_WARPS
+    from einfuse.backends.pallas.config import KERNEL, NUM_STAGES, NUM_WARPS, PLACEMENTS
 
     if ctx.options.backend != "pallas" or not fuse_params(ctx):
         return ()
     params = [Param(KERNEL, "option", KERNEL, (True, False), True, when=("fuse", True))]
+    on = (KERNEL, True)
     if ctx.target.device_kind == "gpu":
-        on = (KERNEL, True)
         # Defaults: Pallas' own (Triton's CompilerParams: 4 warps, 3 stages), what runs untuned.
         params.append(Param(NUM_WARPS, "option", NUM_WARPS, (4, 8), 4, when=on))
         params.append(Param(NUM_STAGES, "option", NUM_STAGES, (1, 2, 3, 4), 3, when=on))
+    if ctx.target.device_kind == "tpu":
+        # Each key input whole per program in VMEM, or left in HBM and streamed by DMA.
+        for name in _key_inputs(ctx):
+            params.append(
+                Param(f"place.{name}", "placement", name, PLACEMENTS, PLACEMENTS[0], when=on)
+            )
     return params
+
+
+def _key_inputs(ctx: SpaceContext) -> tuple[str, ...]:
+    """The tensors a fused loop reads one key tile at a time (K, V), as the loop plan says."""
+    from einfuse.passes.fuse import fuse
+
+    tile = _pallas_tiles(ctx)
+    loops = planned_loops(
+        fuse(ctx.cascade, tile=tile[2] if tile else 128), tuple(sorted(ctx.sizes.items()))
+    )
+    return tuple(sorted({t for lp in loops for t in lp.plan.tiles}))
 
 
 def tiled_ranks(ctx: SpaceContext) -> list[str]:

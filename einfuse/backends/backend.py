@@ -6,9 +6,11 @@ returns the function that computes it. It declares what the rest of einfuse may 
 - ``schedule_fields``: the Schedule params that change what it emits (``fuse.query_tile``
   for the JAX backend's blockwise loop); candidates that differ only elsewhere are one
   program to the autotuner, measured once;
-- ``placements``: the memory levels a Schedule may place a tensor in and have it carried
-  out (none for JAX: XLA decides where tensors live), so the autotuner never offers a
-  placement that is searched but not done;
+- ``placements``: the memory levels a Schedule may place an intermediate tensor in and have
+  it carried out (none for JAX: XLA decides where tensors live; none for Pallas, whose
+  kernel holds its intermediates on chip), so the autotuner never offers a placement that
+  is searched but not done; the Pallas backend places its key inputs (``vmem`` whole per
+  program or ``hbm`` streamed by DMA on a TPU) through its own space provider;
 - ``platforms``: what it lowers for.
 
 Backends are named (``einfuse.jit(backend=...)``, ``--backend``) and the name is part of

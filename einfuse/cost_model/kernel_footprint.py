@@ -125,8 +125,11 @@ def kernel_level(target: Target) -> MemoryLevel | None:
     return max(levels, key=lambda m: m.capacity_bytes, default=None)
 
 
-def footprint(loop: KernelLoop, target: Target, num_stages: int = 1) -> KernelFootprint:
-    """What one program of ``loop`` holds on ``target`` (see the module docstring)."""
+def footprint(
+    loop: KernelLoop, target: Target, num_stages: int = 1, streamed: frozenset[str] = frozenset()
+) -> KernelFootprint:
+    """What one program of ``loop`` holds on ``target`` (see the module docstring);
+    ``streamed``: key inputs placed in HBM, of which a TPU program holds two tiles."""
     level = kernel_level(target)
     query, stream = loop.of_role("query"), loop.of_role("stream")
     carry, score = loop.of_role("carry"), loop.of_role("score")
@@ -140,8 +143,11 @@ def footprint(loop: KernelLoop, target: Target, num_stages: int = 1) -> KernelFo
         registers = _sum(carry) + _sum(score)
     else:  # Mosaic: each BlockSpec block twice (double-buffered); key inputs whole per row
         parts.append(_part("query", 2, query, "2 buffers"))
+        whole = tuple(b for b in stream if b.name not in streamed)
         rows = 2 * loop.key_steps
-        parts.append(_part("K/V", rows, stream, f"2 buffers x {loop.key_steps} tiles"))
+        parts.append(_part("K/V", rows, whole, f"2 buffers x {loop.key_steps} tiles"))
+        dma = tuple(b for b in stream if b.name in streamed)
+        parts.append(_part("streamed K/V", 2, dma, "2 DMA slots"))
         # Carried state: its initial block in and its final block out, double-buffered,
         # and the value the loop updates.
         parts.append(_part("carried state", 5, carry, "5 copies"))

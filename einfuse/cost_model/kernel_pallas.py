@@ -131,5 +131,10 @@ def jax_loop_seconds(loop: KernelLoop, target: Target, overheads: Overheads | No
     oh = overheads or Overheads.default_for(target.device_kind)
     kernels = 1 + sum(1 for e in loop.body.einsums if e.reduced_ranks)
     trip = kernels * oh.kernel_s + (GPU_LOOP_TRIP_S if target.device_kind == "gpu" else 0.0)
-    step = step_compute_s(loop, target) / cores(target) + trip
+    # Each op of a step is its own fusion: the score tile goes out to main memory and back
+    # between them, and the key tiles are read, with nothing overlapping in a serial loop.
+    score = sum(b.bytes for b in loop.of_role("score"))
+    stream = sum(b.bytes for b in loop.of_role("stream"))
+    traffic = (stream + 2 * score * max(kernels - 1, 1)) / target.main_memory.bandwidth_bytes_per_s
+    step = step_compute_s(loop, target) / cores(target) + trip + traffic
     return sum(program_steps(loop)) * loop.rows * step
