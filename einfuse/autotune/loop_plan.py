@@ -35,14 +35,16 @@ class PlannedLoop:
 
     def kernel(self, q_tile: int, dtype: str | None) -> KernelLoop:
         """The loop as one kernel with query blocks of ``q_tile`` (capped at the rank)."""
-        from einfuse.backends.blockwise_plan import QBLOCK, STEP
+        from einfuse.backends.blockwise_plan import QBLOCK, STEP, grid_rows
 
         c, plan, g = self.cascade, self.plan, self.plan.group
         sizes = dict(self.sizes)
+        # One program per grid row (a query head of a GQA group too), as the kernel runs it.
+        rows = grid_rows(plan.body, g, plan.query, sizes)
         query = plan.query
         total = sizes[query] if query else 1
         q = min(q_tile, total) if query else 1
-        step = {**sizes, **dict.fromkeys(self.rows, 1)}
+        step = {**sizes, **dict.fromkeys(rows, 1)}
         if query is not None:
             step[query] = q
         types = tensor_dtypes(c)
@@ -57,7 +59,7 @@ class PlannedLoop:
         body = Cascade(decls, body.einsums, body.outputs, body.sizes, body.partitions)
 
         def block(name: str, role: str, ranks: tuple[str, ...], dtype: str) -> LoopBlock:
-            dims = tuple(step[r] for r in ranks if r not in self.rows)
+            dims = tuple(step[r] for r in ranks if r not in rows)
             return LoopBlock(name, role, dims, dtype)
 
         blocks = []
@@ -70,13 +72,13 @@ class PlannedLoop:
         blocks += [block(t, "carry", body.tensor_ranks(t), wide[t]) for t in g.carried]
         inner = [e for e in body.einsums if e.output not in g.carried]
         if inner:  # the largest step intermediate: the score tile, accumulated in float32
-            e = max(inner, key=lambda e: _elements(body.tensor_ranks(e.output), step, self.rows))
+            e = max(inner, key=lambda e: _elements(body.tensor_ranks(e.output), step, rows))
             dt = promote(types.get(e.output, "float32"), "float32") or "float32"
             blocks.append(block(e.output, "score", body.tensor_ranks(e.output), dt))
         carry = max(wide.values(), key=lambda d: d == "float64", default="float32")
         return KernelLoop(
             loop_rank=g.rank,
-            rows=_elements(self.rows, sizes, ()),
+            rows=_elements(rows, sizes, ()),
             q_tile=q,
             q_blocks=-(-total // q),
             key_tile=sizes[g.inner] if g.inner else 1,

@@ -259,6 +259,17 @@ def row_ranks(c: Cascade, g: FusedGroup, body: Cascade, query: str | None) -> tu
     return tuple(r for r in c.all_ranks() if r in common)
 
 
+def grid_rows(
+    body: Cascade, g: FusedGroup, query: str | None, sizes: Mapping[str, int]
+) -> tuple[str, ...]:
+    """The ranks a kernel's grid runs over besides the query blocks: those every carried state
+    has (batch, query heads; a K/V input without a query-head rank is read by its group's
+    programs), of size above 1."""
+    state = [e for e in body.einsums if e.output in g.carried]
+    common = set.intersection(*(set(e.output_ranks) for e in state)) - {g.inner, query}
+    return tuple(r for r in body.all_ranks() if r in common and sizes[r] > 1)
+
+
 def squeezed_dims(c: Cascade, ranks: tuple[str, ...]) -> dict[str, tuple[Expr | None, ...]]:
     """Per tensor, per dim: the index it is read at where that reads only ``ranks`` (the dim
     holds one value per kernel program: a batch row, a head, ``e*K+k`` of a grouped query

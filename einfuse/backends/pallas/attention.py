@@ -38,7 +38,13 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from einfuse.backends.blockwise_plan import QBLOCK, STEP, drop_ranks, squeezed_dims
+from einfuse.backends.blockwise_plan import (
+    QBLOCK,
+    STEP,
+    drop_ranks,
+    grid_rows,
+    squeezed_dims,
+)
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade, _pad_to
 from einfuse.backends.jax_mask import band_tiles, skip_is_exact
@@ -89,13 +95,11 @@ class PallasBlockwise(BlockwiseCascade):
         # heads; a K/V head is read by the programs of its query-head group) and per query
         # block. Those ranks and any other of size 1 leave the step's tiles.
         body = self.body_cascade
-        state = [e for e in body.einsums if e.output in group.carried]
-        common = set.intersection(*(set(e.output_ranks) for e in state))
-        common -= {group.inner, self.query}
-        ranks = body.all_ranks()
-        self.grid_rows = tuple(r for r in ranks if r in common and kernel_sizes[r] > 1)
+        self.grid_rows = grid_rows(body, group, self.query, kernel_sizes)
         units = tuple(
-            r for r in ranks if kernel_sizes.get(r) == 1 and r not in (self.query, group.inner)
+            r
+            for r in body.all_ranks()
+            if kernel_sizes.get(r) == 1 and r not in (self.query, group.inner)
         )
         drop = self.grid_rows + units
         self.squeezed = squeezed_dims(body, drop)
