@@ -344,6 +344,7 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
         emitted = traced.runner.emitted.get(k)
         loops = emitted.loops() if emitted is not None else []
         lines += [f"  emitted: {loop.describe()}" for loop in loops]
+        lines += [f"  emitted: {note}" for note in (emitted.notes if emitted else [])]
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")

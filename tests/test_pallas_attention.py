@@ -236,3 +236,21 @@ def test_streamed_key_tiles_lower_for_tpu_as_dmas_and_a_bad_placement_is_refused
     assert "custom_call @tpu_custom_call" in text
     with pytest.raises(einfuse.EinfuseError, match="place K=smem: the pallas backend places"):
         emit_pallas(cascade.cascade, schedule=Schedule.of(placement={"K": "smem"}))
+
+
+def alibi(q, k, v):  # [h, s, d]: each head's slope is read from the head's index
+    s = jnp.einsum("hqd,hkd->hqk", q, k)
+    h = jnp.arange(q.shape[0])[:, None, None].astype(jnp.float32)
+    i, j = jnp.arange(q.shape[1])[None, :, None], jnp.arange(k.shape[1])[None, None, :]
+    s = s - 0.1 * (h + 1) * jnp.abs(i - j)
+    return jnp.einsum("hqk,hkd->hqd", jax.nn.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("backend", ["jax", "pallas"])
+def test_a_head_index_read_as_a_value_matches_jax(backend):
+    # The JAX loop once mapped the head rank one at a time and read its value as 0 in every
+    # head; the kernel reads it from its program id.
+    q, k, v = _qkv((3, 64, 16), (3, 64, 16))
+    f = einfuse.jit(alibi, passes="fuse{tile=16}", backend=backend)
+    np.testing.assert_allclose(f(q, k, v), jax.jit(alibi)(q, k, v), atol=2e-5, rtol=2e-5)
+    assert "emitted: " in f.explain(q, k, v) and "Einsum by Einsum" not in f.explain(q, k, v)

@@ -256,7 +256,26 @@ def row_ranks(c: Cascade, g: FusedGroup, body: Cascade, query: str | None) -> tu
     for t in body.inputs:
         if t.ranks:
             common &= set(t.ranks)
+    common -= value_ranks(body)  # mapped one at a time, its value in the step would be 0
     return tuple(r for r in c.all_ranks() if r in common)
+
+
+def value_ranks(c: Cascade) -> set[str]:
+    """Ranks whose value an Einsum reads (``h`` of an ALiBi slope), not only as an index."""
+    found: set[str] = set()
+
+    def visit(node: Expr) -> Expr | None:
+        if isinstance(node, Access):
+            return node  # indices are not values; do not descend
+        if isinstance(node, Var):
+            found.add(node.rank)
+        return None
+
+    for e in c.einsums:
+        substitute(e.expr, visit)
+        if e.init is not None:
+            substitute(e.init, visit)
+    return found
 
 
 def grid_rows(
@@ -290,14 +309,18 @@ def squeezed_dims(c: Cascade, ranks: tuple[str, ...]) -> dict[str, tuple[Expr | 
     return out
 
 
-def drop_ranks(c: Cascade, ranks: tuple[str, ...]) -> Cascade:
+def drop_ranks(
+    c: Cascade, ranks: tuple[str, ...], values: Mapping[str, Expr] | None = None
+) -> Cascade:
     """``c`` with ``ranks`` removed from every tensor: one kernel program holds one value of
     each (a batch row, a head), so a step's tiles are the 2-D blocks GPU and TPU kernels
     multiply (``squeezed_dims`` says which dims go). A dropped rank's value read anywhere but
-    an index is refused."""
+    an index becomes ``values[rank]`` (a scalar input the kernel fills from its program id,
+    declared here), and is refused where none is given."""
     if not ranks:
         return c
-    drop, squeezed = set(ranks), squeezed_dims(c, ranks)
+    drop, squeezed, values = set(ranks), squeezed_dims(c, ranks), dict(values or {})
+    used: dict[str, TensorDecl] = {}
 
     def strip(node: Expr) -> Expr | None:
         if isinstance(node, Access) and node.tensor in squeezed:
@@ -308,7 +331,12 @@ def drop_ranks(c: Cascade, ranks: tuple[str, ...]) -> Cascade:
                     raise BackendUnsupported(f"{node} mixes a row rank into a tiled index")
             return Access(node.tensor, kept)
         if isinstance(node, Var) and node.rank in drop:
-            raise BackendUnsupported(f"the rank {node.rank} is read as a value in the loop")
+            if node.rank not in values:
+                raise BackendUnsupported(f"the rank {node.rank} is read as a value in the loop")
+            value = values[node.rank]
+            if isinstance(value, Access) and c.input_decl(value.tensor) is None:
+                used[value.tensor] = TensorDecl(value.tensor, ())
+            return value
         return None
 
     decls = tuple(
@@ -331,4 +359,4 @@ def drop_ranks(c: Cascade, ranks: tuple[str, ...]) -> Cascade:
         )
         for e in c.einsums
     )
-    return Cascade(decls, einsums, c.outputs, c.sizes, c.partitions)
+    return Cascade((*decls, *used.values()), einsums, c.outputs, c.sizes, c.partitions)

@@ -150,6 +150,7 @@ class JaxCascade:
     ) -> None:
         self.cascade = verify(cascade)
         self.loop = loop
+        self.notes: list[str] = []  # why a fused group was not emitted as a loop
         self.blockwise = blockwise
         self.query_tile = query_tile
         self.schedule = schedule
@@ -185,6 +186,7 @@ class JaxCascade:
                     query_tile=self.query_tile,
                     schedule=self.schedule,
                     loop=self.loop,
+                    notes=self.notes,
                     **self.options,
                 )
             else:

@@ -379,6 +379,7 @@ def lower_program(
     query_tile: int = 512,
     schedule: Schedule | None = None,
     loop: LoopFactory | None = None,
+    notes: list[str] | None = None,
     **options: Any,
 ) -> LoweredCascade | BlockwiseCascade:
     """Lower a cascade, emitting its first fused group (if any) as a blockwise loop.
@@ -401,6 +402,8 @@ def lower_program(
                 loop=loop,
                 **typed,
             )
-        except BackendUnsupported:
-            pass  # the Einsum-by-Einsum emitter still computes it, only not blockwise
+        except BackendUnsupported as e:
+            # The Einsum-by-Einsum emitter still computes it, only not blockwise; say why.
+            if notes is not None and str(e) not in " ".join(notes):
+                notes.append(f"group over {groups[0].rank} runs Einsum by Einsum: {e}")
     return lower_cascade(cascade, sizes, **options)

@@ -52,7 +52,7 @@ from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.backends.pallas.config import PLACEMENTS, KernelConfig, PlacementError
 from einfuse.backends.pallas.stream import KeyStream, tile_buffers, tpu_interpreter
 from einfuse.ir.cascade import Cascade
-from einfuse.ir.expr import Const, Expr, Op, Size, Var
+from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup
 
@@ -103,13 +103,19 @@ class PallasBlockwise(BlockwiseCascade):
         )
         drop = self.grid_rows + units
         self.squeezed = squeezed_dims(body, drop)
+        # A row's value read in the step (an ALiBi slope of the head) is its program id.
+        values: dict[str, Expr] = {r: Access(row_value(r), ()) for r in self.grid_rows}
+        values.update(dict.fromkeys(units, Const(0)))
         self.kernel_body = lower_cascade(
-            drop_ranks(body, drop), kernel_sizes, wide_dots=True, **options
+            drop_ranks(body, drop, values), kernel_sizes, wide_dots=True, **options
         )
         self.kernel_full: LoweredCascade | None = None
         if self.full_cascade is not None:
             self.kernel_full = lower_cascade(
-                drop_ranks(self.full_cascade, drop), kernel_sizes, wide_dots=True, **options
+                drop_ranks(self.full_cascade, drop, values),
+                kernel_sizes,
+                wide_dots=True,
+                **options,
             )
 
     def query_block(self, tile: int) -> int:
@@ -329,6 +335,7 @@ class PallasBlockwise(BlockwiseCascade):
         def step_of(body: LoweredCascade) -> Any:
             def step(k: jax.Array, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
                 inputs = {**fixed, STEP: k.astype(jnp.float32), QBLOCK: j.astype(jnp.float32)}
+                inputs.update({row_value(r): i.astype(jnp.float32) for r, i in ids.items()})
                 start = pl.multiple_of(k * tile, tile)
                 for n, ref in ins.items():
                     if n.endswith("__blk"):
@@ -383,6 +390,11 @@ class PallasBlockwise(BlockwiseCascade):
         perm, _ = self._perm(name, tpu)
         kept = [ranks[k] for k in perm if squeeze[k] is None]
         return kept.index(self.plan.group.inner)
+
+
+def row_value(rank: str) -> str:
+    """The scalar input holding a grid row's value inside the kernel."""
+    return f"{rank}__ROW"
 
 
 def grid_index(index: Expr, env: Mapping[str, Any], sizes: Mapping[str, int]) -> Any:
