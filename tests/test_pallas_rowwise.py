@@ -292,3 +292,13 @@ def test_a_batched_dot_becomes_a_product_and_a_sum() -> None:
     jaxpr = jax.make_jaxpr(compatible(f, widen=False, unbatch=True))(a, b)
     assert "dot_general" not in str(jaxpr)
     np.testing.assert_allclose(compatible(f, widen=False, unbatch=True)(a, b), f(a, b), rtol=1e-6)
+
+
+def test_on_the_cpu_the_kernel_can_be_left_to_xla() -> None:
+    c, sizes = norm("RMS", "float32", 16, True), {"b": 2, "s": 5, "c": 16, "d": 8}
+    x = {k: jnp.asarray(v) for k, v in random_inputs(c, sizes, 2).items()}
+    program = lower_rowwise(c, sizes, interpret=False)
+    hlo = jax.jit(program).lower(x).as_text()
+    assert "while" not in hlo  # no interpreted grid loop
+    want = lower_cascade(c, sizes)(x)
+    np.testing.assert_allclose(program(x)["Y"], want["Y"], rtol=1e-6)

@@ -52,19 +52,22 @@ def lower_rowwise(
     *,
     block_rows: int | None = None,
     block_cols: int | None = None,
+    interpret: bool = True,
     **options: Any,
 ) -> RowwiseProgram | None:
     """``cascade`` with each row-wise group one kernel, the rest the JAX backend's; None if
     it has no row-wise group (the caller emits it with ``lower_cascade`` then).
 
     ``options`` are ``lower_cascade``'s; ``block_rows``/``block_cols`` fix the blocks
-    (default: per platform, see ``Blocks.choose``)."""
+    (default: per platform, see ``RowKernel.blocks``). On the CPU the kernel is interpreted
+    (how its numerics are tested), or with ``interpret=False`` left to XLA (faster there)."""
     c = with_dtype(cascade, options.get("dtype"))
     plan = plan_rowwise(c)
     if plan is None:
         return None
     typed = {k: v for k, v in options.items() if k != "dtype"}  # declared from here on
-    return RowwiseProgram(c, plan, dict(sizes), block_rows, block_cols, typed)
+    blocks = (block_rows, block_cols)
+    return RowwiseProgram(c, plan, dict(sizes), blocks, interpret, typed)
 
 
 class RowwiseProgram:
@@ -75,13 +78,13 @@ class RowwiseProgram:
         cascade: Cascade,
         plan: RowwisePlan,
         sizes: dict[str, int],
-        block_rows: int | None,
-        block_cols: int | None,
+        blocks: tuple[int | None, int | None],
+        interpret: bool,
         options: dict[str, Any],
     ) -> None:
         self.cascade, self.plan = cascade, plan
         self.steps: list[LoweredCascade | RowKernel] = [
-            RowKernel(s, sizes, block_rows, block_cols, options)
+            RowKernel(s, sizes, blocks, interpret, options)
             if isinstance(s, RowGroup)
             else lower_cascade(s, sizes, **options)
             for s in plan.steps
@@ -107,12 +110,12 @@ class RowKernel:
         self,
         group: RowGroup,
         sizes: dict[str, int],
-        block_rows: int | None,
-        block_cols: int | None,
+        blocks: tuple[int | None, int | None],
+        interpret: bool,
         options: dict[str, Any],
     ) -> None:
         self.group, self.sizes, self.options = group, sizes, options
-        self.fixed = (block_rows, block_cols)
+        self.fixed, self.interpret = blocks, interpret
         self.names = tuple(t.name for t in group.cascade.inputs)
         self.kernel = kernel_cascade(group)
         self.dtypes = tensor_dtypes(self.kernel)
@@ -141,13 +144,18 @@ class RowKernel:
 
     # -- blocks and what a platform can take ------------------------------------------------
     def blocks(self, platform: str) -> Blocks:
-        """The blocks given, else the largest that ``platform`` can run (else the smallest)."""
+        """The blocks given, else of those ``platform`` can run the one that reads the least:
+        the weight is read once per row block, the rows once per feature block, so traffic
+        goes as ``1/rows + 1/cols`` (if none can run, the smallest, and XLA runs the group)."""
         rows, cols = self.fixed
         options = [
             Blocks(rows or b.rows, (cols or b.cols) if self.group.cols else 1)
             for b in Blocks.candidates(platform, self.n_rows, self.n_cols)
         ]
-        return next((b for b in options if self.refusal(platform, b) is None), options[-1])
+        fits = [b for b in options if self.refusal(platform, b) is None]
+        if not fits:
+            return options[-1]
+        return min(fits, key=lambda b: 1 / b.rows + (1 / b.cols if self.group.cols else 0))
 
     def body(self, b: Blocks) -> LoweredCascade:
         """The group for one program: a block of rows, a block of output features; its sums
@@ -207,6 +215,8 @@ class RowKernel:
     # -- one platform -------------------------------------------------------------------
     def _on(self, platform: str, args: dict[str, jax.Array]) -> dict[str, jax.Array]:
         b = self.blocks(platform)
+        if platform == "cpu" and not self.interpret:
+            return self.xla(args)
         if platform != "cpu" and self.refusal(platform, b) is not None:
             return self.xla(args)
         try:

@@ -27,8 +27,8 @@ class Blocks:
 
     @classmethod
     def candidates(cls, platform: str, n_rows: int, n_cols: int) -> list[Blocks]:
-        """Largest first. Triton: powers of two from 16 (its dot's minimum); Mosaic: rows in
-        8s, columns in 128s or whole; interpreted: few programs (each runs in turn)."""
+        """Triton: powers of two from 16 (its dot's minimum); Mosaic: rows in 8s, columns in
+        128s or whole; interpreted: few programs (each runs in turn). Smallest last."""
         if platform in ("cuda", "rocm"):
             rows = [r for r in (64, 32, 16) if r <= _pow2_at_least(n_rows, 16)]
             cols = [c for c in (128, 64, 32, 16) if c <= _pow2_at_least(n_cols, 16)]
