@@ -35,11 +35,11 @@ N[b, s, c] = D[b, s, c] * rsqrt(S2[b, s] / {C}.0 + 1e-5) * G[c] + H[c]
 {mm}outputs {out}
 """
 MATMUL = {
-    "RMS": "Y[b, s, d] = N[b, s, c] * W[c, d]\n",
+    "RMS": "P[b, s, d] = N[b, s, c] * W[c, d]\nY[b, s, d] = P[b, s, d] + R[b, s, d]\n",
     "LAYER": "P[b, s, d] = N[b, s, c] * W[c, d]\n"
     "Y[b, s, d] = (P[b, s, d] + B[d]) * logistic(P[b, s, d] + B[d])\n",
 }
-WEIGHTS = {"RMS": ", W[c, d]: {dt}", "LAYER": ", W[c, d]: {dt}, B[d]: {dt}"}
+WEIGHTS = {"RMS": ", W[c, d]: {dt}, R[b, s, d]: {dt}", "LAYER": ", W[c, d]: {dt}, B[d]: {dt}"}
 
 
 def norm(kind: str, dtype: str, c: int, matmul: bool) -> einfuse.Cascade:

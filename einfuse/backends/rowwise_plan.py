@@ -81,7 +81,8 @@ def plan_rowwise(c: Cascade) -> RowwisePlan | None:
                 plain = []
             members, rows, cols, col_dims = group_of[tuple(unit)]
             sub = _sub_cascade(c, members, units[k + 1 :], dtypes)
-            steps.append(RowGroup(sub, rows, cols, col_dims))
+            if sub.outputs:  # a group nobody reads is dead code: dropped
+                steps.append(RowGroup(sub, rows, cols, col_dims))
         else:
             plain += unit
     if plain:
