@@ -37,7 +37,7 @@ from einfuse.backends.pallas.kernel_compat import compatible
 from einfuse.backends.pallas.rowwise_layout import Blocks, Layout
 from einfuse.backends.rowwise_plan import ROW, RowGroup, RowwisePlan, kernel_cascade, plan_rowwise
 from einfuse.ir.cascade import Cascade
-from einfuse.ir.dtypes import ITEMSIZE, tensor_dtypes
+from einfuse.ir.dtypes import FLOAT_DTYPES, ITEMSIZE, tensor_dtypes
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Bytes a program may hold (``RowKernel.footprint``): Triton keeps a program's tensors in
@@ -159,11 +159,14 @@ class RowKernel:
 
     def body(self, b: Blocks) -> LoweredCascade:
         """The group for one program: a block of rows, a block of output features; its sums
-        and contractions accumulate in float32 (Mosaic's dots must), its statistics are kept
-        in float32."""
+        and contractions accumulate in at least float32 (Mosaic's dots must), and in the
+        widest float it holds, its statistics are kept so too."""
         if b not in self._bodies:
-            acc = jnp.promote_types(self.options.get("accumulate_dtype") or jnp.float32, "float32")
-            options = {**self.options, "accumulate_dtype": acc}
+            acc = jnp.result_type(
+                self.options.get("accumulate_dtype") or jnp.float32,
+                *(d for d in self.dtypes.values() if d in FLOAT_DTYPES),
+            )
+            options = {**self.options, "accumulate_dtype": canonical_dtype(acc)}
             self._bodies[b] = lower_cascade(self.kernel, self.block_sizes(b), **options)
         return self._bodies[b]
 
