@@ -324,3 +324,15 @@ def test_on_the_cpu_the_kernel_can_be_left_to_xla() -> None:
     assert "while" not in hlo  # no interpreted grid loop
     want = lower_cascade(c, sizes)(x)
     np.testing.assert_allclose(program(x)["Y"], want["Y"], rtol=1e-6)
+
+
+def test_a_constant_tensor_read_by_a_group_keeps_the_program_s_dtype() -> None:
+    c = einfuse.parse(
+        "inputs A[i, j]\nT[i] = pow(i + 1, 0.5)\nM[j] = max(i) A[i, j]\n"
+        "N[i, j] = exp(A[i, j] - M[j]) * T[i]\noutputs N"
+    )  # T reads no typed value: float64 with dtype=float64, though lowered apart from N
+    a = np.random.default_rng(4).standard_normal((3, 5))
+    with jax.enable_x64(True):
+        program = lower_rowwise(c, {"i": 3, "j": 5}, dtype=jnp.float64)
+        got = jax.jit(program)({"A": a})["N"]
+    np.testing.assert_allclose(got, einfuse.interpret(c, {"A": a})["N"], rtol=1e-12)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -37,7 +38,8 @@ from einfuse.backends.pallas.kernel_compat import compatible
 from einfuse.backends.pallas.rowwise_layout import Blocks, Layout
 from einfuse.backends.rowwise_plan import ROW, RowGroup, RowwisePlan, kernel_cascade, plan_rowwise
 from einfuse.ir.cascade import Cascade
-from einfuse.ir.dtypes import FLOAT_DTYPES, ITEMSIZE, tensor_dtypes
+from einfuse.ir.dtypes import FLOAT_DTYPES, ITEMSIZE, expr_dtype, tensor_dtypes
+from einfuse.ir.expr import CAST_OPS, Op
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Bytes a program may hold (``RowKernel.footprint``): Triton keeps a program's tensors in
@@ -62,12 +64,27 @@ def lower_rowwise(
     (default: per platform, see ``RowKernel.blocks``). On the CPU the kernel is interpreted
     (how its numerics are tested), or with ``interpret=False`` left to XLA (faster there)."""
     c = with_dtype(cascade, options.get("dtype"))
+    if options.get("dtype") is not None:
+        c = pin_weak(c, canonical_dtype(options["dtype"]).name)
     plan = plan_rowwise(c)
     if plan is None:
         return None
     typed = {k: v for k, v in options.items() if k != "dtype"}  # declared from here on
     blocks = (block_rows, block_cols)
     return RowwiseProgram(c, plan, dict(sizes), blocks, interpret, typed)
+
+
+def pin_weak(c: Cascade, weak: str) -> Cascade:
+    """``c`` with each Einsum that reads no typed value (constants, rank values) cast to
+    ``weak``: the steps are lowered apart, each with the default weak dtype, so an Einsum
+    read across steps must say its dtype itself."""
+    dtypes = tensor_dtypes(c, weak)
+    einsums = []
+    for e in c.einsums:
+        if expr_dtype(e.expr, dtypes.get) is None and weak in CAST_OPS:
+            e = replace(e, expr=Op(weak, (e.expr,)))
+        einsums.append(e)
+    return c.with_einsums(einsums)
 
 
 class RowwiseProgram:
