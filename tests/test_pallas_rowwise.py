@@ -336,3 +336,26 @@ def test_a_constant_tensor_read_by_a_group_keeps_the_program_s_dtype() -> None:
         program = lower_rowwise(c, {"i": 3, "j": 5}, dtype=jnp.float64)
         got = jax.jit(program)({"A": a})["N"]
     np.testing.assert_allclose(got, einfuse.interpret(c, {"A": a})["N"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["layer-norm", "llama-block"])
+def test_the_body_made_for_triton_and_mosaic_computes_the_same(case) -> None:
+    if case == "layer-norm":  # its variance is a batched dot: a product and a sum there
+        c, sizes, dtype = (
+            norm("LAYER", "float32", 32, True),
+            {"b": 2, "s": 8, "c": 32, "d": 16, "e": 1},
+            "float32",
+        )
+    else:  # bfloat16 divisions and logistic: widened to float32 there, rounded back
+        c, sizes, dtype = einfuse.parse(BLOCK), BLOCK_SIZES, "bfloat16"
+    sizes = {r: n for r, n in sizes.items() if r in c.all_ranks()}
+    for kernel in [s for s in lower_rowwise(c, sizes).steps if isinstance(s, RowKernel)]:
+        body = kernel.body(kernel.blocks("cuda"))
+        rng = np.random.default_rng(5)
+        x = {n: jnp.asarray(rng.standard_normal(i.shape), dtype) for n, i in body.inputs}
+        want = body(x)
+        got = jax.jit(compatible(body, widen=True, unbatch=True))(x)
+        for name in want:
+            w, g = (np.asarray(v[name], np.float64) for v in (want, got))
+            tol = 1e-5 if dtype == "float32" else 2**-7
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.max(np.abs(w)))
