@@ -359,3 +359,10 @@ def test_the_body_made_for_triton_and_mosaic_computes_the_same(case) -> None:
             w, g = (np.asarray(v[name], np.float64) for v in (want, got))
             tol = 1e-5 if dtype == "float32" else 2**-7
             np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.max(np.abs(w)))
+
+
+def test_an_input_of_the_wrong_shape_is_refused_by_name() -> None:
+    c, sizes = norm("RMS", "float32", 16, False), {"b": 2, "s": 5, "c": 16}
+    x = {"X": jnp.ones((2, 5, 8)), "G": jnp.ones(16)}
+    with pytest.raises(einfuse.EinfuseError, match=r"input X has shape \(2, 5, 8\), expected"):
+        lower_rowwise(c, sizes)(x)

@@ -39,6 +39,7 @@ from einfuse.backends.pallas.rowwise_layout import Blocks, Layout
 from einfuse.backends.rowwise_plan import ROW, RowGroup, RowwisePlan, kernel_cascade, plan_rowwise
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.dtypes import FLOAT_DTYPES, ITEMSIZE, expr_dtype, tensor_dtypes
+from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import CAST_OPS, Op
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -106,11 +107,19 @@ class RowwiseProgram:
             else lower_cascade(s, sizes, **options)
             for s in plan.steps
         ]
-        self.inputs = tuple((t.name, canonical_dtype(t.dtype)) for t in cascade.inputs)
+        self.inputs = tuple(
+            (t.name, tuple(sizes[r] for r in t.ranks), canonical_dtype(t.dtype))
+            for t in cascade.inputs
+        )
         self.outputs = cascade.outputs
 
     def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
-        env = {n: jnp.asarray(arrays[n]).astype(d) for n, d in self.inputs}
+        env = {}
+        for name, shape, dtype in self.inputs:
+            x = jnp.asarray(arrays[name])
+            if tuple(x.shape) != shape:
+                raise EinfuseError(f"input {name} has shape {tuple(x.shape)}, expected {shape}")
+            env[name] = x.astype(dtype)
         for step in self.steps:
             env.update(step(env))
         return {o: env[o].astype(canonical_dtype(self.plan.dtypes[o])) for o in self.outputs}
