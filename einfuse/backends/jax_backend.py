@@ -146,10 +146,11 @@ class JaxCascade:
         query_tile: int = 512,
         schedule: Schedule | None = None,
         loop: Any = None,
+        plain: Any = None,
         **options: Any,
     ) -> None:
         self.cascade = verify(cascade)
-        self.loop = loop
+        self.loop, self.plain = loop, plain
         self.notes: list[str] = []  # why a fused group was not emitted as a loop
         self.blockwise = blockwise
         self.query_tile = query_tile
@@ -186,6 +187,7 @@ class JaxCascade:
                     query_tile=self.query_tile,
                     schedule=self.schedule,
                     loop=self.loop,
+                    plain=self.plain,
                     notes=self.notes,
                     **self.options,
                 )
@@ -213,12 +215,16 @@ class JaxCascade:
         return self._lower(infer_sizes(self.cascade, shapes, self.sizes))
 
     def loops(self) -> list[Any]:
-        """The fused groups' loops of the lowerings made so far (for ``explain``)."""
+        """The loops and kernels of the lowerings made so far (for ``explain``): each has a
+        one-line ``describe()``; a loop's before and after programs are searched too."""
+        from einfuse.backends.jax_blockwise import BlockwiseCascade
+
         out, todo = [], list(self._lowered.values())
         while todo:
             x = todo.pop(0)
-            if hasattr(x, "plan"):
+            if hasattr(x, "describe"):
                 out.append(x)
+            if isinstance(x, BlockwiseCascade):
                 todo += [x.pre, x.post]
         return out
 

@@ -54,6 +54,8 @@ from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup, fused_groups
 
 LoopFactory = Callable[..., "BlockwiseCascade"]
+# Another backend's lowering of what is not a fused group (None: it has nothing to add).
+PlainLowering = Callable[..., Any]
 
 
 def carry_dtype(dtype: Any, accumulate: Any = None) -> np.dtype:
@@ -75,6 +77,7 @@ class BlockwiseCascade:
         schedule: Schedule | None = None,
         rows: bool = True,
         loop: LoopFactory | None = None,
+        plain: PlainLowering | None = None,
         **options: Any,
     ) -> None:
         self.sizes = dict(sizes)
@@ -100,7 +103,7 @@ class BlockwiseCascade:
         self.body_inputs = tuple(t.name for t in body.inputs)
         self.pre = lower_program(
             self.plan.pre, self.sizes, query_tile=query_tile, schedule=schedule, loop=loop,
-            **options,
+            plain=plain, **options,
         )  # fmt: skip
         body = self._typed(body)
         self.body: LoweredCascade = lower_cascade(body, body_sizes, **options)
@@ -121,7 +124,7 @@ class BlockwiseCascade:
             self.keymax = lower_cascade(self._typed(keymax), self.sizes, **options)
         self.post = lower_program(
             self._typed(self.plan.post), self.sizes, query_tile=query_tile, schedule=schedule,
-            loop=loop, **options,
+            loop=loop, plain=plain, **options,
         )  # fmt: skip
         self.body_cascade = body
 
@@ -379,15 +382,18 @@ def lower_program(
     query_tile: int = 512,
     schedule: Schedule | None = None,
     loop: LoopFactory | None = None,
+    plain: PlainLowering | None = None,
     notes: list[str] | None = None,
     **options: Any,
-) -> LoweredCascade | BlockwiseCascade:
+) -> Any:
     """Lower a cascade, emitting its first fused group (if any) as a blockwise loop.
 
     What runs before and after the loop is lowered the same way, so a cascade with one
     fused attention per layer becomes one loop per layer. The loop's query tile is the
     schedule's tile of the query rank where it has one, else ``query_tile``. ``loop`` makes
     the loop (another backend's kernel: ``einfuse.backends.pallas``); default the JAX one.
+    ``plain`` may lower what is not a fused group (the Pallas row-wise kernels), else the
+    Einsum-by-Einsum emitter does.
     """
     groups = fused_groups(cascade)
     if groups:
@@ -400,10 +406,13 @@ def lower_program(
                 query_tile=query_tile,
                 schedule=schedule,
                 loop=loop,
+                plain=plain,
                 **typed,
             )
         except BackendUnsupported as e:
             # The Einsum-by-Einsum emitter still computes it, only not blockwise; say why.
             if notes is not None and str(e) not in " ".join(notes):
                 notes.append(f"group over {groups[0].rank} runs Einsum by Einsum: {e}")
+    if plain is not None and (other := plain(cascade, sizes, **options)) is not None:
+        return other
     return lower_cascade(cascade, sizes, **options)

@@ -1,7 +1,6 @@
-"""The Pallas backend: each fused group one kernel (see ``attention``), the rest XLA.
-
-What is not a fused group (projections, norms, the unfused program) is emitted as the JAX
-backend emits it, so ``backend="pallas"`` never computes less than ``backend="jax"``.
+"""The Pallas backend: each fused group one kernel (``attention``), each row-wise group
+(RMSNorm/LayerNorm with the matmul and epilogue after it) one kernel (``rowwise``), the rest
+as the JAX backend emits it, so ``backend="pallas"`` never computes less than ``"jax"``.
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from einfuse.backends.pallas.attention import PallasBlockwise
 from einfuse.backends.pallas.config import (
     DEFAULT_QUERY_TILE,
     KERNEL,
+    ROWWISE,
     SCHEDULE_FIELDS,
     KernelConfig,
 )
+from einfuse.backends.pallas.rowwise import lower_rowwise
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.schedule import Schedule
 
@@ -40,6 +41,9 @@ def emit_pallas(
     loop = functools.partial(PallasBlockwise, config=config)
     if schedule is not None and schedule.option(KERNEL) is False:
         loop = None  # the JAX loop, chosen by the autotuner
+    plain = lower_rowwise
+    if schedule is not None and schedule.option(ROWWISE) is False:
+        plain = None
     return JaxCascade(
         cascade,
         None if sizes is None else dict(sizes),
@@ -47,5 +51,6 @@ def emit_pallas(
         query_tile=query_tile,
         schedule=schedule,
         loop=loop,
+        plain=plain,
         **options,
     )

@@ -70,11 +70,12 @@ class PallasBlockwise(BlockwiseCascade):
         query_tile: int,
         schedule: Schedule | None = None,
         loop: Any = None,
+        plain: Any = None,
         **options: Any,
     ) -> None:
         super().__init__(
             cascade, group, sizes, query_tile=query_tile, schedule=schedule, loop=loop,
-            **options,
+            plain=plain, **options,
         )  # fmt: skip
         self.config = config
         self.schedule = schedule

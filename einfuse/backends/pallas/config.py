@@ -18,7 +18,8 @@ from einfuse.ir.schedule import Schedule
 
 NUM_WARPS, NUM_STAGES = "pallas.num_warps", "pallas.num_stages"
 KERNEL = "pallas.kernel"  # false: the fused group runs as the JAX backend's loop instead
-SCHEDULE_FIELDS = frozenset({"fuse.query_tile", NUM_WARPS, NUM_STAGES, KERNEL})
+ROWWISE = "pallas.rowwise"  # false: row-wise groups (norm + matmul) run as XLA ops
+SCHEDULE_FIELDS = frozenset({"fuse.query_tile", NUM_WARPS, NUM_STAGES, KERNEL, ROWWISE})
 # Where a key input (K, V) may be placed: ``vmem`` holds each program's whole key range as
 # one block; ``hbm`` leaves it in HBM and streams its tiles by double-buffered DMA (TPU).
 PLACEMENTS = ("vmem", "hbm")

@@ -124,6 +124,16 @@ class RowwiseProgram:
             env.update(step(env))
         return {o: env[o].astype(canonical_dtype(self.plan.dtypes[o])) for o in self.outputs}
 
+    def describe(self) -> str:
+        """One line for ``explain``: how many row-wise kernels and over which ranks."""
+        kernels = [s for s in self.steps if isinstance(s, RowKernel)]
+        groups = ", ".join(
+            f"rows {' x '.join(k.group.rows)}"
+            + (f" x {k.group.cols} blocks" if k.group.cols else "")
+            for k in kernels
+        )
+        return f"{len(kernels)} Pallas row-wise kernel(s) ({groups})"
+
     def source(self, fn_name: str = "cascade") -> str:
         """Each step as it runs: a kernel's body (one block of rows), or plain JAX."""
         return "\n".join(s.source(f"{fn_name}_{k}") for k, s in enumerate(self.steps))
