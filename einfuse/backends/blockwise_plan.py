@@ -289,6 +289,60 @@ def grid_rows(
     return tuple(r for r in body.all_ranks() if r in common and sizes[r] > 1)
 
 
+Splits = dict[str, tuple[tuple[int, str, str], ...]]  # input -> (dim, outer, inner) split
+
+
+def split_flat_reads(c: Cascade, ranks: tuple[str, ...]) -> tuple[Cascade, Splits]:
+    """``c`` with each input dim read at ``a*B+b`` (``a`` one of ``ranks``: a K/V projection
+    read per head from its ``[tokens, heads*dim]`` output) declared as two dims ``a, b``, and
+    which dims were split (the array is reshaped to match: row-major, ``a`` outer)."""
+    drop = set(ranks)
+    found: dict[str, dict[int, tuple[str, str]]] = {}
+    for e in c.einsums:
+        for a in e.expr.walk():
+            if isinstance(a, Access) and c.input_decl(a.tensor) is not None:
+                for d, i in enumerate(a.indices):
+                    if (pair := _flat_pair(i)) is not None and pair[0] in drop:
+                        found.setdefault(a.tensor, {})[d] = pair
+    if not found:
+        return c, {}
+
+    def split(node: Expr) -> Expr | None:
+        if not isinstance(node, Access) or node.tensor not in found:
+            return None
+        out: list[Expr] = []
+        for d, i in enumerate(node.indices):
+            pair = found[node.tensor].get(d)
+            if pair is None:
+                out.append(i)
+            elif i == flat_key(*pair):
+                out += [Var(pair[0]), Var(pair[1])]
+            else:
+                raise BackendUnsupported(f"{node} reads a split dim of {node.tensor} otherwise")
+        return Access(node.tensor, tuple(out))
+
+    decls = []
+    for t in c.inputs:
+        ranks_t: list[str] = []
+        for d, r in enumerate(t.ranks):
+            pair = found.get(t.name, {}).get(d)
+            ranks_t += list(pair) if pair else [r]
+        decls.append(TensorDecl(t.name, tuple(ranks_t), t.dtype, t.loc))
+    einsums = tuple(replace(e, expr=substitute(e.expr, split)) for e in c.einsums)
+    splits = {t: tuple((d, a, b) for d, (a, b) in sorted(ds.items())) for t, ds in found.items()}
+    return Cascade(tuple(decls), einsums, c.outputs, c.sizes, c.partitions), splits
+
+
+def _flat_pair(index: Expr) -> tuple[str, str] | None:
+    """``(a, b)`` of an index ``a*B+b``, else None."""
+    if isinstance(index, Op) and index.op == "add" and isinstance(index.args[1], Var):
+        inner, head = index.args[1].rank, index.args[0]
+        mul = isinstance(head, Op) and head.op == "mul" and head.args[1:] == (Size(inner),)
+        if mul and isinstance(head.args[0], Var):  # type: ignore[union-attr]
+            return head.args[0].rank, inner  # type: ignore[union-attr]
+    return None
+
+
 def squeezed_dims(c: Cascade, ranks: tuple[str, ...]) -> dict[str, tuple[Expr | None, ...]]:
     """Per tensor, per dim: the index it is read at where that reads only ``ranks`` (the dim
     holds one value per kernel program: a batch row, a head, ``e*K+k`` of a grouped query

@@ -43,6 +43,7 @@ from einfuse.backends.blockwise_plan import (
     STEP,
     drop_ranks,
     grid_rows,
+    split_flat_reads,
     squeezed_dims,
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
@@ -95,8 +96,10 @@ class PallasBlockwise(BlockwiseCascade):
         # The grid: one program per value of the ranks every carried state has (batch, query
         # heads; a K/V head is read by the programs of its query-head group) and per query
         # block. Those ranks and any other of size 1 leave the step's tiles.
-        body = self.body_cascade
-        self.grid_rows = grid_rows(body, group, self.query, kernel_sizes)
+        self.grid_rows = grid_rows(self.body_cascade, group, self.query, kernel_sizes)
+        # A K/V projection read per head from its [tokens, heads*dim] output: split that dim.
+        body, self.splits = split_flat_reads(self.body_cascade, self.grid_rows)
+        self.kernel_cascade = body
         units = tuple(
             r
             for r in body.all_ranks()
@@ -112,8 +115,9 @@ class PallasBlockwise(BlockwiseCascade):
         )
         self.kernel_full: LoweredCascade | None = None
         if self.full_cascade is not None:
+            full, _ = split_flat_reads(self.full_cascade, self.grid_rows)
             self.kernel_full = lower_cascade(
-                drop_ranks(self.full_cascade, drop, values),
+                drop_ranks(full, drop, values),
                 kernel_sizes,
                 wide_dots=True,
                 **options,
@@ -137,7 +141,8 @@ class PallasBlockwise(BlockwiseCascade):
     def _operand(self, name: str) -> tuple[tuple[str, ...], tuple[Expr | None, ...]]:
         """The tensor's ranks and, per dim, the grid index it is squeezed at (or None)."""
         base = name.removesuffix("__prev")
-        ranks = self._ranks(name)
+        decl = self.kernel_cascade.input_decl(name)
+        ranks = decl.ranks if decl is not None else self._ranks(name)
         return ranks, self.squeezed.get(base if name.endswith("__prev") else name, ())
 
     def _perm(self, name: str, tpu: bool) -> tuple[list[int], bool]:
@@ -156,6 +161,8 @@ class PallasBlockwise(BlockwiseCascade):
         return None
 
     def _to_kernel(self, name: str, x: jax.Array, tpu: bool) -> jax.Array:
+        for d, outer, inner in reversed(self.splits.get(name, ())):
+            x = x.reshape((*x.shape[:d], self.sizes[outer], self.sizes[inner], *x.shape[d + 1 :]))
         perm, trailing = self._perm(name, tpu)
         x = jnp.transpose(x, perm)
         if trailing:
