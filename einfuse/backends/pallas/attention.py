@@ -50,7 +50,9 @@ from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade, _pad_to
 from einfuse.backends.jax_mask import band_tiles, skip_is_exact
 from einfuse.backends.jax_values import BackendUnsupported
+from einfuse.backends.pallas.backward import PallasBackward
 from einfuse.backends.pallas.config import PLACEMENTS, KernelConfig, PlacementError
+from einfuse.backends.pallas.kernel_compat import compatible
 from einfuse.backends.pallas.stream import KeyStream, tile_buffers, tpu_interpreter
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var
@@ -106,10 +108,12 @@ class PallasBlockwise(BlockwiseCascade):
             if kernel_sizes.get(r) == 1 and r not in (self.query, group.inner)
         )
         drop = self.grid_rows + units
+        self.drop, self.kernel_sizes = drop, kernel_sizes
         self.squeezed = squeezed_dims(body, drop)
         # A row's value read in the step (an ALiBi slope of the head) is its program id.
         values: dict[str, Expr] = {r: Access(row_value(r), ()) for r in self.grid_rows}
         values.update(dict.fromkeys(units, Const(0)))
+        self.values = values
         self.kernel_body = lower_cascade(
             drop_ranks(body, drop, values), kernel_sizes, wide_dots=True, **options
         )
@@ -122,6 +126,14 @@ class PallasBlockwise(BlockwiseCascade):
                 wide_dots=True,
                 **options,
             )
+
+        # The backward: two Pallas kernels where the loop allows it, else the JAX loop's.
+        self.backward: PallasBackward | None = None
+        self.backward_note = ""
+        try:
+            self.backward = PallasBackward(self, options)
+        except BackendUnsupported as e:
+            self.backward_note = f"backward through the JAX loop: {e}"
 
     def query_block(self, tile: int) -> int:
         """A power of two of at least 16: Triton's block shapes and ``tl.dot`` need both."""
@@ -177,7 +189,10 @@ class PallasBlockwise(BlockwiseCascade):
             y = lax.slice_in_dim(y, 0, self.sizes[self.query], axis=d)
         if trailing:
             y = y[..., 0]
-        return jnp.transpose(y, [int(k) for k in np.argsort(perm)])
+        y = jnp.transpose(y, [int(k) for k in np.argsort(perm)])
+        for d, _, _ in self.splits.get(name, ()):  # merge what ``_to_kernel`` split
+            y = y.reshape((*y.shape[:d], y.shape[d] * y.shape[d + 1], *y.shape[d + 2 :]))
+        return y
 
     def _spec(self, name: str, shape: tuple[int, ...], tpu: bool) -> pl.BlockSpec:
         """Its grid row of every tensor; its query block where it has the query rank; the
@@ -225,12 +240,17 @@ class PallasBlockwise(BlockwiseCascade):
             )
 
         def forward(raw: Any, top: Any) -> tuple[Any, Any]:
-            return loop(raw, top), (raw, top)
+            finals = loop(raw, top)
+            return finals, (raw, top, finals)
 
         def backward(res: Any, ct: Any) -> tuple[Any, Any]:
-            raw, top = res
-            _, vjp = jax.vjp(lambda r: jax_loop(r, top, None), raw)
-            return vjp(ct)[0], None if top is None else jnp.zeros_like(top)
+            raw, top, finals = res
+            if self.backward is not None:
+                grads = self.backward(raw, finals, ct)
+            else:
+                _, vjp = jax.vjp(lambda r: jax_loop(r, top, None), raw)
+                grads = vjp(ct)[0]
+            return grads, None if top is None else jnp.zeros_like(top)
 
         loop.defvjp(forward, backward)
         return loop(raw, top)
@@ -268,7 +288,9 @@ class PallasBlockwise(BlockwiseCascade):
             if platform == "tpu-interpret":
                 interpret = tpu_interpreter()
             finals = pl.pallas_call(
-                functools.partial(self._program, names, skip, tpu, tuple(streamed)),
+                functools.partial(
+                    self._program, names, skip, tpu, platform in ("cuda", "rocm"), tuple(streamed)
+                ),
                 out_shape=outs,
                 grid=grid,
                 in_specs=specs,
@@ -311,7 +333,13 @@ class PallasBlockwise(BlockwiseCascade):
         return (*shape, 1) if trailing else tuple(shape)
 
     def _program(
-        self, names: list[str], skip: bool, tpu: bool, streamed: tuple[str, ...], *refs: Any
+        self,
+        names: list[str],
+        skip: bool,
+        tpu: bool,
+        triton: bool,
+        streamed: tuple[str, ...],
+        *refs: Any,
     ) -> None:
         """One program: a grid row (batch, head) and query block ``j``, the last grid index."""
         g = self.plan.group
@@ -355,7 +383,9 @@ class PallasBlockwise(BlockwiseCascade):
                         inputs[n] = unit(n, ref[tuple(idx)])
                 for t in g.carried:
                     inputs[f"{t}__prev"] = state[t]
-                out = body({n: inputs[n] for n, _ in body.inputs})
+                # Triton takes no half-precision division or transcendental: in float32.
+                run = compatible(body, widen=True, unbatch=False) if triton else body
+                out = run({n: inputs[n] for n, _ in body.inputs})
                 return {t: out[t].astype(self.carry[t]) for t in g.carried}
 
             return step
@@ -391,6 +421,54 @@ class PallasBlockwise(BlockwiseCascade):
             for k in perm
         ]
         return tuple(idx + [slice(None)] * trailing)
+
+    def _unit(self, name: str, x: jax.Array, tpu: bool) -> jax.Array:
+        """``x`` without the trailing unit dim its kernel layout has (if any)."""
+        return x.reshape(x.shape[:-1]) if self._perm(name, tpu)[1] else x
+
+    def _full_dims(self, name: str, tpu: bool) -> list[tuple[str, Expr | None]]:
+        """The kernel layout's dims: (rank, squeezed index or None); "" for a trailing unit."""
+        ranks, squeeze = self._operand(name)
+        perm, trailing = self._perm(name, tpu)
+        return [(ranks[k], squeeze[k]) for k in perm] + [("", None)] * trailing
+
+    def _query_dim_kept(self, name: str, tpu: bool) -> int | None:
+        kept = [r for r, sq in self._full_dims(name, tpu) if sq is None]
+        return kept.index(self.query) if self.query in kept else None
+
+    def _key_dim_full(self, name: str, tpu: bool) -> int:
+        dims = self._full_dims(name, tpu)
+        return next(
+            d for d, (r, sq) in enumerate(dims) if r == self.plan.group.inner and sq is None
+        )
+
+    def _kept_shape(self, name: str, x: jax.Array, tpu: bool) -> tuple[int, ...]:
+        """The shape of ``name``'s kernel layout without its squeezed dims (whole ranges)."""
+        shape = self._to_kernel(name, x, tpu).shape
+        return tuple(n for n, (_, sq) in zip(shape, self._full_dims(name, tpu)) if sq is None)
+
+    def _key_grad(self, name: str, partial: jax.Array, tpu: bool) -> jax.Array:
+        """A key input's gradient from the per-grid-row partials ``[*grid rows, *kept]``:
+        summed over the grid rows it is shared by (the query heads of its group)."""
+        rows = list(self.grid_rows)
+        dims = self._full_dims(name, tpu)
+        own = [sq.rank for _, sq in dims if isinstance(sq, Var) and sq.rank in rows]
+        partial = partial.sum(axis=tuple(k for k, r in enumerate(rows) if r not in own))
+        left = [r for r in rows if r in own]
+        kept_at, out_axes = len(left), []
+        for _, sq in dims:
+            if isinstance(sq, Var) and sq.rank in left:
+                out_axes.append(left.index(sq.rank))
+            elif sq is not None:
+                out_axes.append(None)
+            else:
+                out_axes.append(kept_at)
+                kept_at += 1
+        y = jnp.transpose(partial, [a for a in out_axes if a is not None])
+        for d, a in enumerate(out_axes):
+            if a is None:
+                y = jnp.expand_dims(y, d)
+        return self._from_kernel(name, y, tpu)
 
     def _key_dim(self, name: str, tpu: bool) -> int:
         """The key tile's dim of a key input inside the kernel (squeezed dims gone)."""

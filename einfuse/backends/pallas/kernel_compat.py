@@ -8,6 +8,8 @@ habits meet a compiler's gaps:
   or a transcendental (``logistic`` is ``1 / (1 + exp(-x))``, a bfloat16 division it
   refuses). XLA's GPU backend meets the same gap the same way: the op runs in float32 and
   its result is rounded to the op's dtype, so every op still rounds where the program says.
+* **mixed dots** (``widen``): a dot of a float32 and a bfloat16 operand (a VJP's float32
+  cotangent times a bfloat16 tile) has both cast to float32, the type JAX computes it in;
 * **batched dots** (``unbatch``): a row's sum of a product (``S[r] = D[r, c] * D[r, c]``)
   is a ``dot_general`` with the row as batch dim, which Triton refuses and Mosaic only
   takes in some shapes; as a product and a sum it is what a vector unit does anyway
@@ -66,6 +68,11 @@ def _eval(
             outs = _eval(inner.jaxpr, inner.consts, ins, widen, unbatch)
         elif unbatch and name == "dot_general" and params["dimension_numbers"][1][0]:
             outs = [_product_sum(*ins, eqn.outvars[0].aval.dtype, params["dimension_numbers"])]
+        elif widen and name == "dot_general" and len({x.dtype for x in ins}) > 1:
+            # A dot of mixed operands (a float32 cotangent times a bfloat16 tile, as a VJP
+            # makes them): Triton wants one element type; JAX means the wider one.
+            wide = jnp.result_type(*ins)
+            outs = [eqn.primitive.bind(*(x.astype(wide) for x in ins), **params)]
         elif widen and name not in NATIVE and any(_is_half(x) for x in ins):
             wide = [x.astype(jnp.float32) if _is_half(x) else x for x in ins]
             res = eqn.primitive.bind(*wide, **params)
