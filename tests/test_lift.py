@@ -172,6 +172,21 @@ def test_stop_gradient_is_kept_in_derivatives():
     np.testing.assert_allclose(grad, x)
 
 
+def test_a_stop_gradient_that_only_shifts_a_softmax_leaves_the_derivative_to_einfuse():
+    # jax.nn.softmax subtracts stop_gradient(max): the result does not depend on the shift,
+    # so the emitted program's own derivative is the original's.
+    x = normal(3, 5)
+    program = runs_like_jax(lambda x: jax.nn.softmax(x * 2.0, axis=-1), x)
+    assert only_region(program).derivative == "emitted"
+    w = normal(3, 5)
+    got = jax.grad(lambda x: jnp.sum(run_program(program, x)[0] * w))(x)
+    want = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x * 2.0, axis=-1) * w))(x)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # the same stop_gradient read anywhere else keeps the original derivative
+    shifted = runs_like_jax(lambda x: jax.nn.softmax(x) + jax.lax.stop_gradient(x.max()), x)
+    assert only_region(shifted).derivative == "jvp"
+
+
 def test_each_einsum_records_the_source_line_it_came_from():
     def f(x):
         return jnp.sum(jnp.exp(x), axis=-1)  # the line recorded

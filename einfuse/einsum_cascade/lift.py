@@ -208,9 +208,71 @@ def _derivative(original: list[FlatEqn]) -> str:
     customs = {e.custom for e in original}
     if "vjp" in customs:
         return "vjp"
-    if "jvp" in customs or any(e.primitive == "stop_gradient" for e in original):
+    stops = [e for e in original if e.primitive == "stop_gradient"]
+    if "jvp" in customs or any(not _softmax_shift(e, original) for e in stops):
         return "jvp"
     return "emitted"
+
+
+_SHAPE_OPS = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims"})
+
+
+def _softmax_shift(stop: FlatEqn, eqns: list[FlatEqn]) -> bool:
+    """Whether a ``stop_gradient`` only shifts a softmax (``exp(x - sg(max x))`` divided by its
+    own sum, as ``jax.nn.softmax`` writes it): the result does not depend on the shift, so
+    its derivative is the same with or without the stop, and einfuse's own may run."""
+    users: dict[int, list[FlatEqn]] = {}
+    for e in eqns:
+        for v in e.invars:
+            if isinstance(v, int):
+                users.setdefault(v, []).append(e)
+
+    def through_shapes(e: FlatEqn) -> list[FlatEqn]:
+        """The consumers of ``e``'s output, looking through reshapes and broadcasts."""
+        out = []
+        for u in users.get(e.outvars[0], []) if isinstance(e.outvars[0], int) else []:
+            out += through_shapes(u) if u.primitive in _SHAPE_OPS else [u]
+        return out
+
+    subs = through_shapes(stop)
+    if not subs or any(u.primitive != "sub" or not _second(u, stop, users) for u in subs):
+        return False
+    for sub in subs:
+        exps = users.get(sub.outvars[0], []) if isinstance(sub.outvars[0], int) else []
+        if len(exps) != 1 or exps[0].primitive != "exp":
+            return False
+        uses = users.get(exps[0].outvars[0], [])
+        sums = [u for u in uses if u.primitive == "reduce_sum"]
+        divs = [u for u in uses if u.primitive == "div" and u.invars[0] == exps[0].outvars[0]]
+        if len(sums) != 1 or len(uses) != len(sums) + len(divs) or not divs:
+            return False
+        if any(sums[0] not in _producers(d.invars[1], eqns) for d in divs):
+            return False
+    return True
+
+
+def _second(sub: FlatEqn, stop: FlatEqn, users: dict[int, list[FlatEqn]]) -> bool:
+    """Whether ``stop``'s value (maybe reshaped) is what ``sub`` subtracts."""
+    seen, todo = set(), [stop]
+    while todo:
+        e = todo.pop()
+        if isinstance(e.outvars[0], int):
+            seen.add(e.outvars[0])
+            todo += [u for u in users.get(e.outvars[0], []) if u.primitive in _SHAPE_OPS]
+    return sub.invars[1] in seen and sub.invars[0] not in seen
+
+
+def _producers(v: Any, eqns: list[FlatEqn]) -> list[FlatEqn]:
+    """The equation writing ``v`` and, through reshapes and broadcasts, the one before it."""
+    by_out = {o: e for e in eqns for o in e.outvars if isinstance(o, int)}
+    out = []
+    while isinstance(v, int) and v in by_out:
+        e = by_out[v]
+        out.append(e)
+        if e.primitive not in _SHAPE_OPS:
+            break
+        v = e.invars[0]
+    return out
 
 
 def _slice(eqns: list[FlatEqn], wanted: set[int]) -> list[FlatEqn]:
