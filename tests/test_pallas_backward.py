@@ -58,7 +58,7 @@ CASCADE = """\
 ranks p={n}, m={n}, e=16, f=16
 inputs Q[p, e]: {dt}, K[m, e]: {dt}, V[m, f]: {dt}
 QK[p, m] = Q[p, e] * K[m, e]
-MQK[p, m] = where(m <= p, float32(QK[p, m]) * 0.25, -inf)
+MQK[p, m] = where({band}, float32(QK[p, m]) * 0.25, -inf)
 GM[p] = max(m) MQK[p, m]
 SN[p, m] = exp(MQK[p, m] - GM[p])
 SD[p] = SN[p, m]
@@ -68,8 +68,11 @@ outputs {outputs}
 """
 
 
-def _grads(dt: str, tpu: bool = False, outputs: str = "AV"):
-    c = parse(CASCADE.format(n=48, dt=dt, outputs=outputs))
+CAUSAL, WINDOW = "m <= p", "and(m <= p, m > p - 9)"
+
+
+def _grads(dt: str, tpu: bool = False, band: str = CAUSAL):
+    c = parse(CASCADE.format(n=48, dt=dt, outputs="AV", band=band))
     fused = run_passes(c, "fuse{tile=16}").cascade
     schedule = Schedule.of(tiles={"p": 16})
     pallas = emit_pallas(fused, schedule=schedule, interpret_tpu=tpu)
@@ -84,9 +87,12 @@ def _grads(dt: str, tpu: bool = False, outputs: str = "AV"):
     return pallas.lowered(), got, want
 
 
-@pytest.mark.parametrize(("dt", "tol"), [("float32", 2e-5), ("bfloat16", 5e-2)])
-def test_bfloat16_and_float32_gradients_equal_the_jax_loops(dt, tol):
-    loop, got, want = _grads(dt)
+@pytest.mark.parametrize(
+    ("dt", "tol", "band"),
+    [("float32", 2e-5, CAUSAL), ("bfloat16", 5e-2, CAUSAL), ("float32", 2e-5, WINDOW)],
+)
+def test_bfloat16_and_float32_gradients_equal_the_jax_loops(dt, tol, band):
+    loop, got, want = _grads(dt, band=band)
     assert loop.backward is not None
     for a, b in zip(got, want):
         assert a.dtype == jnp.dtype(dt)
@@ -101,7 +107,7 @@ def test_the_tpu_form_of_the_backward_matches_in_mosaics_interpreter():
 
 
 def test_a_result_reading_the_running_max_keeps_the_jax_loops_backward():
-    c = parse(CASCADE.format(n=48, dt="float32", outputs="AV").replace(
+    c = parse(CASCADE.format(n=48, dt="float32", outputs="AV", band=CAUSAL).replace(
         "outputs AV", "LSE[p] = GM[p] + log(SD[p])\noutputs AV, LSE"
     ))  # fmt: skip
     fused = run_passes(c, "fuse{tile=16}").cascade

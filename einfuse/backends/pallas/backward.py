@@ -308,9 +308,38 @@ class PallasBackward:
             return {n: acc[n] + grads[n].astype(jnp.float32) for n in self.keys}
 
         acc = {n: jnp.zeros(tiles[n].shape, jnp.float32) for n in self.keys}
-        acc = lax.fori_loop(0, fwd.q_blocks, step, acc)
+        lo, hi = self._query_blocks_seeing(k)
+        acc = lax.fori_loop(lo, hi, step, acc)
         for ref, n in zip(outs, self.keys):
             ref[...] = acc[n].reshape(ref.shape)
+
+    def _query_blocks_seeing(self, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The query blocks ``[lo, hi)`` whose band reaches key tile ``k`` (all of them
+        where the band's fill must be checked): the band's tile ranges grow with the block,
+        so two binary searches over ``band_tiles`` find them."""
+        fwd = self.fwd
+        mask, n = fwd.plan.mask, fwd.q_blocks
+        if mask is None or not (mask.skips and mask.skips_unchecked):
+            return jnp.int32(0), jnp.int32(n)
+        g = fwd.plan.group
+        tile, steps = fwd.sizes[g.inner], fwd.sizes[g.rank]
+
+        def band(j: jax.Array) -> Any:
+            return band_tiles(mask, j, fwd.q_tile, tile, steps, fwd.sizes.get(fwd.query, 1))
+
+        def first_true(pred: Any) -> jax.Array:  # smallest j in [0, n] with pred(j)
+            def body(_: Any, bounds: tuple[jax.Array, jax.Array]) -> Any:
+                a, b = bounds
+                mid = lax.div(a + b, 2)  # both >= 0: no floor division (Mosaic)
+                ok = pred(mid)
+                return jnp.where(ok, a, mid + 1), jnp.where(ok, mid, b)
+
+            rounds = max(1, n.bit_length())
+            return lax.fori_loop(0, rounds, body, (jnp.int32(0), jnp.int32(n)))[0]
+
+        lo = first_true(lambda j: jnp.asarray(band(j).upper, jnp.int32) > k)
+        hi = first_true(lambda j: jnp.asarray(band(j).first, jnp.int32) > k)
+        return lo, jnp.maximum(lo, hi)
 
     def _stat_values(self, refs: Mapping[str, Any], tpu: bool) -> dict[str, jax.Array]:
         return self._named_stats({s: self.fwd._unit(s, r[...], tpu) for s, r in refs.items()})
