@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from einfuse.cost_model.kernel_footprint import KernelLoop, LoopBlock
@@ -35,7 +35,13 @@ class PlannedLoop:
 
     def kernel(self, q_tile: int, dtype: str | None) -> KernelLoop:
         """The loop as one kernel with query blocks of ``q_tile`` (capped at the rank)."""
-        from einfuse.backends.blockwise_plan import QBLOCK, STEP, grid_rows
+        from einfuse.backends.blockwise_plan import (
+            QBLOCK,
+            STEP,
+            grid_rows,
+            split_flat_reads,
+            squeezed_dims,
+        )
 
         c, plan, g = self.cascade, self.plan, self.plan.group
         sizes = dict(self.sizes)
@@ -54,12 +60,20 @@ class PlannedLoop:
             base = name.removesuffix("__prev").removesuffix("__blk")
             return wide.get(base) or types.get(base, "float32")
 
-        body = plan.body
+        # The dims a program holds, as the kernel lays them out: a K/V input read per head at
+        # ``h*D+d`` split, and any dim read at a row (``e*K+k`` of a GQA query) dropped.
+        body, _ = split_flat_reads(plan.body, rows)
+        squeezed = squeezed_dims(body, rows)
         decls = tuple(TensorDecl(t.name, t.ranks, arrives(t.name), t.loc) for t in body.inputs)
         body = Cascade(decls, body.einsums, body.outputs, body.sizes, body.partitions)
 
         def block(name: str, role: str, ranks: tuple[str, ...], dtype: str) -> LoopBlock:
-            dims = tuple(step[r] for r in ranks if r not in rows)
+            dropped = squeezed.get(name, ())
+            dims = tuple(
+                step[r]
+                for k, r in enumerate(ranks)
+                if r not in rows and (k >= len(dropped) or dropped[k] is None)
+            )
             return LoopBlock(name, role, dims, dtype)
 
         blocks = []
@@ -68,7 +82,7 @@ class PlannedLoop:
                 continue  # indices; a carried state's initial value is the state itself
             base = t.name.removesuffix("__blk")
             role = "stream" if t.name.endswith("__blk") else "query"
-            blocks.append(block(base, role, t.ranks, t.dtype))
+            blocks.append(replace(block(t.name, role, t.ranks, t.dtype), name=base))
         blocks += [block(t, "carry", body.tensor_ranks(t), wide[t]) for t in g.carried]
         inner = [e for e in body.einsums if e.output not in g.carried]
         if inner:  # the largest step intermediate: the score tile, accumulated in float32
