@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -47,20 +46,21 @@ from einfuse.backends.blockwise_plan import (
     squeezed_dims,
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
-from einfuse.backends.jax_blockwise import BlockwiseCascade, _pad_to
+from einfuse.backends.jax_blockwise import BlockwiseCascade
 from einfuse.backends.jax_mask import band_tiles, skip_is_exact
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.backends.pallas.backward import PallasBackward
 from einfuse.backends.pallas.config import PLACEMENTS, KernelConfig, PlacementError
 from einfuse.backends.pallas.kernel_compat import compatible
+from einfuse.backends.pallas.layout import KernelLayout, row_value
 from einfuse.backends.pallas.stream import KeyStream, tile_buffers, tpu_interpreter
 from einfuse.ir.cascade import Cascade
-from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var
+from einfuse.ir.expr import Access, Const, Expr
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup
 
 
-class PallasBlockwise(BlockwiseCascade):
+class PallasBlockwise(KernelLayout, BlockwiseCascade):
     """The blockwise loop of ``jax_blockwise`` with its loop as one ``pallas_call``."""
 
     def __init__(
@@ -147,75 +147,6 @@ class PallasBlockwise(BlockwiseCascade):
     def step_source(self, fn_name: str) -> str:
         return self.kernel_body.source(fn_name)
 
-    # -- layouts: each tensor's dims in the loop's order, on a TPU with the squeezed dims first
-    # (Mosaic tiles the last two dims of a block by (8, 128)); a trailing unit dim where a
-    # block would keep fewer than two dims -------------------------------------------------
-    def _operand(self, name: str) -> tuple[tuple[str, ...], tuple[Expr | None, ...]]:
-        """The tensor's ranks and, per dim, the grid index it is squeezed at (or None)."""
-        base = name.removesuffix("__prev")
-        decl = self.kernel_cascade.input_decl(name)
-        ranks = decl.ranks if decl is not None else self._ranks(name)
-        return ranks, self.squeezed.get(base if name.endswith("__prev") else name, ())
-
-    def _perm(self, name: str, tpu: bool) -> tuple[list[int], bool]:
-        """The kernel layout's dim order and whether it has a trailing unit dim."""
-        ranks, squeeze = self._operand(name)
-        kept = [k for k in range(len(ranks)) if squeeze[k] is None]
-        perm = [k for k in range(len(ranks)) if squeeze[k] is not None] + kept if tpu else None
-        return (perm or list(range(len(ranks)))), len(kept) < 2
-
-    def _query_dim(self, name: str, tpu: bool) -> int | None:
-        ranks, squeeze = self._operand(name)
-        perm, _ = self._perm(name, tpu)
-        for pos, k in enumerate(perm):
-            if ranks[k] == self.query and squeeze[k] is None:
-                return pos
-        return None
-
-    def _to_kernel(self, name: str, x: jax.Array, tpu: bool) -> jax.Array:
-        for d, outer, inner in reversed(self.splits.get(name, ())):
-            x = x.reshape((*x.shape[:d], self.sizes[outer], self.sizes[inner], *x.shape[d + 1 :]))
-        perm, trailing = self._perm(name, tpu)
-        x = jnp.transpose(x, perm)
-        if trailing:
-            x = x[..., None]
-        if (d := self._query_dim(name, tpu)) is not None:
-            x = _pad_to(x, d, self.q_blocks * self.q_tile)
-        return x
-
-    def _from_kernel(self, name: str, y: jax.Array, tpu: bool) -> jax.Array:
-        perm, trailing = self._perm(name, tpu)
-        if (d := self._query_dim(name, tpu)) is not None:
-            y = lax.slice_in_dim(y, 0, self.sizes[self.query], axis=d)
-        if trailing:
-            y = y[..., 0]
-        y = jnp.transpose(y, [int(k) for k in np.argsort(perm)])
-        for d, _, _ in self.splits.get(name, ()):  # merge what ``_to_kernel`` split
-            y = y.reshape((*y.shape[:d], y.shape[d] * y.shape[d + 1], *y.shape[d + 2 :]))
-        return y
-
-    def _spec(self, name: str, shape: tuple[int, ...], tpu: bool) -> pl.BlockSpec:
-        """Its grid row of every tensor; its query block where it has the query rank; the
-        whole key range of a key tile input (the kernel loads one tile per step)."""
-        squeeze = self._operand(name)[1]
-        perm, trailing = self._perm(name, tpu)
-        qd = self._query_dim(name, tpu)
-        at = [squeeze[k] for k in perm] + [None] * trailing
-        block = tuple(
-            None if a is not None else self.q_tile if d == qd else n
-            for d, (a, n) in enumerate(zip(at, shape))
-        )
-        rows, sizes = self.grid_rows, self.sizes
-
-        def index(*ids: Any) -> tuple[Any, ...]:
-            env = dict(zip(rows, ids))
-            return tuple(
-                ids[-1] if d == qd else 0 if a is None else grid_index(a, env, sizes)
-                for d, a in enumerate(at)
-            )
-
-        return pl.BlockSpec(block, index)
-
     # -- the loop -----------------------------------------------------------------------
     def run_loop(
         self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None
@@ -272,18 +203,18 @@ class PallasBlockwise(BlockwiseCascade):
             # global memory through shared memory anyway, and the CPU interprets the VMEM form.
             tpu = platform in ("tpu", "tpu-interpret")
             streamed = placed if tpu else []
-            args = [self._to_kernel(n, raw[n], tpu) for n in names]
+            args = [self.to_kernel(n, raw[n], tpu) for n in names]
             outs = [
                 jax.ShapeDtypeStruct(
-                    self._to_kernel(f"{t}__prev", raw[f"{t}__prev"], tpu).shape, self.carry[t]
+                    self.to_kernel(f"{t}__prev", raw[f"{t}__prev"], tpu).shape, self.carry[t]
                 )
                 for t in g.carried
             ]
             specs = [
-                pl.BlockSpec(memory_space=pl.ANY) if n in streamed else self._spec(n, a.shape, tpu)
+                pl.BlockSpec(memory_space=pl.ANY) if n in streamed else self.spec(n, a.shape, tpu)
                 for n, a in zip(names, args)
             ]
-            scratch = [s for n in streamed for s in tile_buffers(self._tile_shape(n), raw[n].dtype)]
+            scratch = [s for n in streamed for s in tile_buffers(self.tile_shape(n), raw[n].dtype)]
             interpret: Any = platform == "cpu"
             if platform == "tpu-interpret":
                 interpret = tpu_interpreter()
@@ -294,13 +225,13 @@ class PallasBlockwise(BlockwiseCascade):
                 out_shape=outs,
                 grid=grid,
                 in_specs=specs,
-                out_specs=[self._spec(t, o.shape, tpu) for t, o in zip(g.carried, outs)],
+                out_specs=[self.spec(t, o.shape, tpu) for t, o in zip(g.carried, outs)],
                 scratch_shapes=scratch,
                 interpret=interpret,
                 compiler_params=self.config.compiler_params(platform, len(grid)),
                 name=f"einfuse_{g.rank}",
             )(*args)
-            return [self._from_kernel(t, y, tpu) for t, y in zip(g.carried, finals)]
+            return [self.from_kernel(t, y, tpu) for t, y in zip(g.carried, finals)]
 
         if self.config.interpret_tpu:
             return dict(zip(g.carried, call("tpu-interpret")))
@@ -324,14 +255,6 @@ class PallasBlockwise(BlockwiseCascade):
             )
         return level == "hbm"
 
-    def _tile_shape(self, name: str) -> tuple[int, ...]:
-        """One key tile of ``name`` as the kernel holds it (TPU layout, squeezed dims gone)."""
-        ranks, squeeze = self._operand(name)
-        perm, trailing = self._perm(name, True)
-        sizes = {**self.sizes, self.plan.group.inner: self.sizes[self.plan.group.inner]}
-        shape = [sizes[ranks[k]] for k in perm if squeeze[k] is None]
-        return (*shape, 1) if trailing else tuple(shape)
-
     def _program(
         self,
         names: list[str],
@@ -350,20 +273,19 @@ class PallasBlockwise(BlockwiseCascade):
         j = pl.program_id(len(self.grid_rows))
         ids = {r: pl.program_id(k) for k, r in enumerate(self.grid_rows)}
 
-        def unit(n: str, x: jax.Array) -> jax.Array:  # drop the trailing unit dim
-            return x.reshape(x.shape[:-1]) if self._perm(n, tpu)[1] else x
-
-        fixed = {n: unit(n, ins[n][...]) for n in ins if not n.endswith(("__blk", "__prev"))}
+        fixed = {
+            n: self.unit(n, ins[n][...], tpu) for n in ins if not n.endswith(("__blk", "__prev"))
+        }
         state = {
-            t: unit(t, jnp.full(ref.shape, self.const_init[t], self.carry[t]))
+            t: self.unit(t, jnp.full(ref.shape, self.const_init[t], self.carry[t]), tpu)
             if t in self.const_init
-            else unit(f"{t}__prev", ins[f"{t}__prev"][...])
+            else self.unit(f"{t}__prev", ins[f"{t}__prev"][...], tpu)
             for t, ref in zip(g.carried, outs)
         }
         stream = KeyStream(
-            {n: ins[n].at[self._hbm_rows(n, ids)] for n in streamed},
+            {n: ins[n].at[self.hbm_rows(n, ids)] for n in streamed},
             dict(zip(streamed, zip(scratch[::2], scratch[1::2]))),
-            {n: self._key_dim(n, True) for n in streamed},
+            {n: self.key_dim(n, True) for n in streamed},
             tile,
             steps,
         )
@@ -376,11 +298,11 @@ class PallasBlockwise(BlockwiseCascade):
                 for n, ref in ins.items():
                     if n.endswith("__blk"):
                         if n in streamed:
-                            inputs[n] = unit(n, stream.tile(n))
+                            inputs[n] = self.unit(n, stream.tile(n), tpu)
                             continue
                         idx: list[Any] = [slice(None)] * len(ref.shape)
-                        idx[self._key_dim(n, tpu)] = pl.ds(start, tile)
-                        inputs[n] = unit(n, ref[tuple(idx)])
+                        idx[self.key_dim(n, tpu)] = pl.ds(start, tile)
+                        inputs[n] = self.unit(n, ref[tuple(idx)], tpu)
                 for t in g.carried:
                     inputs[f"{t}__prev"] = state[t]
                 # Triton takes no half-precision division or transcendental: in float32.
@@ -411,88 +333,3 @@ class PallasBlockwise(BlockwiseCascade):
             state = lax.fori_loop(hi, upper, masked, state)
         for ref, t in zip(outs, g.carried):
             ref[...] = state[t].reshape(ref.shape)
-
-    def _hbm_rows(self, name: str, ids: Mapping[str, Any]) -> tuple[Any, ...]:
-        """An HBM input (TPU layout) at this program's row: its squeezed dims fixed."""
-        _, squeeze = self._operand(name)
-        perm, trailing = self._perm(name, True)
-        idx = [
-            slice(None) if squeeze[k] is None else grid_index(squeeze[k], ids, self.sizes)
-            for k in perm
-        ]
-        return tuple(idx + [slice(None)] * trailing)
-
-    def _unit(self, name: str, x: jax.Array, tpu: bool) -> jax.Array:
-        """``x`` without the trailing unit dim its kernel layout has (if any)."""
-        return x.reshape(x.shape[:-1]) if self._perm(name, tpu)[1] else x
-
-    def _full_dims(self, name: str, tpu: bool) -> list[tuple[str, Expr | None]]:
-        """The kernel layout's dims: (rank, squeezed index or None); "" for a trailing unit."""
-        ranks, squeeze = self._operand(name)
-        perm, trailing = self._perm(name, tpu)
-        return [(ranks[k], squeeze[k]) for k in perm] + [("", None)] * trailing
-
-    def _query_dim_kept(self, name: str, tpu: bool) -> int | None:
-        kept = [r for r, sq in self._full_dims(name, tpu) if sq is None]
-        return kept.index(self.query) if self.query in kept else None
-
-    def _key_dim_full(self, name: str, tpu: bool) -> int:
-        dims = self._full_dims(name, tpu)
-        return next(
-            d for d, (r, sq) in enumerate(dims) if r == self.plan.group.inner and sq is None
-        )
-
-    def _kept_shape(self, name: str, x: jax.Array, tpu: bool) -> tuple[int, ...]:
-        """The shape of ``name``'s kernel layout without its squeezed dims (whole ranges)."""
-        shape = self._to_kernel(name, x, tpu).shape
-        return tuple(n for n, (_, sq) in zip(shape, self._full_dims(name, tpu)) if sq is None)
-
-    def _key_grad(self, name: str, partial: jax.Array, tpu: bool) -> jax.Array:
-        """A key input's gradient from the per-grid-row partials ``[*grid rows, *kept]``:
-        summed over the grid rows it is shared by (the query heads of its group)."""
-        rows = list(self.grid_rows)
-        dims = self._full_dims(name, tpu)
-        own = [sq.rank for _, sq in dims if isinstance(sq, Var) and sq.rank in rows]
-        partial = partial.sum(axis=tuple(k for k, r in enumerate(rows) if r not in own))
-        left = [r for r in rows if r in own]
-        kept_at, out_axes = len(left), []
-        for _, sq in dims:
-            if isinstance(sq, Var) and sq.rank in left:
-                out_axes.append(left.index(sq.rank))
-            elif sq is not None:
-                out_axes.append(None)
-            else:
-                out_axes.append(kept_at)
-                kept_at += 1
-        y = jnp.transpose(partial, [a for a in out_axes if a is not None])
-        for d, a in enumerate(out_axes):
-            if a is None:
-                y = jnp.expand_dims(y, d)
-        return self._from_kernel(name, y, tpu)
-
-    def _key_dim(self, name: str, tpu: bool) -> int:
-        """The key tile's dim of a key input inside the kernel (squeezed dims gone)."""
-        ranks, squeeze = self._operand(name)
-        perm, _ = self._perm(name, tpu)
-        kept = [ranks[k] for k in perm if squeeze[k] is None]
-        return kept.index(self.plan.group.inner)
-
-
-def row_value(rank: str) -> str:
-    """The scalar input holding a grid row's value inside the kernel."""
-    return f"{rank}__ROW"
-
-
-def grid_index(index: Expr, env: Mapping[str, Any], sizes: Mapping[str, int]) -> Any:
-    """A squeezed dim's block index from the grid ids: ``e*K+k`` of a grouped query head;
-    a squeezed rank of size 1 that is not a grid rank is 0."""
-    if isinstance(index, Var):
-        return env.get(index.rank, 0)
-    if isinstance(index, Const):
-        return int(index.value)
-    if isinstance(index, Size):
-        return sizes[index.rank]
-    if isinstance(index, Op) and index.op in ("add", "mul", "sub"):
-        a, b = (grid_index(x, env, sizes) for x in index.args)
-        return a + b if index.op == "add" else a * b if index.op == "mul" else a - b
-    raise BackendUnsupported(f"a row is read at {index}, which the kernel's grid cannot index")

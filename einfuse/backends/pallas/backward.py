@@ -81,10 +81,10 @@ class PallasBackward:
         self.queries = [n for n in names if n not in self.keys and not n.endswith("__prev")]
         self.queries = [n for n in self.queries if not n.endswith("__ROW")]
         for n in self.queries:
-            if fwd._query_dim(n, False) is None:
+            if fwd.query_dim(n, False) is None:
                 raise BackendUnsupported(f"{n} is read by every query block")
         for n in self.keys:
-            for index in fwd._operand(n)[1]:
+            for index in fwd.operand(n)[1]:
                 if index is not None and not isinstance(index, Var | Const):
                     raise BackendUnsupported(f"{n} is read at row {index}: no plain head")
 
@@ -117,38 +117,38 @@ class PallasBackward:
         fwd, names, arrays = self.fwd, [], []
         for t in self.maxima:
             names.append(t)
-            arrays.append(fwd._to_kernel(t, finals[t], tpu))
+            arrays.append(fwd.to_kernel(t, finals[t], tpu))
         for t in self.sums:
             names.append(t)
             c = ct[t]
             c = jnp.zeros(finals[t].shape, fwd.carry[t]) if _is_zero(c) else c
-            arrays.append(fwd._to_kernel(t, jnp.asarray(c, fwd.carry[t]), tpu))
+            arrays.append(fwd.to_kernel(t, jnp.asarray(c, fwd.carry[t]), tpu))
         return names, arrays
 
     def _dq(self, raw: Any, finals: Any, ct: Any, platform: str, tpu: bool) -> list[jax.Array]:
         fwd = self.fwd
         ins = [*self.queries, *self.keys]
-        args = [fwd._to_kernel(n, raw[n], tpu) for n in ins]
+        args = [fwd.to_kernel(n, raw[n], tpu) for n in ins]
         stats, stat_args = self._stats(finals, ct, tpu)
         grid = (*(fwd.sizes[r] for r in fwd.grid_rows), fwd.q_blocks)
         outs = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in args[: len(self.queries)]]
-        specs = [fwd._spec(n, a.shape, tpu) for n, a in zip(ins, args)]
-        specs += [fwd._spec(t, a.shape, tpu) for t, a in zip(stats, stat_args)]
+        specs = [fwd.spec(n, a.shape, tpu) for n, a in zip(ins, args)]
+        specs += [fwd.spec(t, a.shape, tpu) for t, a in zip(stats, stat_args)]
         grads = pl.pallas_call(
             functools.partial(self._dq_program, ins, stats, tpu, _triton(platform)),
             out_shape=outs,
             grid=grid,
             in_specs=specs,
-            out_specs=[fwd._spec(n, o.shape, tpu) for n, o in zip(self.queries, outs)],
+            out_specs=[fwd.spec(n, o.shape, tpu) for n, o in zip(self.queries, outs)],
             **self._call_options(platform, len(grid)),
         )(*args, *stat_args)
-        return [fwd._from_kernel(n, y, tpu) for n, y in zip(self.queries, grads)]
+        return [fwd.from_kernel(n, y, tpu) for n, y in zip(self.queries, grads)]
 
     def _dk(self, raw: Any, finals: Any, ct: Any, platform: str, tpu: bool) -> list[jax.Array]:
         fwd = self.fwd
         g = fwd.plan.group
         ins = [*self.queries, *self.keys]
-        args = [fwd._to_kernel(n, raw[n], tpu) for n in ins]
+        args = [fwd.to_kernel(n, raw[n], tpu) for n in ins]
         stats, stat_args = self._stats(finals, ct, tpu)
         rows = tuple(fwd.sizes[r] for r in fwd.grid_rows)
         grid = (*rows, fwd.sizes[g.rank])
@@ -156,9 +156,9 @@ class PallasBackward:
         # One partial gradient per grid row (a query head), its key tile at the grid's last id.
         outs, out_specs = [], []
         for n in self.keys:
-            kept = fwd._kept_shape(n, raw[n], tpu)
+            kept = fwd.kept_shape(n, raw[n], tpu)
             outs.append(jax.ShapeDtypeStruct((*rows, *kept), jnp.float32))
-            kd = fwd._key_dim(n, tpu)
+            kd = fwd.key_dim(n, tpu)
             block = (*(None for _ in rows), *(tile if d == kd else s for d, s in enumerate(kept)))
             out_specs.append(pl.BlockSpec(block, _partial_index(len(rows), len(kept), kd)))
         specs = [self._whole_spec(n, a.shape, tpu) for n, a in zip(ins, args)]
@@ -171,7 +171,7 @@ class PallasBackward:
             out_specs=out_specs,
             **self._call_options(platform, len(grid)),
         )(*args, *stat_args)
-        return [fwd._key_grad(n, y, tpu) for n, y in zip(self.keys, partials)]
+        return [fwd.key_grad(n, y, tpu) for n, y in zip(self.keys, partials)]
 
     def _call_options(self, platform: str, grid_dims: int) -> dict[str, Any]:
         from einfuse.backends.pallas.stream import tpu_interpreter
@@ -186,10 +186,10 @@ class PallasBackward:
         """The forward's block of ``name`` but over the whole query and key range (the dK
         program loops over query blocks and holds one key tile)."""
         fwd = self.fwd
-        spec = fwd._spec(name, shape, tpu)
-        qd = fwd._query_dim(name, tpu)
+        spec = fwd.spec(name, shape, tpu)
+        qd = fwd.query_dim(name, tpu)
         block = tuple(n if d == qd else b for d, (b, n) in enumerate(zip(spec.block_shape, shape)))
-        kd = fwd._key_dim_full(name, tpu) if name.endswith("__blk") else None
+        kd = fwd.key_dim_full(name, tpu) if name.endswith("__blk") else None
         if kd is not None:
             block = tuple(
                 fwd.sizes[fwd.plan.group.inner] if d == kd else b for d, b in enumerate(block)
@@ -254,7 +254,7 @@ class PallasBackward:
         outs = refs[n_in + len(stats) :]
         j = pl.program_id(len(fwd.grid_rows))
         ids = {r: pl.program_id(k) for k, r in enumerate(fwd.grid_rows)}
-        fixed = {n: fwd._unit(n, in_refs[n][...], tpu) for n in self.queries}
+        fixed = {n: fwd.unit(n, in_refs[n][...], tpu) for n in self.queries}
         st = self._stat_values(stat_refs, tpu)
 
         def step(k: jax.Array, acc: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -262,8 +262,8 @@ class PallasBackward:
             tiles = {}
             for n in self.keys:
                 idx: list[Any] = [slice(None)] * len(in_refs[n].shape)
-                idx[fwd._key_dim(n, tpu)] = pl.ds(start, tile)
-                tiles[n] = fwd._unit(n, in_refs[n][tuple(idx)], tpu)
+                idx[fwd.key_dim(n, tpu)] = pl.ds(start, tile)
+                tiles[n] = fwd.unit(n, in_refs[n][tuple(idx)], tpu)
             inputs = self._inputs({**fixed, **tiles}, st, k, j, ids)
             grads = self._vjp(inputs, self.queries, st, triton)
             return {n: acc[n] + grads[n].astype(jnp.float32) for n in self.queries}
@@ -288,16 +288,16 @@ class PallasBackward:
         outs = refs[n_in + len(stats) :]
         k = pl.program_id(len(fwd.grid_rows))
         ids = {r: pl.program_id(i) for i, r in enumerate(fwd.grid_rows)}
-        tiles = {n: fwd._unit(n, in_refs[n][...], tpu) for n in self.keys}
+        tiles = {n: fwd.unit(n, in_refs[n][...], tpu) for n in self.keys}
         q_tile = fwd.q_tile
 
         def block(ref: Any, name: str, j: jax.Array) -> jax.Array:
-            qd = fwd._query_dim_kept(name, tpu)
+            qd = fwd.query_dim_kept(name, tpu)
             if qd is None:
-                return fwd._unit(name, ref[...], tpu)
+                return fwd.unit(name, ref[...], tpu)
             idx: list[Any] = [slice(None)] * len(ref.shape)
             idx[qd] = pl.ds(pl.multiple_of(j * q_tile, q_tile), q_tile)
-            return fwd._unit(name, ref[tuple(idx)], tpu)
+            return fwd.unit(name, ref[tuple(idx)], tpu)
 
         def step(j: jax.Array, acc: dict[str, jax.Array]) -> dict[str, jax.Array]:
             fixed = {n: block(in_refs[n], n, j) for n in self.queries}
@@ -342,7 +342,7 @@ class PallasBackward:
         return lo, jnp.maximum(lo, hi)
 
     def _stat_values(self, refs: Mapping[str, Any], tpu: bool) -> dict[str, jax.Array]:
-        return self._named_stats({s: self.fwd._unit(s, r[...], tpu) for s, r in refs.items()})
+        return self._named_stats({s: self.fwd.unit(s, r[...], tpu) for s, r in refs.items()})
 
     def _named_stats(self, values: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         out = {t: values[t] for t in self.maxima}
