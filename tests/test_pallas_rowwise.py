@@ -19,6 +19,7 @@ from einfuse.backends.pallas.kernel_compat import compatible
 from einfuse.backends.pallas.rowwise import RowKernel, lower_rowwise
 from einfuse.backends.rowwise_plan import RowGroup, plan_rowwise
 from einfuse.ir.cascade import bind_sizes
+from tests.cascades import ATTENTION_3PASS
 from tests.strategies import cascade_with_inputs
 
 RMS = """
@@ -210,20 +211,8 @@ def test_rows_may_sit_anywhere_in_a_tensor() -> None:
     check(c, {"c": 8, "r": 11}, "float32", block_rows=8)
 
 
-THREE_PASS = """
-inputs Q[e, p], K[e, m], V[f, m]
-QK[m, p] = Q[e, p] * K[e, m]
-GM[p] = max(m) QK[m, p]
-SN[m, p] = exp(QK[m, p] - GM[p])
-SD[p] = SN[m, p]
-A[m, p] = SN[m, p] / SD[p]
-AV[f, p] = A[m, p] * V[f, m]
-outputs AV
-"""
-
-
 def test_fused_attention_is_not_row_wise_but_its_unfused_softmax_is() -> None:
-    three_pass = einfuse.parse(THREE_PASS)
+    three_pass = einfuse.parse(ATTENTION_3PASS)
     sizes = {"e": 16, "f": 16, "m": 32, "p": 24}
     fused = einfuse.run_passes(three_pass, "fuse{tile=16}").cascade
     assert lower_rowwise(fused, {**sizes, "m0": 16, "m1": 2}) is None  # the loop's, not ours

@@ -134,14 +134,9 @@ class PallasBackward:
         outs = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in args[: len(self.queries)]]
         specs = [fwd.spec(n, a.shape, tpu) for n, a in zip(ins, args)]
         specs += [fwd.spec(t, a.shape, tpu) for t, a in zip(stats, stat_args)]
-        grads = pl.pallas_call(
-            functools.partial(self._dq_program, ins, stats, tpu, _triton(platform)),
-            out_shape=outs,
-            grid=grid,
-            in_specs=specs,
-            out_specs=[fwd.spec(n, o.shape, tpu) for n, o in zip(self.queries, outs)],
-            **self._call_options(platform, len(grid)),
-        )(*args, *stat_args)
+        out_specs = [fwd.spec(n, o.shape, tpu) for n, o in zip(self.queries, outs)]
+        program = functools.partial(self._dq_program, ins, stats, tpu, _triton(platform))
+        grads = self._call(program, platform, grid, specs, outs, out_specs)(*args, *stat_args)
         return [fwd.from_kernel(n, y, tpu) for n, y in zip(self.queries, grads)]
 
     def _dk(self, raw: Any, finals: Any, ct: Any, platform: str, tpu: bool) -> list[jax.Array]:
@@ -163,24 +158,30 @@ class PallasBackward:
             out_specs.append(pl.BlockSpec(block, _partial_index(len(rows), len(kept), kd)))
         specs = [self._whole_spec(n, a.shape, tpu) for n, a in zip(ins, args)]
         specs += [self._whole_spec(t, a.shape, tpu) for t, a in zip(stats, stat_args)]
-        partials = pl.pallas_call(
-            functools.partial(self._dk_program, ins, stats, tpu, _triton(platform)),
-            out_shape=outs,
-            grid=grid,
-            in_specs=specs,
-            out_specs=out_specs,
-            **self._call_options(platform, len(grid)),
-        )(*args, *stat_args)
+        program = functools.partial(self._dk_program, ins, stats, tpu, _triton(platform))
+        partials = self._call(program, platform, grid, specs, outs, out_specs)(*args, *stat_args)
         return [fwd.key_grad(n, y, tpu) for n, y in zip(self.keys, partials)]
 
-    def _call_options(self, platform: str, grid_dims: int) -> dict[str, Any]:
+    def _call(
+        self, program: Any, platform: str, grid: Any, specs: Any, outs: Any, out_specs: Any
+    ) -> Any:
         from einfuse.backends.pallas.stream import tpu_interpreter
 
         interpret: Any = platform == "cpu"
         if platform == "tpu-interpret":
             interpret = tpu_interpreter()
-        params = self.fwd.config.compiler_params(platform.removesuffix("-interpret"), grid_dims)
-        return {"interpret": interpret, "compiler_params": params}
+        return pl.pallas_call(
+            program,
+            out_shape=outs,
+            grid=grid,
+            in_specs=specs,
+            out_specs=out_specs,
+            interpret=interpret,
+            compiler_params=self.fwd.config.compiler_params(
+                platform.removesuffix("-interpret"), len(grid)
+            ),
+            name=f"einfuse_backward_{self.fwd.plan.group.rank}",
+        )
 
     def _whole_spec(self, name: str, shape: tuple[int, ...], tpu: bool) -> pl.BlockSpec:
         """The forward's block of ``name`` but over the whole query and key range (the dK
