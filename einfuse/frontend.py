@@ -48,6 +48,7 @@ class Traced:
     seconds: dict[str, float] = field(default_factory=dict)
     compiled: tuple[Compiled, ...] = ()
     tuning: tuple[str, ...] = ()  # per region, with autotune: what was looked up and found
+    program_passes: tuple[tuple[str, Program], ...] = ()  # after each program pass (pruning)
 
     @property
     def pass_history(self) -> tuple[tuple[tuple[str, str], ...], ...]:
@@ -128,10 +129,11 @@ class JitFunction:
             raise EinfuseError(
                 f"unknown target {target!r} for einfuse.jit; one of {', '.join(RUNNABLE)}"
             )
-        if passes:
-            from einfuse.passes.manager import parse_pipeline
+        from einfuse.passes.manager import split_pipeline
 
-            parse_pipeline(passes)  # fail at decoration time on a bad pipeline
+        # Fails at decoration time on a bad pipeline. Program passes (prune-tokens) run on the
+        # whole lifted program first; the region pipeline then runs on each region.
+        self.program_passes, self.region_passes = split_pipeline(passes)
         functools.update_wrapper(self, fun)
         self.fun, self.passes, self.target = fun, passes or None, target
         self.backend = get_backend(backend)  # an unknown name fails at decoration time
@@ -213,14 +215,22 @@ class JitFunction:
         t1 = time.perf_counter()
         lifted = lift_canonical(closed, check=bool(self.passes))
         t2 = time.perf_counter()
-        compiled, tuning = self._run_passes(lifted)
-        program = lifted.with_regions(
-            [r.with_cascade(c.cascade, c.schedule) for r, c in zip(lifted.regions, compiled)]
+        passed, history = lifted, ()
+        if self.program_passes:
+            from einfuse.passes.program import run_program_passes
+
+            result = run_program_passes(lifted, self.program_passes)
+            passed, history = result.program, result.history
+        compiled, tuning = self._run_passes(passed)
+        program = passed.with_regions(
+            [r.with_cascade(c.cascade, c.schedule) for r, c in zip(passed.regions, compiled)]
         )
         t3 = time.perf_counter()
         runner = ProgramRunner(program, self.backend)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
-        return Traced(closed, lifted, program, out_tree[0], runner, seconds, compiled, tuning)
+        return Traced(
+            closed, lifted, program, out_tree[0], runner, seconds, compiled, tuning, history
+        )
 
     def _run_passes(self, program: Program) -> tuple[tuple[Compiled, ...], tuple[str, ...]]:
         """Each canonical region through its pipeline: the tuned one if stored, else ``passes``."""
@@ -228,7 +238,7 @@ class JitFunction:
         tuning = self._tuning_notes(looked_up)
         out = []
         for region, (_, tuned) in zip(program.regions, looked_up):
-            pipeline, schedule = tuned if tuned else (self.passes, None)
+            pipeline, schedule = tuned if tuned else (self.region_passes or None, None)
             out.append(run_pipeline(region.cascade, pipeline, schedule, check=bool(pipeline)))
         return tuple(out), tuning
 
@@ -308,6 +318,7 @@ class JitFunction:
         if self.autotune is not None:
             passes += f" (stored results first: autotune={self.autotune!r})"
         text = explain_program(traced, passes, self.target, _name(self.fun))
+        text += _pruning_lines(traced, self._split(args, kwargs)[1])
         summary = inspect_hlo(self.lower(*args, **kwargs)).table()
         return text + "\nHLO summary:\n" + summary + "\n"
 
@@ -347,8 +358,20 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")
-        lines += [f"  {o.primitive} at {o.source}" for o in opaques]
+        lines += [f"  {o.label} at {o.source}" for o in opaques]
     return "\n".join(lines) + "\n"
+
+
+def _pruning_lines(traced: Traced, leaves: list[Any]) -> str:
+    """Which tokens this call pruned (with arrays for arguments), or the counts alone."""
+    from einfuse.explain_pruning import describe_pruning, kept_positions, pruning_points
+
+    points = pruning_points(traced.program)
+    if not points:
+        return ""
+    concrete = all(not isinstance(x, jax.ShapeDtypeStruct | core.Tracer) for x in leaves)
+    kept = kept_positions(points, traced.runner.environment, leaves) if concrete else None
+    return "\n" + "\n".join(describe_pruning(traced.program, kept)) + "\n"
 
 
 def _lines(region: Region) -> str:
