@@ -72,3 +72,19 @@ def describe_pruning(program: Program, kept: Sequence[np.ndarray] | None = None)
         )
         lines.append(f"  pruned by layer {p.layer}{more}: " + "; ".join(rows))
     return lines
+
+
+def pruning_lines(
+    program: Program, environment: Callable[..., Mapping[int, Any]], leaves: Sequence[Any]
+) -> str:
+    """``explain``'s pruning section: which tokens this call pruned (with arrays for
+    arguments), or the counts alone (with shapes)."""
+    import jax
+    from jax._src import core
+
+    points = pruning_points(program)
+    if not points:
+        return ""
+    concrete = all(not isinstance(x, jax.ShapeDtypeStruct | core.Tracer) for x in leaves)
+    kept = kept_positions(points, environment, leaves) if concrete else None
+    return "\n" + "\n".join(describe_pruning(program, kept)) + "\n"

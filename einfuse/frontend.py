@@ -4,8 +4,9 @@ The compiled object *is* a ``jax.jit`` of a staging function, so argument handli
 and donated arguments, the compile cache and per-call dispatch are JAX's own (and cost what
 they cost ``jax.jit``). When JAX traces it for a new signature, the staging function traces
 the user's function to a jaxpr, lifts it to a Program (cascades plus opaque equations), runs
-the ``passes`` pipeline on every region and emits the result into JAX's trace, so the whole
-program is one XLA computation and ``grad``/``vmap`` apply to the emitted code.
+the pipeline's program passes on the whole Program and its region passes on every region,
+and emits the result into JAX's trace, so the whole program is one XLA computation and
+``grad``/``vmap`` apply to the emitted code.
 
 Every stage can be stopped at: ``.trace(...)`` (the jaxpr and Program), ``.cascade(...)``
 (the program as text), ``.lower(...)`` (jax's ``Lowered``), ``.hlo(...)`` and ``.explain(...)``.
@@ -82,7 +83,9 @@ def jit(
 ) -> Any:
     """Compile ``fun`` through einfuse; usable as ``@einfuse.jit`` or ``@einfuse.jit(...)``.
 
-    ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region; ``target``
+    ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region, after any
+    program passes that lead it (``"prune-tokens{keep=0.5,start=2},fuse"``) ran on the
+    whole lifted program; ``target``
     (a name of ``einfuse.targets``: ``cpu``, ``h100``, ``h200``, ``a100``, ``tpu_v5e``, or
     ``gpu``/``tpu`` for the device JAX runs on; None: that device) names the hardware whose
     tuned results are reused (placement follows JAX's default device, as with ``jax.jit``);
@@ -318,7 +321,11 @@ class JitFunction:
         if self.autotune is not None:
             passes += f" (stored results first: autotune={self.autotune!r})"
         text = explain_program(traced, passes, self.target, _name(self.fun))
-        text += _pruning_lines(traced, self._split(args, kwargs)[1])
+        from einfuse.explain_pruning import pruning_lines
+
+        text += pruning_lines(
+            traced.program, traced.runner.environment, self._split(args, kwargs)[1]
+        )
         summary = inspect_hlo(self.lower(*args, **kwargs)).table()
         return text + "\nHLO summary:\n" + summary + "\n"
 
@@ -360,18 +367,6 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
         lines.append("opaque ops (bound unchanged):")
         lines += [f"  {o.label} at {o.source}" for o in opaques]
     return "\n".join(lines) + "\n"
-
-
-def _pruning_lines(traced: Traced, leaves: list[Any]) -> str:
-    """Which tokens this call pruned (with arrays for arguments), or the counts alone."""
-    from einfuse.explain_pruning import describe_pruning, kept_positions, pruning_points
-
-    points = pruning_points(traced.program)
-    if not points:
-        return ""
-    concrete = all(not isinstance(x, jax.ShapeDtypeStruct | core.Tracer) for x in leaves)
-    kept = kept_positions(points, traced.runner.environment, leaves) if concrete else None
-    return "\n" + "\n".join(describe_pruning(traced.program, kept)) + "\n"
 
 
 def _lines(region: Region) -> str:
