@@ -3,8 +3,9 @@
 For each keep schedule: XLA's FLOPs of one batch (ratio to dense), the run time of one batch
 (batch 16, padded to 256 tokens) as a ratio of medians to the dense einfuse program, timed
 interleaved in one process (wall and process CPU time), and the cosine of each text's
-embedding to the dense embedding (mean and min) over the evaluation texts of ``benchmarks/data/pruning_texts.json`` (224
-generated texts of 64-256 tokens; the calibration split is not used here). ``real kept``:
+embedding to the dense embedding (mean and min) over the evaluation texts of
+``benchmarks/data/pruning_texts.json`` (224 generated texts of 64-256 tokens; the calibration
+split is not used here). ``real kept``:
 the share of real (unpadded) tokens still present after the last pruning point; padding
 receives no attention, so it is pruned first.
 
