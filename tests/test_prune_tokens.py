@@ -49,7 +49,7 @@ def check_definition(params, ids, mask, passes: str) -> dict[int, np.ndarray]:
 
 
 def test_keep_one_is_the_dense_program_exactly() -> None:
-    params = tiny_params(0, layers=3)
+    params = tiny_params(0, layers=2)
     ids, mask = tiny_tokens(0, 2, 7, [7, 5])
     dense = einfuse.jit(minilm.encode)
     pruned = einfuse.jit(minilm.encode, passes="prune-tokens{keep=1}")
@@ -73,12 +73,12 @@ def test_padding_goes_before_any_real_token() -> None:
     assert kept[0][1].tolist() == [0, 1, 2, 3]  # the 3 real tokens, then one masked pad
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(
     seed=st.integers(0, 1000),
     batch=st.integers(1, 3),
     seq=st.integers(3, 10),
-    layers=st.integers(1, 3),
+    layers=st.integers(1, 2),
     data=st.data(),
 )
 def test_pruning_matches_the_reference_for_any_schedule(seed, batch, seq, layers, data) -> None:
@@ -97,11 +97,11 @@ def test_pruning_matches_the_reference_for_any_schedule(seed, batch, seq, layers
 
 
 def test_start_form_equals_its_per_layer_schedule() -> None:
-    params = tiny_params(3, layers=3)
+    params = tiny_params(3, layers=2)
     ids, mask = tiny_tokens(3, 2, 8, [8, 8])
-    a, _, _ = run_pruned("prune-tokens{keep=0.5,start=1}", params, ids, mask)
-    b, _, _ = run_pruned("prune-tokens{keep=1:0.5:0.5}", params, ids, mask)
-    assert np.array_equal(a, b)
+    a = einfuse.jit(minilm.encode, passes="prune-tokens{keep=0.5,start=1}")(params, ids, mask)
+    b = einfuse.jit(minilm.encode, passes="prune-tokens{keep=1:0.5}")(params, ids, mask)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_top_k_ties_keep_the_lower_index() -> None:
