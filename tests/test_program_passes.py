@@ -15,6 +15,7 @@ import pytest
 
 import einfuse
 from einfuse.compile_path import trace_canonical
+from einfuse.errors import EinfuseError
 from einfuse.ir import parse
 from einfuse.passes.manager import PipelineError, is_program_pass, run_passes, split_pipeline
 from einfuse.passes.program import ProgramVerifyError, run_program_passes, verify_program
@@ -107,3 +108,11 @@ def test_print_after_all_shows_the_program_after_each_program_pass(tmp_path: Pat
     assert "// ----- after input" in out.stdout
     assert "// ----- after prune-tokens{keep=0.5}" in out.stdout
     assert "ranks a=2, b=3, c=4" in out.stdout
+
+
+def test_a_mean_over_the_pruned_tokens_is_refused_not_miscounted() -> None:
+    def mean_of_two_layers(x: jax.Array, wq: jax.Array, wk: jax.Array) -> jax.Array:
+        return layer(layer(x, wq, wk), wq, wk).mean(1)
+
+    with pytest.raises(EinfuseError, match=r"divides a sum over the pruned tokens by .* 6"):
+        einfuse.jit(mean_of_two_layers, passes="prune-tokens{keep=0.5}").trace(*ARGS)

@@ -20,7 +20,7 @@ from jax._src import core
 from einfuse.einsum_cascade.lift import Opaque, Region
 from einfuse.einsum_cascade.lift_flatten import FlatEqn
 from einfuse.ir.cascade import Cascade
-from einfuse.ir.expr import Var, accesses
+from einfuse.ir.expr import Const, Var, accesses
 from einfuse.ir.verify import verify
 from einfuse.passes.prune_attention import PruneError
 
@@ -44,6 +44,7 @@ def resize_region(region: Region, avals: MutableMapping[int, core.ShapedArray]) 
     if not sizes:
         return region
     _follow_accesses(c, sizes)
+    _refuse_baked_counts(c, sizes)
     cascade = verify(c.with_sizes(**sizes))
     for value, tensor in zip(region.outputs, region.output_tensors):
         shape = tuple(int(n) for n in cascade.tensor_shape(tensor))
@@ -72,6 +73,21 @@ def _follow_accesses(c: Cascade, sizes: dict[str, int]) -> None:
             for u, v in ((x, y), (y, x)):
                 if u in sizes and v not in sizes:
                     sizes[v], changed = sizes[u], True
+
+
+def _refuse_baked_counts(c: Cascade, sizes: dict[str, int]) -> None:
+    """Refuse a sum over a resized rank divided by its old size as a literal (``jnp.mean`` over
+    the tokens): it would silently divide by the old count."""
+    for e in c.einsums:
+        for rank in set(e.reduced_ranks) & set(sizes):
+            old = c.size(rank)
+            for user in c.consumers(e.output):
+                if any(isinstance(x, Const) and x.value == old for x in user.expr.walk()):
+                    raise PruneError(
+                        f"prune-tokens: {user.output} divides a sum over the pruned tokens by "
+                        f"their original count {old} (a mean over tokens); pool with a mask "
+                        "sum instead"
+                    )
 
 
 def resize_opaque(op: Opaque, avals: MutableMapping[int, core.ShapedArray]) -> Opaque:
