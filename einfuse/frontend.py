@@ -4,8 +4,9 @@ The compiled object *is* a ``jax.jit`` of a staging function, so argument handli
 and donated arguments, the compile cache and per-call dispatch are JAX's own (and cost what
 they cost ``jax.jit``). When JAX traces it for a new signature, the staging function traces
 the user's function to a jaxpr, lifts it to a Program (cascades plus opaque equations), runs
-the ``passes`` pipeline on every region and emits the result into JAX's trace, so the whole
-program is one XLA computation and ``grad``/``vmap`` apply to the emitted code.
+the pipeline's program passes on the whole Program and its region passes on every region,
+and emits the result into JAX's trace, so the whole program is one XLA computation and
+``grad``/``vmap`` apply to the emitted code.
 
 Every stage can be stopped at: ``.trace(...)`` (the jaxpr and Program), ``.cascade(...)``
 (the program as text), ``.lower(...)`` (jax's ``Lowered``), ``.hlo(...)`` and ``.explain(...)``.
@@ -48,6 +49,7 @@ class Traced:
     seconds: dict[str, float] = field(default_factory=dict)
     compiled: tuple[Compiled, ...] = ()
     tuning: tuple[str, ...] = ()  # per region, with autotune: what was looked up and found
+    program_passes: tuple[tuple[str, Program], ...] = ()  # after each program pass (pruning)
 
     @property
     def pass_history(self) -> tuple[tuple[tuple[str, str], ...], ...]:
@@ -81,7 +83,9 @@ def jit(
 ) -> Any:
     """Compile ``fun`` through einfuse; usable as ``@einfuse.jit`` or ``@einfuse.jit(...)``.
 
-    ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region; ``target``
+    ``passes`` is a pipeline (``"fuse{tile=256}"``) run on every lifted region, after any
+    program passes that lead it (``"prune-tokens{keep=0.5,start=2},fuse"``) ran on the
+    whole lifted program; ``target``
     (a name of ``einfuse.targets``: ``cpu``, ``h100``, ``h200``, ``a100``, ``tpu_v5e``, or
     ``gpu``/``tpu`` for the device JAX runs on; None: that device) names the hardware whose
     tuned results are reused (placement follows JAX's default device, as with ``jax.jit``);
@@ -128,10 +132,11 @@ class JitFunction:
             raise EinfuseError(
                 f"unknown target {target!r} for einfuse.jit; one of {', '.join(RUNNABLE)}"
             )
-        if passes:
-            from einfuse.passes.manager import parse_pipeline
+        from einfuse.passes.manager import split_pipeline
 
-            parse_pipeline(passes)  # fail at decoration time on a bad pipeline
+        # Fails at decoration time on a bad pipeline. Program passes (prune-tokens) run on the
+        # whole lifted program first; the region pipeline then runs on each region.
+        self.program_passes, self.region_passes = split_pipeline(passes)
         functools.update_wrapper(self, fun)
         self.fun, self.passes, self.target = fun, passes or None, target
         self.backend = get_backend(backend)  # an unknown name fails at decoration time
@@ -213,14 +218,22 @@ class JitFunction:
         t1 = time.perf_counter()
         lifted = lift_canonical(closed, check=bool(self.passes))
         t2 = time.perf_counter()
-        compiled, tuning = self._run_passes(lifted)
-        program = lifted.with_regions(
-            [r.with_cascade(c.cascade, c.schedule) for r, c in zip(lifted.regions, compiled)]
+        passed, history = lifted, ()
+        if self.program_passes:
+            from einfuse.passes.program import run_program_passes
+
+            result = run_program_passes(lifted, self.program_passes)
+            passed, history = result.program, result.history
+        compiled, tuning = self._run_passes(passed)
+        program = passed.with_regions(
+            [r.with_cascade(c.cascade, c.schedule) for r, c in zip(passed.regions, compiled)]
         )
         t3 = time.perf_counter()
         runner = ProgramRunner(program, self.backend)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
-        return Traced(closed, lifted, program, out_tree[0], runner, seconds, compiled, tuning)
+        return Traced(
+            closed, lifted, program, out_tree[0], runner, seconds, compiled, tuning, history
+        )
 
     def _run_passes(self, program: Program) -> tuple[tuple[Compiled, ...], tuple[str, ...]]:
         """Each canonical region through its pipeline: the tuned one if stored, else ``passes``."""
@@ -228,7 +241,7 @@ class JitFunction:
         tuning = self._tuning_notes(looked_up)
         out = []
         for region, (_, tuned) in zip(program.regions, looked_up):
-            pipeline, schedule = tuned if tuned else (self.passes, None)
+            pipeline, schedule = tuned if tuned else (self.region_passes or None, None)
             out.append(run_pipeline(region.cascade, pipeline, schedule, check=bool(pipeline)))
         return tuple(out), tuning
 
@@ -308,6 +321,11 @@ class JitFunction:
         if self.autotune is not None:
             passes += f" (stored results first: autotune={self.autotune!r})"
         text = explain_program(traced, passes, self.target, _name(self.fun))
+        from einfuse.explain_pruning import pruning_lines
+
+        text += pruning_lines(
+            traced.program, traced.runner.environment, self._split(args, kwargs)[1]
+        )
         summary = inspect_hlo(self.lower(*args, **kwargs)).table()
         return text + "\nHLO summary:\n" + summary + "\n"
 
@@ -348,7 +366,7 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")
-        lines += [f"  {o.primitive} at {o.source}" for o in opaques]
+        lines += [f"  {o.label} at {o.source}" for o in opaques]
     return "\n".join(lines) + "\n"
 
 

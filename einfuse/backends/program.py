@@ -11,7 +11,8 @@ HLO metadata and profiles.
 Derivatives: a region whose ``derivative`` is ``jvp`` or ``vjp`` (it holds a stop_gradient
 or an inlined custom_jvp/custom_vjp body) is wrapped in ``jax.custom_jvp``/``custom_vjp``
 whose rule differentiates the original equations, so the user's derivative rules hold
-while the forward pass runs the emitted cascade.
+while the forward pass runs the emitted cascade. A region resized by a program pass
+(``derivative == "none"``) refuses to be differentiated.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class ProgramRunner:
         return hlo_fingerprint(jax.jit(emitted).lower(*structs))
 
     def __call__(self, *args: Any) -> list[Any]:
+        env = self.environment(*args)
+        return [_read(env, a) for a in self.program.outputs]
+
+    def environment(self, *args: Any) -> dict[int, Any]:
+        """Every value the program computes from ``args``, by id (``explain`` reads a few)."""
         p = self.program
         if len(args) != len(p.inputs):
             raise TypeError(f"the program takes {len(p.inputs)} inputs, got {len(args)}")
@@ -105,7 +111,7 @@ class ProgramRunner:
             outs = self._fns[k](*(env[v] for v in seg.inputs))
             env.update(zip(seg.outputs, outs))
             k += 1
-        return [_read(env, a) for a in p.outputs]
+        return env
 
 
 def _region_fn(
@@ -132,6 +138,10 @@ def _region_fn(
             outs.append(x if x.dtype == aval.dtype else x.astype(aval.dtype))
         return tuple(outs)
 
+    if region.derivative == "none":
+        fn = jax.custom_jvp(forward)
+        fn.defjvp(_no_derivative)
+        return fn
     if region.derivative == "jvp":
         fn = jax.custom_jvp(forward)
         fn.defjvp(lambda primals, tangents: jax.jvp(original, primals, tangents))
@@ -141,6 +151,13 @@ def _region_fn(
         fn.defvjp(lambda *xs: jax.vjp(original, *xs), lambda vjp_fn, cts: vjp_fn(cts))
         return fn
     return forward
+
+
+def _no_derivative(primals: Any, tangents: Any) -> Any:
+    raise EinfuseError(
+        "this region was resized by a program pass (prune-tokens) and has no derivative: "
+        "differentiate the unpruned function"
+    )
 
 
 def run_program(program: Program, *args: Any, backend: Backend | str | None = None) -> list[Any]:

@@ -2,6 +2,8 @@
 
 Prints the cascade (after the pipeline, or after every pass) and the FuseMax lower
 bound on the passes it makes over each rank, so a user sees what fusion bought.
+`einfuse passes FILE.py:FUNCTION --args SPECS` lifts a function instead and prints its
+program, after every program pass (``prune-tokens``) and region pass with ``--print-after-all``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load a cascade spec (.ein text or TeAAL-style .yaml), run a pass pipeline "
         "on it, and print the result with the number of passes it makes over each rank.",
     )
-    parser.add_argument("spec", metavar="SPEC", help="a .ein or .yaml cascade spec")
+    parser.add_argument(
+        "spec", metavar="SPEC", help="a .ein or .yaml cascade spec, or MODULE:FUNCTION"
+    )
+    parser.add_argument(
+        "--args", default="", metavar="SPECS", help="with MODULE:FUNCTION: argument shapes"
+    )
     add_passes_argument(parser, 'passes to run, e.g. "partition{rank=m,tile=512},fuse"')
     parser.add_argument(
         "--print-after-all", action="store_true", help="print the cascade after every pass"
@@ -34,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from einfuse.passes.manager import run_passes
     from einfuse.passes.pass_count import explain_passes, pass_counts
 
+    if ":" in args.spec and not args.spec.endswith((".ein", ".yaml", ".yml")):
+        return _run_function(args)
     result = run_passes(load_spec(args.spec), args.passes)
     if args.print_after_all:
         print(result.print_after_all(), end="")
@@ -47,4 +56,21 @@ def run(args: argparse.Namespace) -> int:
     if args.why:
         print()
         print(explain_passes(result.cascade))
+    return 0
+
+
+def _run_function(args: argparse.Namespace) -> int:
+    """The lifted program of a function through the pipeline: program passes, then regions."""
+    from einfuse.cli.args import load_function, parse_arg_specs
+    from einfuse.frontend import jit
+
+    traced = jit(load_function(args.spec), passes=args.passes).trace(*parse_arg_specs(args.args))
+    if not args.print_after_all:
+        print(traced.cascade(), end="")
+        return 0
+    for name, program in traced.program_passes or (("input", traced.lifted),):
+        print(f"// ----- after {name}\n{program}", end="")
+    for k, history in enumerate(traced.pass_history):
+        for name, text in history:
+            print(f"// ----- region {k} after {name}\n{text}", end="")
     return 0

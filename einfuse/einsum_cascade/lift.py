@@ -36,7 +36,8 @@ class Region:
     ``inputs``/``outputs`` are value ids; ``input_tensors``/``output_tensors`` the cascade
     tensors holding them (an output tensor may hold several ids). ``derivative`` says how
     to differentiate: ``emitted`` (JAX differentiates the emitted code), ``jvp`` or ``vjp``
-    (the original equations' derivative, to keep stop_gradient and custom rules).
+    (the original equations' derivative, to keep stop_gradient and custom rules), or
+    ``none`` (a program pass resized or extended it: differentiating it raises).
     """
 
     cascade: Cascade
@@ -71,6 +72,12 @@ class Opaque:
     @property
     def primitive(self) -> str:
         return self.eqn.primitive
+
+    @property
+    def label(self) -> str:
+        """The primitive, with the name of a named call (``jit prune_tokens_layer2_keep64``)."""
+        name = self.eqn.params.get("name")
+        return f"{self.primitive} {name}" if isinstance(name, str) else self.primitive
 
     @property
     def source(self) -> str:
@@ -291,7 +298,7 @@ def format_program(program: Program) -> str:
     k = 0
     for s in program.segments:
         if isinstance(s, Opaque):
-            lines.append(f"# opaque: {s.primitive} at {s.source}")
+            lines.append(f"# opaque: {s.label} at {s.source}")
             continue
         ins = ", ".join(f"%{v}->{t}" for v, t in zip(s.inputs, s.input_tensors))
         outs = ", ".join(f"{t}->%{v}" for v, t in zip(s.outputs, s.output_tensors))

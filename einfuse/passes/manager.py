@@ -4,6 +4,11 @@ A pass is a pure function ``Cascade -> Cascade`` taking its options as keyword
 arguments. The manager parses the pipeline, checks names and options against each
 pass's signature before running anything, verifies between passes when asked, and
 keeps every intermediate cascade stamped with the pass that made it.
+
+A *program pass* (``register_program_pass``) takes a whole lifted Program instead: pruning
+crosses regions (importance accumulates from layer to layer, a pruned token leaves every later
+layer), so it cannot be a cascade pass. It shares the registry, the pipeline syntax and the
+option checks; ``einfuse.passes.program`` runs it, with a program verifier and history.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from einfuse.ir.verify import verify
 PassFn = Callable[..., Cascade]
 
 _REGISTRY: dict[str, PassFn] = {}
+_PROGRAM_PASSES: set[str] = set()
 _PASS_RE = re.compile(r"\s*([a-z][a-z0-9_-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 
@@ -38,6 +44,42 @@ def register_pass(name: str) -> Callable[[PassFn], PassFn]:
         return fn
 
     return deco
+
+
+def register_program_pass(name: str) -> Callable[[PassFn], PassFn]:
+    """Register ``fn(program, **options) -> Program``: a pass over a whole lifted program."""
+
+    def deco(fn: PassFn) -> PassFn:
+        register_pass(name)(fn)
+        _PROGRAM_PASSES.add(name)
+        return fn
+
+    return deco
+
+
+def is_program_pass(name: str) -> bool:
+    _load_builtin_passes()
+    return name in _PROGRAM_PASSES
+
+
+def split_pipeline(pipeline: str | None) -> tuple[list[PassSpec], str]:
+    """The program passes of a pipeline, and the rest as a region pipeline string.
+
+    Program passes run first, on the lifted program, so they must lead the pipeline: a region
+    pass (``fuse``) before one would silently run after it.
+    """
+    specs = parse_pipeline(pipeline) if pipeline else []
+    n = 0
+    while n < len(specs) and specs[n].name in _PROGRAM_PASSES:
+        n += 1
+    late = [s.name for s in specs[n:] if s.name in _PROGRAM_PASSES]
+    if late:
+        raise PipelineError(
+            f"program pass {late[0]} must come before the region passes "
+            f"({', '.join(s.name for s in specs[:n] + specs[n:] if s.name not in _PROGRAM_PASSES)})"
+            ": program passes run first, on the whole lifted program"
+        )
+    return specs[:n], ",".join(str(s) for s in specs[n:])
 
 
 def registered_passes() -> dict[str, PassFn]:
@@ -130,6 +172,11 @@ def run_passes(
         verify(cascade)
     history = [("input", cascade)]
     for spec in specs:
+        if spec.name in _PROGRAM_PASSES:
+            raise PipelineError(
+                f"{spec.name} is a program pass: it runs on a whole lifted program "
+                "(einfuse.jit, or `einfuse passes FILE.py:FUNCTION --args ...`), not on one cascade"
+            )
         try:
             cascade = keep_output_dtypes(cascade, passes[spec.name](cascade, **dict(spec.options)))
         except EinfuseError:

@@ -1,0 +1,90 @@
+"""What ``explain`` says about token pruning: how many tokens each layer kept, and which.
+
+A pruned program (``prune-tokens``) holds one top-k op per pruning point, named
+``prune_tokens_layer<i>_keep<k>``; its second output is the original positions of the kept
+tokens. The counts are static; which tokens a call pruned needs the call's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from einfuse.einsum_cascade.lift import Opaque, Program
+from einfuse.passes.prune_tokens import OP_PREFIX
+
+ROWS_SHOWN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PruningPoint:
+    layer: int
+    before: int  # tokens per row entering the op
+    kept: int
+    positions: int  # value id of the kept tokens' original positions [batch, kept]
+
+
+def pruning_points(program: Program) -> list[PruningPoint]:
+    out = []
+    for seg in program.segments:
+        name = seg.eqn.params.get("name", "") if isinstance(seg, Opaque) else ""
+        if not str(name).startswith(OP_PREFIX):
+            continue
+        layer = int(str(name)[len(OP_PREFIX) :].split("_")[0])
+        acc, pos = seg.eqn.outvars[0], seg.eqn.outvars[1]
+        before = program.avals[seg.eqn.invars[0]].shape[-1]  # type: ignore[index]
+        kept = program.avals[acc].shape[-1]  # type: ignore[index]
+        out.append(PruningPoint(layer, before, kept, pos))  # type: ignore[arg-type]
+    return out
+
+
+def kept_positions(
+    points: Sequence[PruningPoint], environment: Callable[..., Mapping[int, Any]], args: Sequence
+) -> list[np.ndarray]:
+    """Per pruning point, the original positions each row kept, for these arguments."""
+    import jax
+
+    ids = [p.positions for p in points]
+    values = jax.jit(lambda *xs: [environment(*xs)[v] for v in ids])(*args)
+    return [np.asarray(v) for v in values]
+
+
+def describe_pruning(program: Program, kept: Sequence[np.ndarray] | None = None) -> list[str]:
+    """``explain``'s lines: per pruning point the counts, and with ``kept`` which tokens went."""
+    points = pruning_points(program)
+    if not points:
+        return []
+    counts = ", ".join(f"layer {p.layer} keeps {p.kept} of {p.before}" for p in points)
+    lines = [f"token pruning (tokens per row after each layer's attention): {counts}"]
+    if kept is None:
+        return [*lines, "  (call explain with arrays, not shapes, to see which tokens went)"]
+    before = [set(range(points[0].before))] * ROWS_SHOWN
+    for p, positions in zip(points, kept):
+        rows = []
+        for b, row in enumerate(positions[:ROWS_SHOWN]):
+            rows.append(f"row {b}: {sorted(before[b] - set(row.tolist()))}")
+            before[b] = set(row.tolist())
+        more = (
+            f" (first {ROWS_SHOWN} of {len(positions)} rows)" if len(positions) > ROWS_SHOWN else ""
+        )
+        lines.append(f"  pruned by layer {p.layer}{more}: " + "; ".join(rows))
+    return lines
+
+
+def pruning_lines(
+    program: Program, environment: Callable[..., Mapping[int, Any]], leaves: Sequence[Any]
+) -> str:
+    """``explain``'s pruning section: which tokens this call pruned (with arrays for
+    arguments), or the counts alone (with shapes)."""
+    import jax
+    from jax._src import core
+
+    points = pruning_points(program)
+    if not points:
+        return ""
+    concrete = all(not isinstance(x, jax.ShapeDtypeStruct | core.Tracer) for x in leaves)
+    kept = kept_positions(points, environment, leaves) if concrete else None
+    return "\n" + "\n".join(describe_pruning(program, kept)) + "\n"

@@ -1,0 +1,152 @@
+"""Run a program's later segments on values whose shapes a program pass changed.
+
+After prune-tokens gathers the kept tokens, every later region and opaque equation reads
+shorter values. A region follows by resizing the ranks its inputs now disagree on (a rank's
+new size must be the same from every input); an opaque equation by rewriting the shape
+parameters of ``reshape`` and ``broadcast_in_dim`` and re-deriving its output shapes. What
+cannot follow is refused by name, never run at the old shape. A resized region refuses to be
+differentiated (``derivative="none"``): its original equations, which carry the user's
+derivative rules (softmax's stop_gradient), have the old shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import replace
+
+import jax
+from jax._src import core
+
+from einfuse.einsum_cascade.lift import Opaque, Region
+from einfuse.einsum_cascade.lift_flatten import FlatEqn
+from einfuse.ir.cascade import Cascade
+from einfuse.ir.expr import Const, Var, accesses
+from einfuse.ir.verify import verify
+from einfuse.passes.prune_attention import PruneError
+
+# Shapes these primitives produce come from their parameters, not their inputs.
+_SHAPE_PARAMS = frozenset({"iota", "full", "broadcast", "rng_uniform", "random_bits"})
+
+
+def resize_region(region: Region, avals: MutableMapping[int, core.ShapedArray]) -> Region:
+    """``region`` at the shapes ``avals`` now gives its inputs; updates its outputs' avals."""
+    c = region.cascade
+    sizes: dict[str, int] = {}
+    for value, tensor in zip(region.inputs, region.input_tensors):
+        have = tuple(avals[value].shape)
+        for rank, h, w in zip(c.tensor_ranks(tensor), have, c.tensor_shape(tensor)):
+            if h != w and sizes.setdefault(rank, h) != h:
+                raise PruneError(
+                    f"prune-tokens: rank {rank} would be both {sizes[rank]} and {h} long "
+                    f"(tensor {tensor} holds %{value}): a value over the pruned tokens was "
+                    "not pruned with them"
+                )
+    if not sizes:
+        return region
+    _follow_accesses(c, sizes)
+    _refuse_baked_counts(c, sizes)
+    cascade = verify(c.with_sizes(**sizes))
+    for value, tensor in zip(region.outputs, region.output_tensors):
+        shape = tuple(int(n) for n in cascade.tensor_shape(tensor))
+        avals[value] = avals[value].update(shape=shape)
+    # Its original equations, which carry its derivative rules, hold the old shapes.
+    return replace(region, cascade=cascade, derivative="none")
+
+
+def _follow_accesses(c: Cascade, sizes: dict[str, int]) -> None:
+    """Resize the ranks that read a resized rank whole (``K[g] = X[b]`` with ``b`` resized: the
+    key rank ``g`` is the same tokens under another name), until nothing changes."""
+    pairs = set()
+    for e in c.einsums:
+        for a in accesses(e.expr):
+            for index, rank in zip(a.indices, c.tensor_ranks(a.tensor)):
+                if (
+                    isinstance(index, Var)
+                    and index.rank != rank
+                    and c.size(index.rank) == c.size(rank)
+                ):
+                    pairs.add((index.rank, rank))
+    changed = True
+    while changed:
+        changed = False
+        for x, y in pairs:
+            for u, v in ((x, y), (y, x)):
+                if u in sizes and v not in sizes:
+                    sizes[v], changed = sizes[u], True
+
+
+def _refuse_baked_counts(c: Cascade, sizes: dict[str, int]) -> None:
+    """Refuse a sum over a resized rank divided by its old size as a literal (``jnp.mean`` over
+    the tokens): it would silently divide by the old count."""
+    for e in c.einsums:
+        for rank in set(e.reduced_ranks) & set(sizes):
+            old = c.size(rank)
+            for user in c.consumers(e.output):
+                if any(isinstance(x, Const) and x.value == old for x in user.expr.walk()):
+                    raise PruneError(
+                        f"prune-tokens: {user.output} divides a sum over the pruned tokens by "
+                        f"their original count {old} (a mean over tokens); pool with a mask "
+                        "sum instead"
+                    )
+
+
+def resize_opaque(op: Opaque, avals: MutableMapping[int, core.ShapedArray]) -> Opaque:
+    """``op`` at the shapes ``avals`` now gives its inputs; updates its outputs' avals."""
+    eqn = op.eqn
+    old = eqn.in_avals()
+    new = [avals[a] if isinstance(a, int) else a.aval for a in eqn.invars]
+    if all(o.shape == n.shape for o, n in zip(old, new)):
+        return op
+    where = f"prune-tokens: {op.primitive} at {op.source}"
+    if op.primitive in _SHAPE_PARAMS:
+        raise PruneError(
+            f"{where} makes a shape from its parameters; it cannot run on fewer tokens"
+        )
+    params = dict(eqn.params)
+    if op.primitive == "reshape":
+        params["new_sizes"] = _reshaped(old[0].shape, new[0].shape, params["new_sizes"], where)
+    elif op.primitive == "broadcast_in_dim":
+        shape = list(params["shape"])
+        for j, d in enumerate(params["broadcast_dimensions"]):
+            if old[0].shape[j] != new[0].shape[j]:
+                shape[d] = new[0].shape[j]
+        params["shape"] = tuple(shape)
+    flat = replace(eqn, eqn=eqn.eqn.replace(params=params))
+    try:
+        outs = jax.eval_shape(lambda *xs: _bind(flat, xs), *new)
+    except Exception as exc:  # any failure means: this op cannot follow the new shapes
+        raise PruneError(f"{where} cannot run on the pruned shapes: {exc}") from exc
+    for var, out in zip(eqn.outvars, outs):
+        if isinstance(var, int):
+            avals[var] = avals[var].update(shape=tuple(out.shape))
+    return Opaque(flat)
+
+
+def _bind(flat: FlatEqn, xs: tuple) -> list:
+    e = flat.eqn
+    out = e.primitive.bind(*xs, **e.primitive.get_bind_params(e.params))
+    return list(out) if e.primitive.multiple_results else [out]
+
+
+def _reshaped(
+    old_in: tuple[int, ...], new_in: tuple[int, ...], sizes: tuple[int, ...], where: str
+) -> tuple[int, ...]:
+    """A reshape's new sizes: each resized input dim must be a dim of its own in the output,
+    at the same offset (the product of the dims before it)."""
+    out = list(sizes)
+    for j, (o, n) in enumerate(zip(old_in, new_in)):
+        if o == n:
+            continue
+        before = _prod(old_in[:j])
+        match = [i for i in range(len(sizes)) if _prod(sizes[:i]) == before and sizes[i] == o]
+        if len(match) != 1:
+            raise PruneError(f"{where} merges or splits the pruned axis; it cannot be resized")
+        out[match[0]] = n
+    return tuple(out)
+
+
+def _prod(xs: tuple[int, ...]) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p

@@ -1,0 +1,76 @@
+"""``prune-tokens``: SpAtten cascade token pruning, a pass over a whole lifted program.
+
+Each region holding an attention (a *layer*, in program order) also computes the attention
+probability each token receives, summed over heads and queries and accumulated over layers.
+Where the schedule asks layer ``i`` to keep fewer tokens, a top-k op follows that layer's
+region: it keeps the ``k`` tokens of highest accumulated importance (``lax.top_k``: ties go to
+the lower index; the first token, BERT's CLS, is always kept), in their original order, and
+gathers every later-read value over the tokens (the hidden state, the padding mask, the
+importance itself) so the rest of layer ``i`` (output projection, residual, MLP) and every
+later layer run on ``k`` rows. Padding stays masked: a padded key receives no attention,
+so it is pruned before any real token, and a kept one stays masked in attention and pooling.
+
+Options: ``keep=0.5,start=2`` (layers ``start`` on keep half the tokens) or a per-layer
+``keep=1:1:0.8:0.6:0.5:0.5`` (the fraction of the original tokens kept after each layer's
+attention; non-increasing, since a pruned token stays pruned). ``k = ceil(keep * length)``.
+``keep=1`` leaves the program unchanged. It changes results by design and never runs unless
+named in a pipeline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING
+
+from einfuse.passes.manager import register_program_pass
+from einfuse.passes.prune_attention import PruneError, attention_sites
+
+if TYPE_CHECKING:
+    from einfuse.einsum_cascade.lift import Program
+
+OP_PREFIX = "prune_tokens_layer"  # the top-k ops' names: prune_tokens_layer<i>_keep<k>
+
+
+def keep_schedule(keep: float | str, start: int, layers: int) -> list[float]:
+    """The fraction of tokens kept after each layer's attention."""
+    if isinstance(keep, str):
+        if start:
+            raise PruneError("prune-tokens: give start= or a per-layer keep=a:b:..., not both")
+        try:
+            ratios = [float(x) for x in keep.split(":")]
+        except ValueError:
+            raise PruneError(f"prune-tokens: keep={keep!r} is not a list of numbers") from None
+        if len(ratios) != layers:
+            raise PruneError(
+                f"prune-tokens: keep={keep} has {len(ratios)} ratios; the program has "
+                f"{layers} attention layers"
+            )
+    else:
+        if not 0 <= start < layers:
+            raise PruneError(f"prune-tokens: start={start}; the program has layers 0..{layers - 1}")
+        ratios = [1.0] * start + [float(keep)] * (layers - start)
+    if any(not 0 < r <= 1 for r in ratios):
+        raise PruneError(f"prune-tokens: keep ratios must lie in (0, 1]; got {ratios}")
+    if any(b > a for a, b in itertools.pairwise(ratios)):
+        raise PruneError(f"prune-tokens: keep ratios must not grow (pruned tokens stay): {ratios}")
+    return ratios
+
+
+@register_program_pass("prune-tokens")
+def prune_tokens(program: Program, keep: float | str = 1.0, start: int = 0) -> Program:
+    """Prune tokens by accumulated received attention; see the module docstring."""
+    sites = [attention_sites(r.cascade) for r in program.regions]
+    if any(len(s) > 1 for s in sites):
+        raise PruneError("prune-tokens: a region holds several attentions; it needs one per layer")
+    layers = sum(len(s) for s in sites)
+    if layers == 0:
+        raise PruneError("prune-tokens: the program has no softmax attention to prune")
+    ratios = keep_schedule(keep, start, layers)
+    length = next(int(r.cascade.size(s[0].key)) for r, s in zip(program.regions, sites) if s)
+    kept = [max(1, math.ceil(r * length)) for r in ratios]
+    if all(k == length for k in kept):
+        return program
+    from einfuse.passes.prune_rewrite import prune_program
+
+    return prune_program(program, [s[0] if s else None for s in sites], kept)
