@@ -49,7 +49,7 @@ def _rounded(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(x).astype(kind).astype(np.float64)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     p=st.integers(1, 40),
     m=st.integers(17, 48),
