@@ -193,7 +193,7 @@ def test_schedule_options_reach_the_triton_kernel():
     text = jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "num_warps = 8" in text and "num_stages = 3" in text
     assert "grid_x = 2" in text  # two query blocks of 128
-    with pytest.raises(ValueError, match=r"pallas\.num_warps=0"):
+    with pytest.raises(einfuse.EinfuseError, match=r"pallas\.num_warps=0: a positive int"):
         emit_pallas(cascade.cascade, schedule=Schedule.of(options={"pallas.num_warps": 0}))
 
 

@@ -30,6 +30,10 @@ class PlacementError(EinfuseError):
     """A Schedule places a tensor where the Pallas kernel cannot put it."""
 
 
+class KernelOptionError(EinfuseError):
+    """A Schedule sets a Pallas kernel option to a value the kernel cannot take."""
+
+
 # the query block of Pallas' own GPU attention kernel
 
 
@@ -55,7 +59,7 @@ class KernelConfig:
         for name in (NUM_WARPS, NUM_STAGES):
             v = schedule.option(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"schedule option {name}={v!r}: a positive int")
+                raise KernelOptionError(f"schedule option {name}={v!r}: a positive int")
             values.append(v)
         return cls(*values, interpret_tpu=interpret_tpu)
 
