@@ -35,7 +35,7 @@ def test_plain_postgres_urls_use_psycopg_3_and_hide_the_password():
 
 
 def test_cli_tunes_lists_and_shows_on_the_server(pg_url, spec, capsys):
-    args = [str(spec), "--objective", "model", "--no-calibrate", "--quiet"]
+    args = [str(spec), "--objective", "model", "--no-calibrate", "--quiet", "--trials", "300"]
     assert cli([*args, "--storage", plain(pg_url)]) == 0
     assert "tuned" in capsys.readouterr().out
     assert cli([*args, "--storage", pg_url]) == 0  # stored: reused, no new trials

@@ -233,6 +233,7 @@ def tune_measured(job: Job) -> TuneResult:
         deadline=None if s.timeout is None else time.monotonic() + s.timeout,
         on_trial=lambda: bar.update(1),
         fresh=s.fresh,
+        heartbeat=store.heartbeat,
     )
     model_points: dict[str, Point] = {}
     with store.guard(), bar:
@@ -306,7 +307,7 @@ def _measure_round(search: MeasuredSearch, trials: int) -> None:
             if candidate.key in known:
                 search.tell_duplicate(trial, known[candidate.key])
             elif any(candidate.key == c.key for _, c in batch):
-                search.study.tell(trial, state=_pruned())
+                search.tell(trial, state=_pruned())
             else:
                 batch.append((trial, candidate))
         if batch:

@@ -18,6 +18,8 @@ from typing import Any
 from einfuse.cli.args import add_backend_argument, add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError, is_user_error
 
+DEFAULT_HEARTBEAT_S = 30  # einfuse.autotune.store_server's, without importing optuna here
+
 OBJECTIVES = ("model", "measure", "hybrid")
 
 
@@ -61,7 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trials", type=int, help="points scored (model) or candidates measured")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop measuring after S s")
-    parser.add_argument("--storage", help="storage URL, journal:PATH or memory (default: SQLite)")
+    parser.add_argument(
+        "--storage",
+        help="postgresql://user:pw@host/db (pip install 'einfuse[postgres]'), sqlite:///FILE, "
+        "journal:PATH or memory (default: a per-user SQLite file)",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=DEFAULT_HEARTBEAT_S,
+        metavar="S",
+        help="database stores: a worker beats every S s while it measures a trial; a trial "
+        f"silent for 2*S s (its worker died) is failed (default {DEFAULT_HEARTBEAT_S})",
+    )
     parser.add_argument("--study", help="study name (default: derived from the tuning key)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
@@ -80,8 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from einfuse.autotune.store import TuningStore
 
-    if args.list or args.show or args.export or args.import_:
-        store = TuningStore(args.storage)
+    if args.heartbeat < 1:
+        raise CliError(f"--heartbeat must be a whole number of seconds >= 1, got {args.heartbeat}")
+    reading = args.list or args.show or args.export or args.import_
+    if not reading and not args.subject:
+        raise CliError("give a SPEC or MODULE:FUNCTION to tune, or --list / --show STUDY")
+    store = TuningStore(args.storage, heartbeat_s=args.heartbeat)
+    if reading:
         if args.list:
             print(_list_table(store))
         elif args.show:
@@ -91,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"imported {store.import_best(args.import_)} record(s) from {args.import_}")
         return 0
-    if not args.subject:
-        raise CliError("give a SPEC or MODULE:FUNCTION to tune, or --list / --show STUDY")
-    result = _tune(args)
+    result = _tune(args, store)
     print(result.table())
     if args.plot is not None:
         for line in _plot(result, args.plot):
@@ -101,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> Any:
+def _tune(args: argparse.Namespace, store: Any) -> Any:
     from einfuse.autotune.tuner import autotune
     from einfuse.cost_model.target import get_target
     from einfuse.targets import resolve_target
@@ -114,7 +131,7 @@ def _tune(args: argparse.Namespace) -> Any:
         objective=args.objective,
         trials=args.trials,
         timeout=args.timeout,
-        storage=args.storage,
+        storage=store,
         study=args.study,
         progress=not args.quiet,
         seed=args.seed,

@@ -1,0 +1,73 @@
+"""Faults while tuning on a real PostgreSQL server: a worker killed mid-trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from subprocess import PIPE
+
+from optuna.trial import TrialState
+
+from einfuse.autotune.store import TuningStore
+from tests.test_autotune_store import REPO, small_attention
+
+
+def measure_command(spec: Path, url: str, *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "einfuse.cli.autotune", str(spec), "--objective", "measure"]
+    return [*command, "--target", "cpu", "--quiet", "--storage", url, "--heartbeat", "1", *extra]
+
+
+def trials(store: TuningStore) -> list:
+    rows = store.studies()
+    return [] if not rows else store.find_study(rows[0]["study"]).get_trials(deepcopy=False)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_another_finishes(tmp_path, pg_url):
+    spec = tmp_path / "attention.ein"
+    spec.write_text(str(small_attention(64)))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    store = TuningStore(pg_url)
+    worker = subprocess.Popen(
+        measure_command(spec, pg_url, "--trials", "2", "--repeats", "2000"),
+        cwd=REPO,
+        env=env,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    try:
+        running = lambda: [t for t in trials(store) if t.state == TrialState.RUNNING]  # noqa: E731
+        wait_for(lambda: running() or worker.poll() is not None, 120, "a running trial")
+        assert worker.poll() is None, worker.communicate()[1].decode()
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    killed = {t.number for t in running()}
+    assert killed  # its batch (2000 timed runs) was cut short
+    time.sleep(2.5)  # the grace period: twice the 1 s heartbeat
+    done = subprocess.run(
+        measure_command(spec, pg_url, "--trials", "2", "--repeats", "2"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    by_number = {t.number: t for t in trials(store)}
+    assert all(by_number[n].state == TrialState.FAIL for n in killed)
+    assert not [t for t in by_number.values() if t.state == TrialState.RUNNING]
+    assert sum(t.state == TrialState.COMPLETE for t in by_number.values()) >= 1
+    (row,) = store.studies()
+    assert row["best"] is not None and row["best"]["objective"] == "measure"
