@@ -98,7 +98,7 @@ class PgServer:
         if action == "start":
             options = (
                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c full_page_writes=off -c synchronous_commit=off -c max_connections=100"
+                "-c full_page_writes=off -c max_connections=100"
             )
             log = str(self.root / "server.log")
             done = self._run(ctl, "-D", str(self.data), "-l", log, "-w", "-o", options, "start")

@@ -1,4 +1,5 @@
-"""Faults while tuning on a real PostgreSQL server: a worker killed mid-trial."""
+"""Faults while tuning on a real PostgreSQL server: a worker killed mid-trial, the server
+restarted mid-search, a server that stays down."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from subprocess import PIPE
 
+import pytest
 from optuna.trial import TrialState
 
-from einfuse.autotune.store import TuningStore
+from einfuse.autotune.store import StoreError, TuningStore
 from tests.test_autotune_store import REPO, small_attention
 
 
@@ -71,3 +74,34 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_another_finishes(tm
     assert sum(t.state == TrialState.COMPLETE for t in by_number.values()) >= 1
     (row,) = store.studies()
     assert row["best"] is not None and row["best"]["objective"] == "measure"
+
+
+def test_a_database_restart_mid_search_is_waited_out_and_loses_nothing(pg_server, pg_url):
+    store = TuningStore(pg_url)
+    study = store.study("restart")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    pg_server.pg_ctl("stop")
+    restart = threading.Timer(1.0, pg_server.pg_ctl, ("start",))
+    restart.start()
+    try:
+        study.tell(trial, 0.5)  # retried with backoff until the server is back
+        states = [t.state for t in store.find_study("restart").trials]
+    finally:
+        restart.join()
+    assert states == [TrialState.COMPLETE] * 3
+
+
+def test_a_database_that_stays_down_mid_search_is_one_clear_error(pg_server, pg_url):
+    store = TuningStore(pg_url)
+    store.study("down")
+    store.storage.retry_delays = (0.1, 0.2)
+    pg_server.pg_ctl("stop")
+    try:
+        with pytest.raises(StoreError, match="cannot reach the tuning database") as error:
+            store.studies()
+    finally:
+        pg_server.pg_ctl("start")
+    assert "\n" not in str(error.value) and "run the same command again" in str(error.value)
+    assert [row["study"] for row in TuningStore(pg_url).studies()] == ["down"]

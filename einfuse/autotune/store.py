@@ -30,6 +30,8 @@ from einfuse.autotune.store_server import (
     DEFAULT_HEARTBEAT_S,
     Heartbeat,
     engine_kwargs,
+    is_server_url,
+    retrying_rdb_storage,
     server_url,
 )
 
@@ -217,9 +219,8 @@ def _rdb_storage(url: str, kwargs: dict[str, Any], heartbeat_s: int) -> optuna.s
         try:
             with warnings.catch_warnings():  # Optuna marks heartbeats experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat_s))
-                )
+                kind = retrying_rdb_storage() if is_server_url(url) else optuna.storages.RDBStorage
+                return kind(url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat_s)))
         except Exception as exc:
             racing = "alembic_version" in str(exc) or "already exists" in str(exc)
             if not racing or attempt == 4:

@@ -15,6 +15,7 @@ FAILED trial, never one RUNNING forever.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import threading
 import time
@@ -77,21 +78,83 @@ def is_disconnect(message: str) -> bool:
     return any(text in message for text in _DISCONNECTED)
 
 
-def retrying(call: Callable[[], _T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> _T:
+def retrying(
+    call: Callable[[], _T], delays: tuple[float, ...] = RETRY_DELAYS_S, *, telling: bool = False
+) -> _T:
     """``call()``, retried with backoff while the database server cannot be reached.
 
-    For idempotent calls only (reads, setting an attribute): a finished trial is told once.
+    A call that changes nothing twice (reads, setting an attribute), or, ``telling``, the
+    call that finishes a trial: a retry finding the trial finished means the first attempt
+    was committed before the connection broke, so it is done, not done twice.
     """
+    import optuna
+
     from einfuse.autotune.store_errors import chain_message
 
+    retried = False
     for delay in (*delays, None):
         try:
             return call()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            if telling and retried:
+                return True  # type: ignore[return-value]
+            raise
         except Exception as exc:
             if delay is None or not is_disconnect(chain_message(exc)):
                 raise
+            retried = True
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+# RDBStorage's calls during a search, retried through a disconnect by `retrying_rdb_storage`.
+# Creating a trial is among them: a retry after a commit whose answer was lost adds one
+# RUNNING trial that no worker owns (it has no heartbeat; --show lists it).
+_RETRIED = (
+    "create_new_study",
+    "create_new_trial",
+    "get_all_studies",
+    "get_all_trials",
+    "get_best_trial",
+    "get_n_trials",
+    "get_study_directions",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_system_attrs",
+    "get_study_user_attrs",
+    "get_trial",
+    "get_trial_id_from_study_id_trial_number",
+    "set_study_system_attr",
+    "set_study_user_attr",
+    "set_trial_param",
+    "set_trial_state_values",
+    "set_trial_system_attr",
+    "set_trial_user_attr",
+    "_get_stale_trial_ids",
+)
+
+
+@functools.cache
+def retrying_rdb_storage() -> type:
+    """An RDBStorage whose calls wait out a database restart (`RETRY_DELAYS_S`, ~15 s)."""
+    from optuna.storages import RDBStorage
+
+    def retried(name: str) -> Callable[..., Any]:
+        method = getattr(RDBStorage, name)
+
+        @functools.wraps(method)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return retrying(
+                lambda: method(self, *args, **kwargs),
+                self.retry_delays,
+                telling=name == "set_trial_state_values",
+            )
+
+        return call
+
+    namespace: dict[str, Any] = {name: retried(name) for name in _RETRIED}
+    namespace["retry_delays"] = RETRY_DELAYS_S
+    return type("RetryingRDBStorage", (RDBStorage,), namespace)
 
 
 def fail_stale(study: optuna.Study) -> None:
