@@ -125,7 +125,9 @@ class MeasuredSearch:
         for t in self.study.get_trials(deepcopy=False, states=done):
             key = t.user_attrs.get("candidate")
             fresh = t.number >= self.first_trial
-            if key is not None and fresh and "duplicate_of" not in t.user_attrs:
+            # failed with no reason: its worker died (`store_server.fail_stale`): measure again
+            died = t.state == TrialState.FAIL and "reason" not in t.user_attrs
+            if key is not None and fresh and not died and "duplicate_of" not in t.user_attrs:
                 out.setdefault(key, t)
         return out
 

@@ -77,6 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"silent for 2*S s (its worker died) is failed (default {DEFAULT_HEARTBEAT_S})",
     )
     parser.add_argument("--study", help="study name (default: derived from the tuning key)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes share the study (each its share of the screening or the "
+        "measuring; --trials is the study's total), then this one decides",
+    )
+    parser.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)  # one of them
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write history/importance PNGs")
@@ -99,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     reading = args.list or args.show or args.export or args.import_
     if not reading and not args.subject:
         raise CliError("give a SPEC or MODULE:FUNCTION to tune, or --list / --show STUDY")
+    worker = _worker(args)
     store = TuningStore(args.storage, heartbeat_s=args.heartbeat)
     if reading:
         if args.list:
@@ -110,7 +120,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"imported {store.import_best(args.import_)} record(s) from {args.import_}")
         return 0
-    result = _tune(args, store)
+    if worker is not None:
+        results = _tune(args, store, worker=worker)
+        for r in getattr(results, "results", (results,)):
+            name = r.study.study_name if r.study is not None else "-"
+            print(f"worker {worker[0]}/{worker[1]}: {r.trials_done} trial(s) in study {name}")
+        return 0
+    if args.workers > 1:
+        _run_workers(args)
+    result = _tune(args, store, workers=args.workers)
     print(result.table())
     if args.plot is not None:
         for line in _plot(result, args.plot):
@@ -118,7 +136,66 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace, store: Any) -> Any:
+def _worker(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The hidden ``--worker I/N`` of a worker process; checks ``--workers`` too."""
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    shared = args.storage is None or not (
+        args.storage == "memory" or args.storage.endswith(".json")
+    )
+    if args.workers > 1 and not shared:
+        raise CliError(f"--workers share a study: --storage {args.storage} cannot be shared")
+    if args.worker is None:
+        return None
+    index, _, count = args.worker.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise CliError(f"--worker must be I/N with 0 <= I < N, got {args.worker!r}")
+    return int(index), int(count)
+
+
+def _run_workers(args: argparse.Namespace) -> None:
+    """Start ``--workers`` processes on the study, wait for them; one failing is an error."""
+    import subprocess
+
+    options = {
+        "--args": args.args or None,
+        "--sizes": args.sizes,
+        "--target": args.target,
+        "--objective": args.objective,
+        "--trials": args.trials,
+        "--timeout": args.timeout,
+        "--storage": args.storage,
+        "--study": args.study,
+        "--seed": args.seed,
+        "--repeats": args.repeats,
+        "--backend": args.backend,
+        "--heartbeat": args.heartbeat,
+    }
+    base = [sys.executable, "-m", "einfuse.cli.autotune", args.subject, "--quiet"]
+    base += [str(x) for name, value in options.items() if value is not None for x in (name, value)]
+    base += [
+        flag for flag, on in (("--no-calibrate", args.no_calibrate), ("--fresh", args.fresh)) if on
+    ]
+    procs = [
+        subprocess.Popen(
+            [*base, "--worker", f"{i}/{args.workers}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(args.workers)
+    ]
+    failed = []
+    for i, proc in enumerate(procs):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            last = (err.strip().splitlines() or ["(no message)"])[-1]
+            failed.append(f"worker {i}/{args.workers} exited {proc.returncode}: {last}")
+    if failed:
+        raise CliError("; ".join(failed) + " (what the others finished is stored)")
+
+
+def _tune(args: argparse.Namespace, store: Any, **share: Any) -> Any:
     from einfuse.autotune.tuner import autotune
     from einfuse.cost_model.target import get_target
     from einfuse.targets import resolve_target
@@ -136,8 +213,9 @@ def _tune(args: argparse.Namespace, store: Any) -> Any:
         progress=not args.quiet,
         seed=args.seed,
         repeats=args.repeats,
-        fresh=args.fresh,
+        fresh=args.fresh and not share.get("workers", 1) > 1,  # the workers did it
         backend=args.backend,
+        **share,
     )
     sizes = parse_sizes(args.sizes)
     if Path(args.subject).is_file():
