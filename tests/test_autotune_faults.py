@@ -36,7 +36,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_another_finishes(tmp_path, pg_url):
+def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_others_finish(tmp_path, pg_url):
     spec = tmp_path / "attention.ein"
     spec.write_text(str(small_attention(64)))
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -50,7 +50,8 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_another_finishes(tm
     )
     try:
         running = lambda: [t for t in trials(store) if t.state == TrialState.RUNNING]  # noqa: E731
-        wait_for(lambda: running() or worker.poll() is not None, 120, "a running trial")
+        measuring = lambda: [t for t in running() if "candidate" in t.user_attrs]  # noqa: E731
+        wait_for(lambda: measuring() or worker.poll() is not None, 120, "a trial measuring")
         assert worker.poll() is None, worker.communicate()[1].decode()
         worker.send_signal(signal.SIGKILL)
         worker.wait()
@@ -60,8 +61,8 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_another_finishes(tm
     killed = {t.number for t in running()}
     assert killed  # its batch (2000 timed runs) was cut short
     time.sleep(2.5)  # the grace period: twice the 1 s heartbeat
-    done = subprocess.run(
-        measure_command(spec, pg_url, "--trials", "2", "--repeats", "2"),
+    done = subprocess.run(  # two workers finish the study, then race
+        measure_command(spec, pg_url, "--trials", "2", "--repeats", "2", "--workers", "2"),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -71,7 +72,10 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_another_finishes(tm
     by_number = {t.number: t for t in trials(store)}
     assert all(by_number[n].state == TrialState.FAIL for n in killed)
     assert not [t for t in by_number.values() if t.state == TrialState.RUNNING]
-    assert sum(t.state == TrialState.COMPLETE for t in by_number.values()) >= 1
+    measured = [t.user_attrs["candidate"] for t in by_number.values() if "median_s" in t.user_attrs]
+    assert len(measured) == len(set(measured)) >= 2  # no candidate measured twice
+    cut_short = {by_number[n].user_attrs.get("candidate") for n in killed} - {None}
+    assert cut_short and cut_short <= set(measured)  # measured again by the others
     (row,) = store.studies()
     assert row["best"] is not None and row["best"]["objective"] == "measure"
 

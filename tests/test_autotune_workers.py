@@ -37,8 +37,12 @@ def test_a_candidate_another_worker_is_measuring_is_not_claimed_twice(pg_url):
     study = TuningStore(pg_url).study("claims")
     first, second, third = study.ask(), study.ask(), study.ask()
     assert claimed_elsewhere(study, second, "fuse{tile=64}|") is None
-    assert claimed_elsewhere(study, third, "fuse{tile=64}|") == second.number
+    assert claimed_elsewhere(study, third, "fuse{tile=64}|").number == second.number
     assert claimed_elsewhere(study, first, "|") is None
+    study.tell(second, 1.0)  # measured: a later ask of it is a duplicate of that trial
+    assert claimed_elsewhere(study, study.ask(), "fuse{tile=64}|").number == second.number
+    study.tell(first, state=TrialState.FAIL)  # its worker died (no reason): measure it again
+    assert claimed_elsewhere(study, study.ask(), "|") is None
     assert dealt(list(range(7)), (1, 3)) == [1, 4] and dealt([1, 2], None) == [1, 2]
 
 

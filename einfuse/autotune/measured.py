@@ -152,7 +152,9 @@ class MeasuredSearch:
                 warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                 trial = self.study.ask()
             self.heartbeat.add(trial._trial_id)
-        return trial, self.candidate(self.searched.suggest(trial))
+        candidate = self.candidate(self.searched.suggest(trial))
+        trial.set_user_attr("candidate", candidate.key)  # what it measures, should it die
+        return trial, candidate
 
     def tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
         """Finish an asked trial (a value, or a state) and stop its heartbeat."""
@@ -162,6 +164,12 @@ class MeasuredSearch:
             self.study.tell(trial, value)
         if self.heartbeat is not None:
             self.heartbeat.discard(trial._trial_id)
+
+    def claimed(self, trial: Any, candidate: Candidate) -> Any:
+        """Among workers: the trial that has ``candidate`` already (`shares`), else None."""
+        from einfuse.autotune.shares import claimed_elsewhere
+
+        return claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
 
     def tell_duplicate(self, trial: Any, original: Any) -> None:
         """A sampler proposal measured before: record its earlier outcome, measure nothing."""

@@ -322,13 +322,15 @@ def _measure_round(search: MeasuredSearch, trials: int, worker: shares.Worker | 
             trial, candidate = search.ask()
             if candidate.key in known:
                 search.tell_duplicate(trial, known[candidate.key])
-            elif any(candidate.key == c.key for _, c in batch):
+            elif same := [t for t, c in batch if c.key == candidate.key]:
+                trial.set_user_attr("duplicate_of", same[0].number)
                 search.tell(trial, state=_pruned())
-            elif worker is not None and (
-                (other := shares.claimed_elsewhere(search.study, trial, candidate.key)) is not None
-            ):
-                trial.set_user_attr("duplicate_of", other)
-                search.tell(trial, state=_pruned())
+            elif worker is not None and (other := search.claimed(trial, candidate)) is not None:
+                if other.state.is_finished():  # another worker measured it meanwhile
+                    search.tell_duplicate(trial, other)
+                else:
+                    trial.set_user_attr("duplicate_of", other.number)
+                    search.tell(trial, state=_pruned())
             else:
                 batch.append((trial, candidate))
         if batch:

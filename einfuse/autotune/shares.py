@@ -50,17 +50,26 @@ def evaluated_attr(worker: Worker) -> str:
     return f"evaluated_{worker[0]}_of_{worker[1]}"
 
 
-def claimed_elsewhere(study: Any, trial: Any, key: str) -> int | None:
-    """Claim ``key`` for ``trial``; the number of an older running trial that claimed it first.
+def claimed_elsewhere(study: Any, trial: Any, key: str, since: int = 0) -> Any:
+    """Claim ``key`` for ``trial``; the trial that has it already, if any, else None.
 
-    Of two workers asking for one candidate at once, the later-numbered trial yields.
+    That is a trial finished since trial number ``since`` (measured by another worker while
+    this one asked), or an older running one: of two workers asking for one candidate at
+    once, the later-numbered trial yields. Trials of dead workers and duplicates don't count.
     """
     from optuna.trial import TrialState
 
     trial.set_user_attr("candidate", key)
-    for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if other.number < trial.number and other.user_attrs.get("candidate") == key:
-            return other.number
+    for other in study.get_trials(deepcopy=False):
+        if other.number == trial.number or other.user_attrs.get("candidate") != key:
+            continue
+        if other.state == TrialState.RUNNING:
+            if other.number < trial.number:
+                return other
+        elif other.number >= since and "duplicate_of" not in other.user_attrs:
+            died = other.state == TrialState.FAIL and "reason" not in other.user_attrs
+            if not died and other.state != TrialState.WAITING:
+                return other
     return None
 
 
