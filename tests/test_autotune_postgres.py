@@ -84,3 +84,23 @@ def test_a_server_that_cannot_be_reached_is_one_line_and_exit_2(spec, capsys):
     assert "Connection refused" in err and "run the same command again" in err
     assert cli(["--list", "--storage", url]) == 2
     assert "cannot reach the tuning database" in capsys.readouterr().err
+
+
+def test_records_and_tables_of_another_version_are_named_not_misread(pg_server, pg_url):
+    import psycopg
+
+    from einfuse.autotune.store import BEST_ATTR, StoreError
+
+    store = TuningStore(pg_url)
+    tuned = tune_model(small_attention(64), store)
+    record = dict(store.find_study(tuned.study.study_name).user_attrs[BEST_ATTR])
+    record["key"] = {**record["key"], "schema": 0}
+    tuned.study.set_user_attr(BEST_ATTR, record)
+    with pytest.raises(StoreError, match="has schema 0, this einfuse reads 1"):
+        store.records()
+    database = pg_url.rsplit("/", 1)[1]
+    dsn = f"host=127.0.0.1 port={pg_server.port} user={pg_server.user} dbname={database}"
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'v1.3.0.a'")
+    with pytest.raises(StoreError, match=r"tables of an older Optuna.*optuna storage upgrade"):
+        TuningStore(pg_url)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from einfuse.autotune.key import TuningKey
+from einfuse.autotune.key import SCHEMA, TuningKey
 from einfuse.autotune.store_errors import DEFAULT_BUSY_TIMEOUT_S, StoreError, storage_errors
 from einfuse.autotune.store_server import (
     DEFAULT_HEARTBEAT_S,
@@ -68,8 +68,16 @@ class BestRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BestRecord:
+        """A stored record; one written by an einfuse with another record layout (the key's
+        ``schema``) is named, never misread."""
         fields = dict(data)
         fields["key"] = TuningKey.from_dict(fields["key"])
+        if fields["key"].schema != SCHEMA:
+            raise StoreError(
+                f"the tuning record of cascade {fields['key'].fingerprint} has schema "
+                f"{fields['key'].schema}, this einfuse reads {SCHEMA}: it was written by "
+                "another einfuse version; tune again, or read it with that version"
+            )
         return cls(**fields)
 
 

@@ -100,6 +100,11 @@ def storage_errors(where: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -
                 f"tuning store {where} is corrupt ({type(shown).__name__}: {shown}); it was "
                 "left untouched. Move it aside or pass another --storage."
             ) from exc
+        if "no longer compatible with the table schema" in message:
+            raise StoreError(
+                f"tuning store {where} has tables of an older Optuna ({_first_line(root)}); "
+                f"back it up, then upgrade it: optuna storage upgrade --storage URL"
+            ) from exc
         if any(type(e).__module__.startswith("sqlalchemy") for e in chain):
             raise StoreError(f"tuning store {where}: {type(root).__name__}: {root}") from exc
         raise
