@@ -19,6 +19,7 @@ process (the model's ranking, or the measured final race).
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-measure", action="store_true")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
     names = args.stores.split(",")
     counts = [int(n) for n in args.workers.split(",")]
     model = ["--objective", "model", "--no-calibrate", "--target", "cpu"]

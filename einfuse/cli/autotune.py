@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"worker {worker[0]}/{worker[1]}: {r.trials_done} trial(s) in study {name}")
         return 0
     if args.workers > 1:
-        _run_workers(args)
+        _run_workers(args, store)
     result = _tune(args, store, workers=args.workers)
     print(result.table())
     if args.plot is not None:
@@ -153,10 +153,37 @@ def _worker(args: argparse.Namespace) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def _run_workers(args: argparse.Namespace) -> None:
-    """Start ``--workers`` processes on the study, wait for them; one failing is an error."""
+def _run_workers(args: argparse.Namespace, store: Any) -> None:
+    """Start ``--workers`` - 1 processes on the study and be worker 0 meanwhile (one process
+    start and one import fewer); wait for them. One failing is an error."""
     import subprocess
+    import tempfile
+    from contextlib import ExitStack
 
+    count, failed = args.workers, []
+    with ExitStack() as files:
+        procs = []
+        for i in range(1, count):
+            err = files.enter_context(tempfile.TemporaryFile("w+"))
+            command = [*_worker_command(args), "--worker", f"{i}/{count}"]
+            procs.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err), err))
+        try:
+            _tune(args, store, worker=(0, count))
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
+            failed.append(f"worker 0/{count}: {exc}")
+        for i, (proc, err) in enumerate(procs, start=1):
+            if proc.wait() != 0:
+                err.seek(0)
+                last = (err.read().strip().splitlines() or ["(no message)"])[-1]
+                failed.append(f"worker {i}/{count} exited {proc.returncode}: {last}")
+    if failed:
+        raise CliError("; ".join(failed) + " (what the others finished is stored)")
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """This command as one worker process runs it (quiet; ``--worker`` to be added)."""
     options = {
         "--args": args.args or None,
         "--sizes": args.sizes,
@@ -171,28 +198,10 @@ def _run_workers(args: argparse.Namespace) -> None:
         "--backend": args.backend,
         "--heartbeat": args.heartbeat,
     }
-    base = [sys.executable, "-m", "einfuse.cli.autotune", args.subject, "--quiet"]
-    base += [str(x) for name, value in options.items() if value is not None for x in (name, value)]
-    base += [
-        flag for flag, on in (("--no-calibrate", args.no_calibrate), ("--fresh", args.fresh)) if on
-    ]
-    procs = [
-        subprocess.Popen(
-            [*base, "--worker", f"{i}/{args.workers}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(args.workers)
-    ]
-    failed = []
-    for i, proc in enumerate(procs):
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            last = (err.strip().splitlines() or ["(no message)"])[-1]
-            failed.append(f"worker {i}/{args.workers} exited {proc.returncode}: {last}")
-    if failed:
-        raise CliError("; ".join(failed) + " (what the others finished is stored)")
+    command = [sys.executable, "-m", "einfuse.cli.autotune", args.subject, "--quiet"]
+    command += [str(x) for name, v in options.items() if v is not None for x in (name, v)]
+    flags = (("--no-calibrate", args.no_calibrate), ("--fresh", args.fresh))
+    return command + [flag for flag, on in flags if on]
 
 
 def _tune(args: argparse.Namespace, store: Any, **share: Any) -> Any:
