@@ -1,7 +1,7 @@
 """Several workers on one study: each takes a share, one of them decides.
 
-``einfuse autotune --workers N`` starts N worker processes on one study (`autotune`'s
-``worker=(i, N)``); the same command started on several machines against one database URL
+``einfuse autotune --workers N`` runs N workers on one study (`autotune`'s ``worker=(i, N)``:
+itself as worker 0, N-1 processes started); the same command started on several machines against one database URL
 cooperates the same way. A worker never records the study's choice; afterwards one
 process (``workers=N``) does, from what all of them stored:
 
