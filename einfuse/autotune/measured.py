@@ -27,6 +27,7 @@ from typing import Any
 from einfuse.autotune.measure import Bench, Failure, Prepared, consumed
 from einfuse.autotune.screen import tile_weight
 from einfuse.autotune.space import Candidate, Point, SearchSpace
+from einfuse.autotune.store_server import Heartbeat, fail_stale
 from einfuse.autotune.timing import Timing
 
 ANCHOR = "<default>"
@@ -90,6 +91,7 @@ class MeasuredSearch:
         deadline: float | None,
         on_trial: Callable[[], None] | None = None,
         fresh: bool = False,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.study, self.space, self.bench = study, space, bench
         kinds = consumed(bench.backend)
@@ -101,6 +103,7 @@ class MeasuredSearch:
         self.prepared: dict[str, Prepared | Failure] = {}
         self.racers: dict[str, Candidate] = {}  # the last race's candidates by key
         self.tally = Tally()
+        self.heartbeat = heartbeat  # beats for asked trials until told (`store_server`)
         # fresh: trials stored before this call are ignored (kept, but re-measured)
         self.first_trial = len(study.get_trials(deepcopy=False)) if fresh else 0
 
@@ -122,7 +125,9 @@ class MeasuredSearch:
         for t in self.study.get_trials(deepcopy=False, states=done):
             key = t.user_attrs.get("candidate")
             fresh = t.number >= self.first_trial
-            if key is not None and fresh and "duplicate_of" not in t.user_attrs:
+            # failed with no reason: its worker died (`store_server.fail_stale`): measure again
+            died = t.state == TrialState.FAIL and "reason" not in t.user_attrs
+            if key is not None and fresh and not died and "duplicate_of" not in t.user_attrs:
                 out.setdefault(key, t)
         return out
 
@@ -136,18 +141,45 @@ class MeasuredSearch:
 
     # -- trials -----------------------------------------------------------------
     def ask(self) -> tuple[Any, Candidate]:
-        trial = self.study.ask()
-        return trial, self.candidate(self.searched.suggest(trial))
+        """A new trial and its candidate; with a heartbeat, trials of dead workers fail first."""
+        import warnings
+
+        if self.heartbeat is None:
+            trial = self.study.ask()
+        else:
+            fail_stale(self.study)
+            with warnings.catch_warnings():  # Optuna expects heartbeats with optimize() only
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                trial = self.study.ask()
+            self.heartbeat.add(trial._trial_id)
+        candidate = self.candidate(self.searched.suggest(trial))
+        trial.set_user_attr("candidate", candidate.key)  # what it measures, should it die
+        return trial, candidate
+
+    def tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
+        """Finish an asked trial (a value, or a state) and stop its heartbeat."""
+        if value is None:
+            self.study.tell(trial, state=state)
+        else:
+            self.study.tell(trial, value)
+        if self.heartbeat is not None:
+            self.heartbeat.discard(trial._trial_id)
+
+    def claimed(self, trial: Any, candidate: Candidate) -> Any:
+        """Among workers: the trial that has ``candidate`` already (`shares`), else None."""
+        from einfuse.autotune.shares import claimed_elsewhere
+
+        return claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
 
     def tell_duplicate(self, trial: Any, original: Any) -> None:
         """A sampler proposal measured before: record its earlier outcome, measure nothing."""
         trial.set_user_attr("duplicate_of", original.number)
         trial.set_user_attr("candidate", original.user_attrs.get("candidate"))
         if original.value is not None:
-            self.study.tell(trial, original.value)
+            self.tell(trial, original.value)
         else:
             trial.set_user_attr("reason", original.user_attrs.get("reason", "failed before"))
-            self.study.tell(trial, state=original.state)
+            self.tell(trial, state=original.state)
 
     def _finish(
         self, trial: Any, candidate: Candidate, value: float | None, attrs: dict[str, Any]
@@ -183,10 +215,7 @@ class MeasuredSearch:
             return
         for name, v in attrs.items():
             trial.set_user_attr(name, v)
-        if value is None:
-            self.study.tell(trial, state=state)
-        else:
-            self.study.tell(trial, value)
+        self.tell(trial, value, state)
 
     def measure(self, batch: Sequence[tuple[Any, Candidate]]) -> None:
         """Prepare (compile + check) then time a batch interleaved with the anchor.

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from einfuse.autotune import shares
 from einfuse.autotune.key import TuningKey
 from einfuse.autotune.measure import Bench
 from einfuse.autotune.measured import WORKER, MeasuredSearch
@@ -59,6 +60,8 @@ class Settings:
     model_trials: int
     compile_timeout: float
     fresh: bool
+    worker: tuple[int, int] | None = None  # this process's share (`shares`)
+    workers: int = 1  # >1 with no worker: decide from the workers' trials
 
 
 def _progress_bar(total: int, enabled: bool, label: str) -> Any:
@@ -132,9 +135,12 @@ def tune_model(job: Job) -> TuneResult:
     stored = attrs.get(BEST_ATTR)
     same_space = attrs.get("space_digest") == space.digest()
     done = attrs.get("evaluated", 0) >= min(budget, space.size())
+    worker = job.settings.worker
+    if worker is None and job.settings.workers > 1:  # after the workers: decide
+        return shares.finish_model(job, job.settings.workers)
     if stored is not None and same_space and done and not job.settings.fresh:
         return job.result(BestRecord.from_dict(stored), reused=True)
-    screening = _screen(job, budget, "model")
+    screening = _screen(job, budget, "model", worker)
     best = screening.scores[0]
     if not math.isfinite(best.seconds):
         raise TuningError(f"the cost model refused every candidate; the best: {best.reason}")
@@ -143,7 +149,8 @@ def tune_model(job: Job) -> TuneResult:
     with store.guard():
         _store_model_trials(study, space, screening.scores, default_point)
         study.set_user_attr("space_digest", space.digest())
-        study.set_user_attr("evaluated", screening.evaluated)
+        evaluated = "evaluated" if worker is None else shares.evaluated_attr(worker)
+        study.set_user_attr(evaluated, screening.evaluated)
         study.set_user_attr("candidates_per_s", screening.rate)
     candidate = space.candidate(best.point)
     record = BestRecord(
@@ -155,7 +162,8 @@ def tune_model(job: Job) -> TuneResult:
         predicted_s=best.seconds,
         default_s=default.seconds if default and math.isfinite(default.seconds) else None,
     )
-    store.save_best(study, record)
+    if worker is None:  # a worker's best is its own: the deciding process stores the study's
+        store.save_best(study, record)
     failed = [x for x in screening.scores if not math.isfinite(x.seconds)]
     return job.result(
         record,
@@ -167,7 +175,7 @@ def tune_model(job: Job) -> TuneResult:
     )
 
 
-def _screen(job: Job, budget: int, label: str) -> Screening:
+def _screen(job: Job, budget: int, label: str, share: shares.Worker | None = None) -> Screening:
     space, evaluator = job.space, job.evaluator
     assert evaluator is not None
     bar = _progress_bar(min(budget, space.size()), job.settings.progress, label)
@@ -178,6 +186,7 @@ def _screen(job: Job, budget: int, label: str) -> Screening:
             budget,
             job.settings.seed,
             lambda n: bar.update(n - bar.n),
+            share,
         )
 
 
@@ -214,7 +223,8 @@ def tune_measured(job: Job) -> TuneResult:
     s, store, study = job.settings, job.store, job.study
     _check_measurable(job.target)
     trials = s.trials or DEFAULT_MEASURED_TRIALS
-    study.sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True)
+    index = s.worker[0] if s.worker else 0
+    study.sampler = optuna.samplers.TPESampler(seed=s.seed + index, constant_liar=True)
     bench = Bench(
         job.cascade,
         job.sizes,
@@ -233,15 +243,21 @@ def tune_measured(job: Job) -> TuneResult:
         deadline=None if s.timeout is None else time.monotonic() + s.timeout,
         on_trial=lambda: bar.update(1),
         fresh=s.fresh,
+        heartbeat=store.heartbeat,
     )
     model_points: dict[str, Point] = {}
     with store.guard(), bar:
         if s.objective == "hybrid":
             model_points = _hybrid_round(job, search, trials)
         else:
-            _measure_round(search, trials)
+            _measure_round(search, trials, s.worker)
+        if s.worker is not None:  # the deciding process races, on one device
+            counts = dict(trials=search.tally.trials, failed=search.tally.failed)
+            counts.update(measurements=search.tally.measurements, failures=search.tally.failures)
+            return shares.share_result(job, search.finalists(1), counts)
         stored = study.user_attrs.get(BEST_ATTR)
-        if search.tally.trials == 0 and stored is not None and not s.fresh:
+        reuse = s.workers == 1  # after workers, what they measured races
+        if search.tally.trials == 0 and stored is not None and not s.fresh and reuse:
             return job.result(BestRecord.from_dict(stored), reused=True)
         race = search.race(search.finalists(s.finalists))
     if race is None:
@@ -288,14 +304,15 @@ def _check_measurable(target: Target) -> None:
         )
 
 
-def _measure_round(search: MeasuredSearch, trials: int) -> None:
+def _measure_round(search: MeasuredSearch, trials: int, worker: shares.Worker | None) -> None:
     """TPE proposes until the study holds ``trials`` measured candidates (a top-up).
 
-    Proposals measured before (by anyone) are recorded as duplicates, never re-measured.
+    Proposals measured before (by anyone) are recorded as duplicates, never re-measured;
+    among workers, one being measured by another is skipped (`shares.claimed_elsewhere`).
     """
     distinct = search.searched.size()
     known = search.known()
-    if search.default.key not in known:
+    if search.default.key not in known and (worker is None or worker[0] == 0):
         search.study.enqueue_trial(dict(search.searched.default_point()))
     asks = 0
     while len(known) < min(trials, distinct) and not search.expired() and asks < 4 * trials:
@@ -305,8 +322,15 @@ def _measure_round(search: MeasuredSearch, trials: int) -> None:
             trial, candidate = search.ask()
             if candidate.key in known:
                 search.tell_duplicate(trial, known[candidate.key])
-            elif any(candidate.key == c.key for _, c in batch):
-                search.study.tell(trial, state=_pruned())
+            elif same := [t for t, c in batch if c.key == candidate.key]:
+                trial.set_user_attr("duplicate_of", same[0].number)
+                search.tell(trial, state=_pruned())
+            elif worker is not None and (other := search.claimed(trial, candidate)) is not None:
+                if other.state.is_finished():  # another worker measured it meanwhile
+                    search.tell_duplicate(trial, other)
+                else:
+                    trial.set_user_attr("duplicate_of", other.number)
+                    search.tell(trial, state=_pruned())
             else:
                 batch.append((trial, candidate))
         if batch:
@@ -340,7 +364,7 @@ def _hybrid_round(job: Job, search: MeasuredSearch, trials: int) -> dict[str, Po
         best_point.setdefault(key, scored.point)
     ordered = [search.default.key, *(k for k in best_point if k != search.default.key)]
     known = search.known()
-    todo = [k for k in ordered[:trials] if k not in known]
+    todo = shares.dealt([k for k in ordered[:trials] if k not in known], job.settings.worker)
     for start in range(0, len(todo), BATCH):
         if search.expired():
             break

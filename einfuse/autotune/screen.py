@@ -160,8 +160,13 @@ def screen(
     budget: int,
     seed: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    share: tuple[int, int] | None = None,
 ) -> Screening:
-    """Score up to ``budget`` points: all of them if the space is that small, else search."""
+    """Score up to ``budget`` points: all of them if the space is that small, else search.
+
+    ``share=(i, N)``: worker ``i`` of ``N`` scores every N-th point of a space the budget
+    covers, else ``budget / N`` points searched from its own seed (see `shares`).
+    """
     scores: dict[Point, Score] = {}
     start = time.perf_counter()
 
@@ -174,11 +179,13 @@ def screen(
         return scores[point]
 
     exhaustive = space.size() <= budget
+    index, count = share or (0, 1)
     if exhaustive:
-        for point in space.points():
+        for point in itertools.islice(space.points(), index, None, count):
             score(point)
     else:
-        _sample_then_descend(space, score, scores, budget, random.Random(seed))
+        share_budget = -(-budget // count)
+        _sample_then_descend(space, score, scores, share_budget, random.Random(seed + index))
     elapsed = time.perf_counter() - start
     if on_progress is not None:
         on_progress(len(scores))

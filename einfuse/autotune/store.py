@@ -5,8 +5,9 @@ Studies are named after their `TuningKey` (see `key`), so a lookup never crosses
 Storage is any Optuna storage: a local SQLite file by default (with a busy timeout, because
 SQLite is not for parallel writers), ``journal:PATH`` for Optuna's file-based JournalStorage
 (safe for several processes on one machine), ``memory`` for nothing persistent, or any
-database URL Optuna accepts for many machines. A locked or corrupt store raises `StoreError`
-naming the file; nothing here ever deletes a trial or a file.
+database URL Optuna accepts for many machines: ``postgresql://user:pw@host/db`` with
+``pip install einfuse[postgres]`` (see `store_server`). A locked or corrupt store raises
+`StoreError` naming the file; nothing here ever deletes a trial or a file.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from einfuse.autotune.key import TuningKey
+from einfuse.autotune.key import SCHEMA, TuningKey
 from einfuse.autotune.store_errors import DEFAULT_BUSY_TIMEOUT_S, StoreError, storage_errors
+from einfuse.autotune.store_server import (
+    DEFAULT_HEARTBEAT_S,
+    Heartbeat,
+    engine_kwargs,
+    is_server_url,
+    retrying_rdb_storage,
+    server_url,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -59,8 +68,16 @@ class BestRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BestRecord:
+        """A stored record; one written by an einfuse with another record layout (the key's
+        ``schema``) is named, never misread."""
         fields = dict(data)
         fields["key"] = TuningKey.from_dict(fields["key"])
+        if fields["key"].schema != SCHEMA:
+            raise StoreError(
+                f"the tuning record of cascade {fields['key'].fingerprint} has schema "
+                f"{fields['key'].schema}, this einfuse reads {SCHEMA}: it was written by "
+                "another einfuse version; tune again, or read it with that version"
+            )
         return cls(**fields)
 
 
@@ -108,7 +125,9 @@ def storage_url(storage: str | None) -> str:
     """Normalize a storage argument: None -> the default SQLite file, a ``.db`` path -> URL."""
     if storage is None:
         return f"sqlite:///{default_storage_path()}"
-    if "://" in storage or storage.startswith("journal:") or storage == "memory":
+    if "://" in storage:
+        return server_url(storage)
+    if storage.startswith("journal:") or storage == "memory":
         return storage
     if storage.endswith((".db", ".sqlite", ".sqlite3")):
         return f"sqlite:///{Path(storage).resolve()}"
@@ -148,8 +167,12 @@ def open_storage(
     storage: str | optuna.storages.BaseStorage | None = None,
     *,
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S,
 ) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a storage argument (see the module docstring for the forms)."""
+    """An Optuna storage for a storage argument (see the module docstring for the forms).
+
+    Database storages keep heartbeats every ``heartbeat_s`` seconds (see `store_server`).
+    """
     import optuna
 
     if isinstance(storage, optuna.storages.BaseStorage):
@@ -167,16 +190,16 @@ def open_storage(
             if path.is_dir():
                 raise IsADirectoryError(21, "Is a directory", str(path))
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = engine_kwargs(url)
     with storage_errors(where, busy_timeout_s):
         if url.startswith("sqlite"):
             path = _sqlite_file(url)
-            engine_kwargs = {"connect_args": {"timeout": busy_timeout_s}}
+            kwargs = {"connect_args": {"timeout": busy_timeout_s}}
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _check_sqlite_file(path)
-                engine_kwargs = {"creator": functools.partial(sqlite_connect, path, busy_timeout_s)}
-        return _rdb_storage(url, engine_kwargs)
+                kwargs = {"creator": functools.partial(sqlite_connect, path, busy_timeout_s)}
+        return _rdb_storage(url, kwargs, heartbeat_s)
 
 
 def sqlite_connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -190,17 +213,22 @@ def sqlite_connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     return connection
 
 
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+def _rdb_storage(url: str, kwargs: dict[str, Any], heartbeat_s: int) -> optuna.storages.RDBStorage:
     """RDBStorage, retried when another process was creating the same new database.
 
     Two processes opening one new SQLite file both create its tables; the loser fails on
     Optuna's schema-version row. By the retry the winner has finished, and nothing is lost.
     """
+    import warnings
+
     import optuna
 
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():  # Optuna marks heartbeats experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                kind = retrying_rdb_storage() if is_server_url(url) else optuna.storages.RDBStorage
+                return kind(url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat_s)))
         except Exception as exc:
             racing = "alembic_version" in str(exc) or "already exists" in str(exc)
             if not racing or attempt == 4:
@@ -217,6 +245,7 @@ class TuningStore:
         storage: str | optuna.storages.BaseStorage | None = None,
         *,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        heartbeat_s: int = DEFAULT_HEARTBEAT_S,
     ) -> None:
         self.where = (
             describe_storage(storage)
@@ -229,7 +258,10 @@ class TuningStore:
             self._json_records = {r.key.digest(): r for r in read_best_file(storage)}
             storage = "memory"  # replay only: nothing tuned here is kept
         with self.guard():
-            self.storage = open_storage(storage, busy_timeout_s=busy_timeout_s)
+            self.storage = open_storage(
+                storage, busy_timeout_s=busy_timeout_s, heartbeat_s=heartbeat_s
+            )
+        self.heartbeat = Heartbeat.of(self.storage)
 
     def guard(self) -> Any:
         """Context manager: low-level database failures become `StoreError` naming the store."""

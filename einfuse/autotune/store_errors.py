@@ -1,7 +1,7 @@
 """Turning a database's low-level failure into a `StoreError` that names the store and says
 what to do: a locked SQLite file, a corrupt one, a path that cannot hold a store (a folder
 that is a file, a ``.db`` that is a folder, ``/proc``), a database URL whose driver is not
-installed (the pip package to install).
+installed (the pip package to install), a database server that cannot be reached.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from einfuse.autotune.store_server import is_disconnect
 from einfuse.errors import EinfuseError
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 # Database drivers SQLAlchemy imports for a URL, and the pip package that provides each.
 _DRIVERS = {
-    "psycopg": "psycopg[binary] (or psycopg2-binary with a postgresql+psycopg2:// URL)",
+    "psycopg": "'einfuse[postgres]' (psycopg 3; or psycopg2-binary with postgresql+psycopg2://)",
     "psycopg2": "psycopg2-binary",
     "pg8000": "pg8000",
     "asyncpg": "asyncpg",
@@ -38,6 +39,17 @@ def _chain(exc: BaseException) -> list[BaseException]:
         out.append(exc)
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return out
+
+
+def chain_message(exc: BaseException) -> str:
+    """Every message of the chain, lower-cased: what the failure tests look for."""
+    return " | ".join(str(e) for e in _chain(exc)).lower()
+
+
+def _first_line(exc: BaseException) -> str:
+    """A driver's message without SQLAlchemy's wrapping and hints: its first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(") ", 1)[1] if text.startswith("(") and ") " in text else text
 
 
 @contextmanager
@@ -65,8 +77,14 @@ def storage_errors(where: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -
                 f"tuning store {where} needs the database driver {driver!r}, which is not "
                 f"installed: pip install {_DRIVERS.get(driver, driver)}"
             ) from exc
-        message = " | ".join(str(e) for e in chain).lower()
+        message = chain_message(exc)
         root = chain[-1]
+        if is_disconnect(message):
+            raise StoreError(
+                f"cannot reach the tuning database {where} ({_first_line(root)}); is the "
+                "server up? Finished trials stay stored there: run the same command again "
+                "to continue."
+            ) from exc
         if "database is locked" in message or "database table is locked" in message:
             raise StoreError(
                 f"tuning store {where} stayed locked by another process for "
@@ -81,6 +99,11 @@ def storage_errors(where: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -
             raise StoreError(
                 f"tuning store {where} is corrupt ({type(shown).__name__}: {shown}); it was "
                 "left untouched. Move it aside or pass another --storage."
+            ) from exc
+        if "no longer compatible with the table schema" in message:
+            raise StoreError(
+                f"tuning store {where} has tables of an older Optuna ({_first_line(root)}); "
+                f"back it up, then upgrade it: optuna storage upgrade --storage URL"
             ) from exc
         if any(type(e).__module__.startswith("sqlalchemy") for e in chain):
             raise StoreError(f"tuning store {where}: {type(root).__name__}: {root}") from exc

@@ -26,6 +26,7 @@ from einfuse.autotune.objectives import (
 from einfuse.autotune.providers import parse_schedule
 from einfuse.autotune.result import ProgramTuneResult, TuneResult
 from einfuse.autotune.screen import ModelEvaluator, ModelUnavailable
+from einfuse.autotune.shares import check_worker
 from einfuse.autotune.space import SpaceOptions, build_space
 from einfuse.autotune.store import (
     BEST_ATTR,
@@ -70,6 +71,8 @@ def autotune(
     model_trials: int = DEFAULT_MODEL_TRIALS,
     compile_timeout: float = 300.0,
     fresh: bool = False,
+    worker: tuple[int, int] | None = None,
+    workers: int = 1,
 ) -> TuneResult | ProgramTuneResult:
     """Tune a cascade (bound by ``sizes``) or a JAX function (traced with ``args``).
 
@@ -82,6 +85,8 @@ def autotune(
     measuring (seconds). ``fresh`` tunes again even where a choice is stored (stored trials
     are kept; new ones are added). A function is lifted and each distinct cascade tuned.
     ``backend`` (a name, default ``jax``) emits the candidates; it is part of the key.
+    ``worker=(i, N)`` does worker ``i``'s share of a study N processes share and stores no
+    choice; ``workers=N`` then decides from what they stored (see `shares`).
     """
     if objective not in OBJECTIVES:
         raise EinfuseError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -100,7 +105,10 @@ def autotune(
         model_trials=model_trials,
         compile_timeout=compile_timeout,
         fresh=fresh,
+        worker=worker,
+        workers=worker[1] if worker else workers,
     )
+    check_worker(worker)
     target_obj = _target(target, calibrate=objective != "measure")
     if objective != "model":
         check_measurable(target_obj.name, objective)

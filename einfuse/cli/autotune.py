@@ -18,6 +18,8 @@ from typing import Any
 from einfuse.cli.args import add_backend_argument, add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError, is_user_error
 
+DEFAULT_HEARTBEAT_S = 30  # einfuse.autotune.store_server's, without importing optuna here
+
 OBJECTIVES = ("model", "measure", "hybrid")
 
 
@@ -61,8 +63,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trials", type=int, help="points scored (model) or candidates measured")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop measuring after S s")
-    parser.add_argument("--storage", help="storage URL, journal:PATH or memory (default: SQLite)")
+    parser.add_argument(
+        "--storage",
+        help="postgresql://user:pw@host/db (pip install 'einfuse[postgres]'), sqlite:///FILE, "
+        "journal:PATH or memory (default: a per-user SQLite file)",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=DEFAULT_HEARTBEAT_S,
+        metavar="S",
+        help="database stores: a worker beats every S s while it measures a trial; a trial "
+        f"silent for 2*S s (its worker died) is failed (default {DEFAULT_HEARTBEAT_S})",
+    )
     parser.add_argument("--study", help="study name (default: derived from the tuning key)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes share the study (each its share of the screening or the "
+        "measuring; --trials is the study's total), then this one decides",
+    )
+    parser.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)  # one of them
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write history/importance PNGs")
@@ -80,8 +103,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from einfuse.autotune.store import TuningStore
 
-    if args.list or args.show or args.export or args.import_:
-        store = TuningStore(args.storage)
+    if args.heartbeat < 1:
+        raise CliError(f"--heartbeat must be a whole number of seconds >= 1, got {args.heartbeat}")
+    reading = args.list or args.show or args.export or args.import_
+    if not reading and not args.subject:
+        raise CliError("give a SPEC or MODULE:FUNCTION to tune, or --list / --show STUDY")
+    worker = _worker(args)
+    store = TuningStore(args.storage, heartbeat_s=args.heartbeat)
+    if reading:
         if args.list:
             print(_list_table(store))
         elif args.show:
@@ -91,9 +120,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"imported {store.import_best(args.import_)} record(s) from {args.import_}")
         return 0
-    if not args.subject:
-        raise CliError("give a SPEC or MODULE:FUNCTION to tune, or --list / --show STUDY")
-    result = _tune(args)
+    if worker is not None:
+        results = _tune(args, store, worker=worker)
+        for r in getattr(results, "results", (results,)):
+            name = r.study.study_name if r.study is not None else "-"
+            print(f"worker {worker[0]}/{worker[1]}: {r.trials_done} trial(s) in study {name}")
+        return 0
+    if args.workers > 1:
+        _run_workers(args, store)
+    result = _tune(args, store, workers=args.workers)
     print(result.table())
     if args.plot is not None:
         for line in _plot(result, args.plot):
@@ -101,7 +136,75 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> Any:
+def _worker(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The hidden ``--worker I/N`` of a worker process; checks ``--workers`` too."""
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    shared = args.storage is None or not (
+        args.storage == "memory" or args.storage.endswith(".json")
+    )
+    if args.workers > 1 and not shared:
+        raise CliError(f"--workers share a study: --storage {args.storage} cannot be shared")
+    if args.worker is None:
+        return None
+    index, _, count = args.worker.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise CliError(f"--worker must be I/N with 0 <= I < N, got {args.worker!r}")
+    return int(index), int(count)
+
+
+def _run_workers(args: argparse.Namespace, store: Any) -> None:
+    """Start ``--workers`` - 1 processes on the study and be worker 0 meanwhile (one process
+    start and one import fewer); wait for them. One failing is an error."""
+    import subprocess
+    import tempfile
+    from contextlib import ExitStack
+
+    count, failed = args.workers, []
+    with ExitStack() as files:
+        procs = []
+        for i in range(1, count):
+            err = files.enter_context(tempfile.TemporaryFile("w+"))
+            command = [*_worker_command(args), "--worker", f"{i}/{count}"]
+            procs.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err), err))
+        try:
+            _tune(args, store, worker=(0, count))
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
+            failed.append(f"worker 0/{count}: {exc}")
+        for i, (proc, err) in enumerate(procs, start=1):
+            if proc.wait() != 0:
+                err.seek(0)
+                last = (err.read().strip().splitlines() or ["(no message)"])[-1]
+                failed.append(f"worker {i}/{count} exited {proc.returncode}: {last}")
+    if failed:
+        raise CliError("; ".join(failed) + " (what the others finished is stored)")
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """This command as one worker process runs it (quiet; ``--worker`` to be added)."""
+    options = {
+        "--args": args.args or None,
+        "--sizes": args.sizes,
+        "--target": args.target,
+        "--objective": args.objective,
+        "--trials": args.trials,
+        "--timeout": args.timeout,
+        "--storage": args.storage,
+        "--study": args.study,
+        "--seed": args.seed,
+        "--repeats": args.repeats,
+        "--backend": args.backend,
+        "--heartbeat": args.heartbeat,
+    }
+    command = [sys.executable, "-m", "einfuse.cli.autotune", args.subject, "--quiet"]
+    command += [str(x) for name, v in options.items() if v is not None for x in (name, v)]
+    flags = (("--no-calibrate", args.no_calibrate), ("--fresh", args.fresh))
+    return command + [flag for flag, on in flags if on]
+
+
+def _tune(args: argparse.Namespace, store: Any, **share: Any) -> Any:
     from einfuse.autotune.tuner import autotune
     from einfuse.cost_model.target import get_target
     from einfuse.targets import resolve_target
@@ -114,13 +217,14 @@ def _tune(args: argparse.Namespace) -> Any:
         objective=args.objective,
         trials=args.trials,
         timeout=args.timeout,
-        storage=args.storage,
+        storage=store,
         study=args.study,
         progress=not args.quiet,
         seed=args.seed,
         repeats=args.repeats,
-        fresh=args.fresh,
+        fresh=args.fresh and not share.get("workers", 1) > 1,  # the workers did it
         backend=args.backend,
+        **share,
     )
     sizes = parse_sizes(args.sizes)
     if Path(args.subject).is_file():

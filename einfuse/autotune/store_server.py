@@ -1,0 +1,206 @@
+"""Server databases (PostgreSQL) for the tuning store: URL forms, connection settings,
+heartbeats, and retrying a call through a transient disconnect.
+
+``postgresql://user:password@host:5432/db`` (and ``postgres://``) use psycopg 3, which
+``pip install einfuse[postgres]`` installs; ``postgresql+psycopg://`` names it explicitly and
+``postgresql+psycopg2://`` keeps psycopg2. Connections are checked before use
+(``pool_pre_ping``), so a server restarted between two calls costs nothing.
+
+Heartbeats: while a worker measures a trial, a thread records the trial's heartbeat every
+``heartbeat_s`` seconds; any worker (each one before it asks for a trial) fails trials whose
+heartbeat is older than twice that (`fail_stale`), so a worker killed mid-trial leaves a
+FAILED trial, never one RUNNING forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import optuna
+
+DEFAULT_HEARTBEAT_S = 30
+CONNECT_TIMEOUT_S = 10
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # backoff through a transient disconnect: ~15 s
+_T = TypeVar("_T")
+
+_DISCONNECTED = (
+    "connection refused",
+    "connection failed",
+    "could not connect",
+    "server closed the connection",
+    "terminating connection",
+    "connection is closed",
+    "connection timeout expired",
+    "timeout expired",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "consuming input failed",
+    "no route to host",
+    "name or service not known",
+)
+
+
+def is_server_url(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def server_url(url: str) -> str:
+    """A plain ``postgresql://`` / ``postgres://`` URL with psycopg 3 as its driver.
+
+    SQLAlchemy would pick psycopg2 for a plain URL; einfuse's extra installs psycopg 3. When
+    only psycopg2 is installed, the plain URL is left to it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    has_v3 = importlib.util.find_spec("psycopg") is not None
+    if not has_v3 and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql://{rest}"
+    return f"postgresql+psycopg://{rest}"
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for a server URL: checked connections, a connect timeout."""
+    if not is_server_url(url):
+        return {}
+    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+
+
+def is_disconnect(message: str) -> bool:
+    """Does a (lower-cased) database error say the server cannot be reached?"""
+    return any(text in message for text in _DISCONNECTED)
+
+
+def retrying(
+    call: Callable[[], _T], delays: tuple[float, ...] = RETRY_DELAYS_S, *, telling: bool = False
+) -> _T:
+    """``call()``, retried with backoff while the database server cannot be reached.
+
+    A call that changes nothing twice (reads, setting an attribute), or, ``telling``, the
+    call that finishes a trial: a retry finding the trial finished means the first attempt
+    was committed before the connection broke, so it is done, not done twice.
+    """
+    import optuna
+
+    from einfuse.autotune.store_errors import chain_message
+
+    retried = False
+    for delay in (*delays, None):
+        try:
+            return call()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            if telling and retried:
+                return True  # type: ignore[return-value]
+            raise
+        except Exception as exc:
+            if delay is None or not is_disconnect(chain_message(exc)):
+                raise
+            retried = True
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# RDBStorage's calls during a search, retried through a disconnect by `retrying_rdb_storage`.
+# Creating a trial is among them: a retry after a commit whose answer was lost adds one
+# RUNNING trial that no worker owns (it has no heartbeat; --show lists it).
+_RETRIED = (
+    "create_new_study",
+    "create_new_trial",
+    "get_all_studies",
+    "get_all_trials",
+    "get_best_trial",
+    "get_n_trials",
+    "get_study_directions",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_system_attrs",
+    "get_study_user_attrs",
+    "get_trial",
+    "get_trial_id_from_study_id_trial_number",
+    "set_study_system_attr",
+    "set_study_user_attr",
+    "set_trial_param",
+    "set_trial_state_values",
+    "set_trial_system_attr",
+    "set_trial_user_attr",
+    "_get_stale_trial_ids",
+)
+
+
+@functools.cache
+def retrying_rdb_storage() -> type:
+    """An RDBStorage whose calls wait out a database restart (`RETRY_DELAYS_S`, ~15 s)."""
+    from optuna.storages import RDBStorage
+
+    def retried(name: str) -> Callable[..., Any]:
+        method = getattr(RDBStorage, name)
+
+        @functools.wraps(method)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return retrying(
+                lambda: method(self, *args, **kwargs),
+                self.retry_delays,
+                telling=name == "set_trial_state_values",
+            )
+
+        return call
+
+    namespace: dict[str, Any] = {name: retried(name) for name in _RETRIED}
+    namespace["retry_delays"] = RETRY_DELAYS_S
+    return type("RetryingRDBStorage", (RDBStorage,), namespace)
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the study's trials whose worker stopped beating (killed, lost its machine)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # Optuna marks fail_stale_trials experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class Heartbeat:
+    """A daemon thread recording the heartbeat of the trials this process is measuring."""
+
+    def __init__(self, storage: Any, interval_s: float) -> None:
+        self.storage, self.interval_s = storage, interval_s
+        self._trials: set[int] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def of(cls, storage: Any) -> Heartbeat | None:
+        """A heartbeat for ``storage``, or None where it keeps none (memory, journal)."""
+        interval = getattr(storage, "heartbeat_interval", None)
+        return cls(storage, interval) if interval else None
+
+    def add(self, trial_id: int) -> None:
+        self.storage.record_heartbeat(trial_id)
+        with self._lock:
+            self._trials.add(trial_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+                self._thread.start()
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self._trials.discard(trial_id)
+
+    def _run(self) -> None:
+        while not self._wake.wait(self.interval_s):
+            with self._lock:
+                trials = list(self._trials)
+            for trial_id in trials:
+                # a beat lost to a disconnect: the next one may land
+                with contextlib.suppress(Exception):
+                    self.storage.record_heartbeat(trial_id)
