@@ -1,9 +1,9 @@
 """Several workers on one study: each takes a share, one of them decides.
 
 ``einfuse autotune --workers N`` runs N workers on one study (`autotune`'s ``worker=(i, N)``:
-itself as worker 0, N-1 processes started); the same command started on several machines against one database URL
-cooperates the same way. A worker never records the study's choice; afterwards one
-process (``workers=N``) does, from what all of them stored:
+itself as worker 0, N-1 processes started); the same command started on several machines
+against one database URL cooperates the same way. A worker never records the study's
+choice; afterwards one process (``workers=N``) does, from what all of them stored:
 
 - model: worker ``i`` scores every N-th point of a space the budget covers, or samples its
   ``1/N`` of the budget with its own seed; the deciding process ranks all stored model
