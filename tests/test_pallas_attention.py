@@ -258,3 +258,35 @@ def test_a_head_index_read_as_a_value_matches_jax(backend):
     f = einfuse.jit(alibi, passes="fuse{tile=16}", backend=backend)
     np.testing.assert_allclose(f(q, k, v), jax.jit(alibi)(q, k, v), atol=2e-5, rtol=2e-5)
     assert "emitted: " in f.explain(q, k, v) and "Einsum by Einsum" not in f.explain(q, k, v)
+
+
+def _grid_inputs(fn, *args) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of each input of the first pallas_call in ``fn``'s jaxpr."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "pallas_call":
+                return [(tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.invars]
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                if (found := walk(sub)) is not None:
+                    return found
+        return None
+
+    return walk(jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize(("fill", "scale"), [(-1e9, 1.0), (-30.0, 6.0)])
+def test_key_padding_skips_padded_tiles_per_row_and_rechecks_a_near_fill(fill, scale):
+    def attention(q, k, v, mask):  # BERT's additive form; [b, s, h, d], mask [b, s]
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) + (1.0 - mask[:, None, None, :]) * fill
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+
+    q, k, v = _qkv((2, 40, 2, 8), (2, 40, 2, 8))
+    q = q * scale  # at -30 the scores reach the fill: skipping is not exact and is redone
+    mask = (jnp.arange(40)[None, :] < jnp.array([[40], [13]])).astype(jnp.float32)
+    f = einfuse.jit(attention, passes="fuse{tile=8}", backend="pallas")
+    want = jax.jit(attention)(q, k, v, mask)
+    np.testing.assert_allclose(f(q, k, v, mask), want, atol=2e-5, rtol=2e-5)
+    # the kernel reads one row of skip flags per (batch, head) program: 5 key tiles each
+    assert ((2, 2, 5), "int32") in _grid_inputs(f, q, k, v, mask)

@@ -12,8 +12,9 @@ sum, P·V, in at least float32) in registers or VMEM:
   the band are never loaded, tiles inside it run the step without the mask, only the edge
   tiles pay for it; a finite fill is checked after the kernel, as the JAX loop does it, and
   where the check fails the kernel runs again visiting every tile;
-* key padding read from an input is masked in every tile (the per-tile skipping of the JAX
-  loop is not done here);
+* key padding read from an input: each program skips the key tiles that are all padding for
+  its row (flags computed before the kernel, as the JAX loop computes them), checked after
+  the kernel like a finite fill (on a TPU every tile is visited, masked);
 * lengths that do not divide the tiles are zero-padded to whole tiles in XLA and the mask
   the partition wrote (``m1*M0+m0 < M``) stays in the step; padded query rows are dropped.
 
@@ -48,6 +49,7 @@ from einfuse.backends.blockwise_plan import (
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade
 from einfuse.backends.jax_mask import band_tiles, skip_is_exact
+from einfuse.backends.jax_padding import row_skips, tile_max_by_row
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.backends.pallas.backward import PallasBackward
 from einfuse.backends.pallas.config import PLACEMENTS, KernelConfig, PlacementError
@@ -58,6 +60,8 @@ from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Access, Const, Expr
 from einfuse.ir.schedule import Schedule
 from einfuse.passes.fuse import FusedGroup
+
+SKIP_TILES = "SKIP__"  # the kernel input holding a program's key tiles to skip (key padding)
 
 
 class PallasBlockwise(KernelLayout, BlockwiseCascade):
@@ -148,47 +152,66 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         return self.kernel_body.source(fn_name)
 
     # -- the loop -----------------------------------------------------------------------
+    def loop_inputs(
+        self, env: Mapping[str, Any]
+    ) -> tuple[dict[str, jax.Array], jax.Array | None, jax.Array | None]:
+        """As the JAX loop's, with key padding's per-tile maxima by grid row
+        (``[*grid rows, steps]``), one row of skip flags per program."""
+        raw, top, tmax = super().loop_inputs(env)
+        pad = self.plan.padding
+        if tmax is not None and pad is not None and self.keymax is not None:
+            tmax = tile_max_by_row(pad, self.keymax, env, self.grid_rows, self.sizes)
+            tmax = tmax.reshape((*(self.sizes[r] for r in self.grid_rows), tmax.shape[-1]))
+        return raw, top, tmax
+
     def run_loop(
         self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None
     ) -> dict[str, jax.Array]:
-        mask = self.plan.mask
-        checked = mask is not None and mask.skips and not mask.skips_unchecked
+        mask, pad = self.plan.mask, self.plan.padding
         jax_loop = super().run_loop
 
         @jax.custom_vjp
-        def loop(raw: dict[str, jax.Array], top: jax.Array | None) -> dict[str, jax.Array]:
-            fast = self._kernel(raw, skip=True)
-            if not checked or top is None:
-                return fast
+        def loop(raw: dict[str, Any], top: Any, tmax: Any) -> dict[str, jax.Array]:
             # A finite fill: the skipped tiles were exact zeros only if every real row's
             # running max clears the masked scores by the underflow margin.
-            assert mask is not None
-            rm = fast[mask.running_max]
+            if mask is not None and mask.skips and not mask.skips_unchecked and top is not None:
+                fast, bound, running_max = self._kernel(raw, skip=True), top, mask.running_max
+            elif pad is not None and pad.skips and tmax is not None and top is not None:
+                skip, bound = row_skips(pad, tmax, top)  # key tiles all padding, per row
+                fast, running_max = self._kernel(raw, skip=True, tiles=skip), pad.running_max
+            else:
+                return self._kernel(raw, skip=True)
+            assert running_max is not None
+            rm = fast[running_max]
             return lax.cond(
-                skip_is_exact(top, rm, jnp.ones(rm.shape, bool)),
+                skip_is_exact(bound, rm, jnp.ones(rm.shape, bool)),
                 lambda: fast,
                 lambda: self._kernel(raw, skip=False),
             )
 
-        def forward(raw: Any, top: Any) -> tuple[Any, Any]:
-            finals = loop(raw, top)
-            return finals, (raw, top, finals)
+        def forward(raw: Any, top: Any, tmax: Any) -> tuple[Any, Any]:
+            finals = loop(raw, top, tmax)
+            return finals, (raw, top, tmax, finals)
 
-        def backward(res: Any, ct: Any) -> tuple[Any, Any]:
-            raw, top, finals = res
+        def backward(res: Any, ct: Any) -> tuple[Any, Any, Any]:
+            raw, top, tmax, finals = res
             if self.backward is not None:
                 grads = self.backward(raw, finals, ct)
             else:
                 _, vjp = jax.vjp(lambda r: jax_loop(r, top, None), raw)
                 grads = vjp(ct)[0]
-            return grads, None if top is None else jnp.zeros_like(top)
+            return grads, _zeros(top), _zeros(tmax)
 
         loop.defvjp(forward, backward)
-        return loop(raw, top)
+        return loop(raw, top, tmax)
 
-    def _kernel(self, raw: dict[str, jax.Array], *, skip: bool) -> dict[str, jax.Array]:
+    def _kernel(
+        self, raw: dict[str, jax.Array], *, skip: bool, tiles: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         """Each carried state after the last step, by one ``pallas_call`` over the grid rows
-        and query blocks; ``skip``: visit only the key tiles inside the mask's band."""
+        and query blocks; ``skip``: visit only the key tiles inside the mask's band;
+        ``tiles``: per grid row, the key tiles to skip (all padding; not on a TPU, where a
+        dynamic scalar read of a VMEM block is not what Mosaic does well)."""
         g = self.plan.group
         names = [
             n
@@ -214,13 +237,30 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                 pl.BlockSpec(memory_space=pl.ANY) if n in streamed else self.spec(n, a.shape, tpu)
                 for n, a in zip(names, args)
             ]
+            kernel_names = list(names)
+            if tiles is not None and skip and not tpu:
+                kernel_names.append(SKIP_TILES)
+                flags = tiles.astype(jnp.int32)
+                args.append(flags)
+                rows = len(self.grid_rows)
+                specs.append(
+                    pl.BlockSpec(
+                        (*(None for _ in range(rows)), flags.shape[-1]),
+                        lambda *ids: (*ids[:rows], 0),
+                    )
+                )
             scratch = [s for n in streamed for s in tile_buffers(self.tile_shape(n), raw[n].dtype)]
             interpret: Any = platform == "cpu"
             if platform == "tpu-interpret":
                 interpret = tpu_interpreter()
             finals = pl.pallas_call(
                 functools.partial(
-                    self._program, names, skip, tpu, platform in ("cuda", "rocm"), tuple(streamed)
+                    self._program,
+                    kernel_names,
+                    skip,
+                    tpu,
+                    platform in ("cuda", "rocm"),
+                    tuple(streamed),
                 ),
                 out_shape=outs,
                 grid=grid,
@@ -273,6 +313,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         j = pl.program_id(len(self.grid_rows))
         ids = {r: pl.program_id(k) for k, r in enumerate(self.grid_rows)}
 
+        flags = ins.pop(SKIP_TILES, None)
         fixed = {
             n: self.unit(n, ins[n][...], tpu) for n in ins if not n.endswith(("__blk", "__prev"))
         }
@@ -325,6 +366,12 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                 hi = jnp.clip(jnp.asarray(t.full_hi, jnp.int32), lo, upper)
         if streamed:  # each step waits for its tile and fetches the next
             state = stream.loop(first, upper, lo, hi, masked, full, state)
+        elif flags is not None:  # key padding: a tile of padding only is skipped
+
+            def skipping(k: jax.Array, st: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                return lax.cond(flags[k] != 0, lambda: st, lambda: masked(k, st))
+
+            state = lax.fori_loop(first, upper, skipping, state)
         elif full is None:
             state = lax.fori_loop(first, upper, masked, state)
         else:
@@ -333,3 +380,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             state = lax.fori_loop(hi, upper, masked, state)
         for ref, t in zip(outs, g.carried):
             ref[...] = state[t].reshape(ref.shape)
+
+
+def _zeros(x: Any) -> Any:
+    return None if x is None else jnp.zeros_like(x)
