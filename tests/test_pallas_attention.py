@@ -290,3 +290,25 @@ def test_key_padding_skips_padded_tiles_per_row_and_rechecks_a_near_fill(fill, s
     np.testing.assert_allclose(f(q, k, v, mask), want, atol=2e-5, rtol=2e-5)
     # the kernel reads one row of skip flags per (batch, head) program: 5 key tiles each
     assert ((2, 2, 5), "int32") in _grid_inputs(f, q, k, v, mask)
+
+
+def test_the_result_is_written_by_the_kernel_not_the_final_states():
+    # acc / l and the output layout run inside the kernel: it writes the result once, in
+    # its dtype, and no float32 state leaves it
+    q, k, v = _qkv((1, 64, 2, 16), (1, 64, 2, 16), jnp.bfloat16)
+    f = einfuse.jit(dpa, passes="fuse{tile=16}", backend="pallas", static_argnames="causal")
+    runner = f.trace(q, k, v, causal=False).runner
+    (loop,) = [x for e in runner.emitted.values() for x in e.loops()]
+    assert loop.epilogue is not None and loop.epilogue_outputs
+    jaxpr = jax.make_jaxpr(lambda q, k, v: f(q, k, v, causal=False))(q, k, v)
+    kernels = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "pallas_call":
+                kernels.append([str(v.aval.dtype) for v in eqn.outvars])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert kernels and all(outs == ["bfloat16"] for outs in kernels)

@@ -126,3 +126,25 @@ def test_the_backward_kernels_lower_for_cuda_and_tpu(dt):
     tpu = grad.trace(x, x, x).lower(lowering_platforms=("tpu",)).as_text()
     assert cuda.count("custom_call @__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
     assert tpu.count("custom_call @tpu_custom_call") == 3
+
+
+def test_scores_the_lifter_computed_before_the_loop_get_their_gradient_per_tile():
+    # bf16 dot_product_attention lifts with the scores computed before the loop: a tiled
+    # input with the query rank, whose gradient the dQ kernel writes tile by tile.
+    def causal(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    q, k, v = (jax.random.normal(x, (1, 70, 2, 16), jnp.bfloat16) for x in keys[:3])
+    ct = jax.random.normal(keys[3], (1, 70, 2, 16))
+
+    def grads(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)  # noqa: E731
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    f = einfuse.jit(causal, passes="fuse{tile=16}", backend="pallas")
+    (loop,) = _loops(f, q, k, v)
+    assert loop.backward is not None and loop.backward.scores  # the scores case
+    want = grads(einfuse.jit(causal, passes="fuse{tile=16}"))  # the JAX loop's VJP
+    for a, b in zip(grads(f), want):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), atol=2e-2, rtol=2e-2)

@@ -45,6 +45,7 @@ from einfuse.backends.blockwise_plan import (
     grid_rows,
     split_flat_reads,
     squeezed_dims,
+    value_ranks,
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade
@@ -59,7 +60,7 @@ from einfuse.backends.pallas.stream import KeyStream, tile_buffers, tpu_interpre
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Access, Const, Expr
 from einfuse.ir.schedule import Schedule
-from einfuse.passes.fuse import FusedGroup
+from einfuse.passes.fuse import FusedGroup, fused_groups
 
 SKIP_TILES = "SKIP__"  # the kernel input holding a program's key tiles to skip (key padding)
 
@@ -118,9 +119,11 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         values: dict[str, Expr] = {r: Access(row_value(r), ()) for r in self.grid_rows}
         values.update(dict.fromkeys(units, Const(0)))
         self.values = values
-        self.kernel_body = lower_cascade(
-            drop_ranks(body, drop, values), kernel_sizes, wide_dots=True, **options
-        )
+        dropped = drop_ranks(body, drop, values)
+        self.kernel_body = lower_cascade(dropped, kernel_sizes, wide_dots=True, **options)
+        self.state_shapes = {
+            t: tuple(kernel_sizes[r] for r in dropped.tensor_ranks(t)) for t in group.carried
+        }
         self.kernel_full: LoweredCascade | None = None
         if self.full_cascade is not None:
             full, _ = split_flat_reads(self.full_cascade, self.grid_rows)
@@ -131,6 +134,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                 **options,
             )
 
+        self.epilogue = self._epilogue(options)
         # The backward: two Pallas kernels where the loop allows it, else the JAX loop's.
         self.backward: PallasBackward | None = None
         self.backward_note = ""
@@ -138,6 +142,68 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             self.backward = PallasBackward(self, options)
         except BackendUnsupported as e:
             self.backward_note = f"backward through the JAX loop: {e}"
+
+    def _epilogue(self, options: Mapping[str, Any]) -> LoweredCascade | None:
+        """What runs after the loop, inside the kernel, where it is one program's business:
+        it reads only the final states, and every result has the query rank and the grid
+        rows with nothing reduced over them (``acc / l`` of attention, its layout). Then the
+        result is written once, in its own dtype, instead of the float32 states."""
+        post = self._typed(self.plan.post)
+        self.epilogue_cascade, self.epilogue_outputs = post, ()
+        g = self.plan.group
+        keep = {*self.grid_rows, self.query}
+        if (
+            self.query is None
+            or {t.name for t in post.inputs} - set(g.carried)
+            or set(post.outputs) != {e.output for e in post.einsums} & set(post.outputs)
+            or value_ranks(post)
+            or any(fused_groups(post))
+        ):
+            return None
+        for e in post.einsums:
+            if not keep <= set(e.output_ranks) or keep & set(e.reduced_ranks):
+                return None
+        self.epilogue_outputs = tuple(post.outputs)
+        self.squeezed.update(
+            {o: d for o, d in squeezed_dims(post, self.drop).items() if o in post.outputs}
+        )
+        sizes = {**self.kernel_sizes}
+        return lower_cascade(
+            drop_ranks(post, self.drop, self.values), sizes, wide_dots=True, **options
+        )
+
+    def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
+        if self.epilogue is None:
+            return super().__call__(arrays)
+        env = dict(arrays)
+        if self.plan.pre.einsums:
+            env.update(self.pre(env))
+        raw, top, tmax = self.loop_inputs(env)
+        post = self.post
+        run_loop = self.run_loop
+
+        @jax.custom_vjp
+        def fused(raw: Any, top: Any, tmax: Any) -> dict[str, jax.Array]:
+            outs = self._checked(raw, top, tmax, epilogue=True)
+            return {o: outs[o] for o in self.epilogue_outputs}
+
+        def forward(raw: Any, top: Any, tmax: Any) -> tuple[Any, Any]:
+            # Differentiated: the loop's states and the epilogue in XLA, whose VJP the
+            # loop's backward continues.
+            def results(r: Any) -> dict[str, jax.Array]:
+                outs = post(run_loop(r, top, tmax))
+                return {o: outs[o].astype(self.dtypes[o]) for o in self.epilogue_outputs}
+
+            outs, vjp = jax.vjp(results, raw)
+            return outs, (vjp, top, tmax)
+
+        def backward(res: Any, ct: Any) -> tuple[Any, Any, Any]:
+            vjp, top, tmax = res
+            return vjp(ct)[0], _zeros(top), _zeros(tmax)
+
+        fused.defvjp(forward, backward)
+        outs = fused(raw, top, tmax)
+        return {o: outs[o].astype(self.dtypes[o]) for o in self.epilogue_outputs}
 
     def query_block(self, tile: int) -> int:
         """A power of two of at least 16: Triton's block shapes and ``tl.dot`` need both."""
@@ -167,27 +233,11 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
     def run_loop(
         self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None
     ) -> dict[str, jax.Array]:
-        mask, pad = self.plan.mask, self.plan.padding
         jax_loop = super().run_loop
 
         @jax.custom_vjp
         def loop(raw: dict[str, Any], top: Any, tmax: Any) -> dict[str, jax.Array]:
-            # A finite fill: the skipped tiles were exact zeros only if every real row's
-            # running max clears the masked scores by the underflow margin.
-            if mask is not None and mask.skips and not mask.skips_unchecked and top is not None:
-                fast, bound, running_max = self._kernel(raw, skip=True), top, mask.running_max
-            elif pad is not None and pad.skips and tmax is not None and top is not None:
-                skip, bound = row_skips(pad, tmax, top)  # key tiles all padding, per row
-                fast, running_max = self._kernel(raw, skip=True, tiles=skip), pad.running_max
-            else:
-                return self._kernel(raw, skip=True)
-            assert running_max is not None
-            rm = fast[running_max]
-            return lax.cond(
-                skip_is_exact(bound, rm, jnp.ones(rm.shape, bool)),
-                lambda: fast,
-                lambda: self._kernel(raw, skip=False),
-            )
+            return self._checked(raw, top, tmax, epilogue=False)
 
         def forward(raw: Any, top: Any, tmax: Any) -> tuple[Any, Any]:
             finals = loop(raw, top, tmax)
@@ -205,8 +255,39 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         loop.defvjp(forward, backward)
         return loop(raw, top, tmax)
 
+    def _checked(
+        self, raw: dict[str, Any], top: Any, tmax: Any, *, epilogue: bool
+    ) -> dict[str, jax.Array]:
+        """The kernel skipping what its mask or key padding lets it, and where a finite fill
+        makes that skipping exact only for large enough scores, checked: every real row's
+        running max must clear the skipped scores by the underflow margin, else the kernel
+        runs again over every tile."""
+        mask, pad = self.plan.mask, self.plan.padding
+        tiles = None
+        if mask is not None and mask.skips and not mask.skips_unchecked and top is not None:
+            bound, running_max = top, mask.running_max
+        elif pad is not None and pad.skips and tmax is not None and top is not None:
+            tiles, bound = row_skips(pad, tmax, top)  # key tiles all padding, per row
+            running_max = pad.running_max
+        else:
+            return self._kernel(raw, skip=True, epilogue=epilogue)
+        assert running_max is not None
+        fast = self._kernel(raw, skip=True, tiles=tiles, epilogue=epilogue, keep=running_max)
+        rm = fast[running_max]
+        return lax.cond(
+            skip_is_exact(bound, rm, jnp.ones(rm.shape, bool)),
+            lambda: fast,
+            lambda: self._kernel(raw, skip=False, epilogue=epilogue, keep=running_max),
+        )
+
     def _kernel(
-        self, raw: dict[str, jax.Array], *, skip: bool, tiles: jax.Array | None = None
+        self,
+        raw: dict[str, jax.Array],
+        *,
+        skip: bool,
+        tiles: jax.Array | None = None,
+        epilogue: bool = False,
+        keep: str | None = None,
     ) -> dict[str, jax.Array]:
         """Each carried state after the last step, by one ``pallas_call`` over the grid rows
         and query blocks; ``skip``: visit only the key tiles inside the mask's band;
@@ -220,6 +301,11 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         ]
         grid = (*(self.sizes[r] for r in self.grid_rows), self.q_blocks)
         placed = [n for n in names if n.endswith("__blk") and self._streamed(n)]
+        # What the kernel writes: the final states, or with the epilogue the results (and
+        # the running max a finite fill's check reads).
+        results = list(g.carried)
+        if epilogue:
+            results = [*self.epilogue_outputs, *([keep] if keep else [])]
 
         def call(platform: str) -> list[jax.Array]:
             # Streaming key tiles by DMA is a TPU kernel; Triton streams every key tile from
@@ -227,12 +313,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             tpu = platform in ("tpu", "tpu-interpret")
             streamed = placed if tpu else []
             args = [self.to_kernel(n, raw[n], tpu) for n in names]
-            outs = [
-                jax.ShapeDtypeStruct(
-                    self.to_kernel(f"{t}__prev", raw[f"{t}__prev"], tpu).shape, self.carry[t]
-                )
-                for t in g.carried
-            ]
+            outs = [self._out_shape(t, raw, tpu) for t in results]
             specs = [
                 pl.BlockSpec(memory_space=pl.ANY) if n in streamed else self.spec(n, a.shape, tpu)
                 for n, a in zip(names, args)
@@ -261,27 +342,38 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                     tpu,
                     platform in ("cuda", "rocm"),
                     tuple(streamed),
+                    tuple(results) if epilogue else None,
                 ),
                 out_shape=outs,
                 grid=grid,
                 in_specs=specs,
-                out_specs=[self.spec(t, o.shape, tpu) for t, o in zip(g.carried, outs)],
+                out_specs=[self.spec(t, o.shape, tpu) for t, o in zip(results, outs)],
                 scratch_shapes=scratch,
                 interpret=interpret,
                 compiler_params=self.config.compiler_params(platform, len(grid)),
                 name=f"einfuse_{g.rank}",
             )(*args)
-            return [self.from_kernel(t, y, tpu) for t, y in zip(g.carried, finals)]
+            return [self.from_kernel(t, y, tpu) for t, y in zip(results, finals)]
 
         if self.config.interpret_tpu:
-            return dict(zip(g.carried, call("tpu-interpret")))
+            return dict(zip(results, call("tpu-interpret")))
         finals = lax.platform_dependent(
             cpu=lambda: call("cpu"),
             cuda=lambda: call("cuda"),
             rocm=lambda: call("rocm"),
             tpu=lambda: call("tpu"),
         )
-        return dict(zip(g.carried, finals))
+        return dict(zip(results, finals))
+
+    def _out_shape(self, name: str, raw: Mapping[str, Any], tpu: bool) -> Any:
+        """A kernel output in its kernel layout: a final state (its dtype widened) or a
+        result of the epilogue (its own dtype)."""
+        if name in self.plan.group.carried:
+            shape = self.to_kernel(f"{name}__prev", raw[f"{name}__prev"], tpu).shape
+            return jax.ShapeDtypeStruct(shape, self.carry[name])
+        ranks = self.epilogue_cascade.tensor_ranks(name)
+        full = jax.ShapeDtypeStruct(tuple(self.sizes[r] for r in ranks), self.dtypes[name])
+        return jax.eval_shape(lambda x: self.to_kernel(name, x, tpu), full)
 
     def _streamed(self, name: str) -> bool:
         """Whether the Schedule places this key input in HBM, streamed tile by tile (else
@@ -302,14 +394,16 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         tpu: bool,
         triton: bool,
         streamed: tuple[str, ...],
+        results: tuple[str, ...] | None,
         *refs: Any,
     ) -> None:
         """One program: a grid row (batch, head) and query block ``j``, the last grid index."""
         g = self.plan.group
         tile, steps = self.sizes[g.inner], self.sizes[g.rank]
         ins = dict(zip(names, refs[: len(names)]))
-        outs = refs[len(names) : len(names) + len(g.carried)]
-        scratch = refs[len(names) + len(g.carried) :]
+        n_out = len(results) if results is not None else len(g.carried)
+        outs = refs[len(names) : len(names) + n_out]
+        scratch = refs[len(names) + n_out :]
         j = pl.program_id(len(self.grid_rows))
         ids = {r: pl.program_id(k) for k, r in enumerate(self.grid_rows)}
 
@@ -318,10 +412,10 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             n: self.unit(n, ins[n][...], tpu) for n in ins if not n.endswith(("__blk", "__prev"))
         }
         state = {
-            t: self.unit(t, jnp.full(ref.shape, self.const_init[t], self.carry[t]), tpu)
+            t: jnp.full(self.state_shapes[t], self.const_init[t], self.carry[t])
             if t in self.const_init
             else self.unit(f"{t}__prev", ins[f"{t}__prev"][...], tpu)
-            for t, ref in zip(g.carried, outs)
+            for t in g.carried
         }
         stream = KeyStream(
             {n: ins[n].at[self.hbm_rows(n, ids)] for n in streamed},
@@ -378,8 +472,15 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             state = lax.fori_loop(first, lo, masked, state)
             state = lax.fori_loop(lo, hi, full, state)
             state = lax.fori_loop(hi, upper, masked, state)
-        for ref, t in zip(outs, g.carried):
-            ref[...] = state[t].reshape(ref.shape)
+        if results is None:  # the final states
+            for ref, t in zip(outs, g.carried):
+                ref[...] = state[t].reshape(ref.shape)
+            return
+        assert self.epilogue is not None
+        run = compatible(self.epilogue, widen=True, unbatch=False) if triton else self.epilogue
+        values = {**state, **run({n: state[n] for n, _ in self.epilogue.inputs})}
+        for ref, name in zip(outs, results):
+            ref[...] = values[name].astype(ref.dtype).reshape(ref.shape)
 
 
 def _zeros(x: Any) -> Any:

@@ -77,8 +77,12 @@ class PallasBackward:
             drop_ranks(tile, fwd.drop, fwd.values), fwd.kernel_sizes, wide_dots=True, **options
         )
         names = [t.name for t in fwd.kernel_cascade.inputs if t.name not in (STEP, QBLOCK)]
-        self.keys = [n for n in names if n.endswith("__blk")]
-        self.queries = [n for n in names if n not in self.keys and not n.endswith("__prev")]
+        tiled = [n for n in names if n.endswith("__blk")]
+        # A tiled input with the query rank too (scores the lifter computed before the
+        # loop): each of its (query block, key tile) tiles is read once, in the dQ kernel.
+        self.scores = [n for n in tiled if fwd.query_dim(n, False) is not None]
+        self.keys = [n for n in tiled if n not in self.scores]
+        self.queries = [n for n in names if n not in tiled and not n.endswith("__prev")]
         self.queries = [n for n in self.queries if not n.endswith("__ROW")]
         for n in self.queries:
             if fwd.query_dim(n, False) is None:
@@ -95,7 +99,7 @@ class PallasBackward:
         def call(platform: str) -> list[jax.Array]:
             tpu = platform == "tpu"
             dq = self._dq(raw, finals, ct, platform, tpu)
-            dk = self._dk(raw, finals, ct, platform, tpu)
+            dk = self._dk(raw, finals, ct, platform, tpu) if self.keys else []
             return [*dq, *dk]
 
         if self.fwd.config.interpret_tpu:
@@ -107,7 +111,7 @@ class PallasBackward:
                 rocm=lambda: call("rocm"),
                 tpu=lambda: call("tpu"),
             )
-        out = dict(zip([*self.queries, *self.keys], grads))
+        out = dict(zip([*self.queries, *self.scores, *self.keys], grads))
         return {n: out[n].astype(x.dtype) if n in out else _zero(x) for n, x in raw.items()}
 
     def _stats(
@@ -127,22 +131,23 @@ class PallasBackward:
 
     def _dq(self, raw: Any, finals: Any, ct: Any, platform: str, tpu: bool) -> list[jax.Array]:
         fwd = self.fwd
-        ins = [*self.queries, *self.keys]
+        ins = [*self.queries, *self.scores, *self.keys]
+        written = [*self.queries, *self.scores]
         args = [fwd.to_kernel(n, raw[n], tpu) for n in ins]
         stats, stat_args = self._stats(finals, ct, tpu)
         grid = (*(fwd.sizes[r] for r in fwd.grid_rows), fwd.q_blocks)
-        outs = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in args[: len(self.queries)]]
+        outs = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in args[: len(written)]]
         specs = [fwd.spec(n, a.shape, tpu) for n, a in zip(ins, args)]
         specs += [fwd.spec(t, a.shape, tpu) for t, a in zip(stats, stat_args)]
-        out_specs = [fwd.spec(n, o.shape, tpu) for n, o in zip(self.queries, outs)]
+        out_specs = [fwd.spec(n, o.shape, tpu) for n, o in zip(written, outs)]
         program = functools.partial(self._dq_program, ins, stats, tpu, _triton(platform))
         grads = self._call(program, platform, grid, specs, outs, out_specs)(*args, *stat_args)
-        return [fwd.from_kernel(n, y, tpu) for n, y in zip(self.queries, grads)]
+        return [fwd.from_kernel(n, y, tpu) for n, y in zip(written, grads)]
 
     def _dk(self, raw: Any, finals: Any, ct: Any, platform: str, tpu: bool) -> list[jax.Array]:
         fwd = self.fwd
         g = fwd.plan.group
-        ins = [*self.queries, *self.keys]
+        ins = [*self.queries, *self.scores, *self.keys]
         args = [fwd.to_kernel(n, raw[n], tpu) for n in ins]
         stats, stat_args = self._stats(finals, ct, tpu)
         rows = tuple(fwd.sizes[r] for r in fwd.grid_rows)
@@ -258,15 +263,24 @@ class PallasBackward:
         fixed = {n: fwd.unit(n, in_refs[n][...], tpu) for n in self.queries}
         st = self._stat_values(stat_refs, tpu)
 
+        score_refs = dict(zip(self.scores, outs[len(self.queries) :]))
+        for ref in score_refs.values():  # tiles the band never reaches have no gradient
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+        def at_tile(n: str, k: jax.Array) -> tuple[Any, ...]:
+            idx: list[Any] = [slice(None)] * len(in_refs[n].shape)
+            idx[fwd.key_dim(n, tpu)] = pl.ds(pl.multiple_of(k * tile, tile), tile)
+            return tuple(idx)
+
         def step(k: jax.Array, acc: dict[str, jax.Array]) -> dict[str, jax.Array]:
-            start = pl.multiple_of(k * tile, tile)
-            tiles = {}
-            for n in self.keys:
-                idx: list[Any] = [slice(None)] * len(in_refs[n].shape)
-                idx[fwd.key_dim(n, tpu)] = pl.ds(start, tile)
-                tiles[n] = fwd.unit(n, in_refs[n][tuple(idx)], tpu)
+            tiles = {
+                n: fwd.unit(n, in_refs[n][at_tile(n, k)], tpu) for n in [*self.keys, *self.scores]
+            }
             inputs = self._inputs({**fixed, **tiles}, st, k, j, ids)
-            grads = self._vjp(inputs, self.queries, st, triton)
+            grads = self._vjp(inputs, [*self.queries, *self.scores], st, triton)
+            for n, ref in score_refs.items():
+                where = at_tile(n, k)
+                ref[where] = grads[n].astype(jnp.float32).reshape(ref[where].shape)
             return {n: acc[n] + grads[n].astype(jnp.float32) for n in self.queries}
 
         acc = {n: jnp.zeros(fixed[n].shape, jnp.float32) for n in self.queries}
@@ -301,7 +315,7 @@ class PallasBackward:
             return fwd.unit(name, ref[tuple(idx)], tpu)
 
         def step(j: jax.Array, acc: dict[str, jax.Array]) -> dict[str, jax.Array]:
-            fixed = {n: block(in_refs[n], n, j) for n in self.queries}
+            fixed = {n: block(in_refs[n], n, j) for n in [*self.queries, *self.scores]}
             st = {s: block(r, s, j) for s, r in stat_refs.items()}
             st = self._named_stats(st)
             inputs = self._inputs({**fixed, **tiles}, st, k, j, ids)

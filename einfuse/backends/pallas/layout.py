@@ -39,6 +39,8 @@ class KernelLayout:
     squeezed: dict[str, tuple[Expr | None, ...]]
     splits: Splits
     kernel_cascade: Cascade
+    epilogue_cascade: Cascade
+    epilogue_outputs: tuple[str, ...]
     _ranks: Any  # BlockwiseCascade's: a loop tensor's ranks
 
     # -- layouts: each tensor's dims in the loop's order, on a TPU with the squeezed dims first
@@ -48,7 +50,12 @@ class KernelLayout:
         """The tensor's ranks and, per dim, the grid index it is squeezed at (or None)."""
         base = name.removesuffix("__prev")
         decl = self.kernel_cascade.input_decl(name)
-        ranks = decl.ranks if decl is not None else self._ranks(name)
+        if decl is not None:
+            ranks = decl.ranks
+        elif name in self.epilogue_outputs:  # a result the kernel's epilogue writes
+            ranks = self.epilogue_cascade.tensor_ranks(name)
+        else:
+            ranks = self._ranks(name)
         return ranks, self.squeezed.get(base if name.endswith("__prev") else name, ())
 
     def perm(self, name: str, tpu: bool) -> tuple[list[int], bool]:
