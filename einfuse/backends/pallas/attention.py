@@ -22,9 +22,10 @@ One kernel is written; ``lax.platform_dependent`` picks how it runs: interpreted
 (how the tests check it against the float64 reference), through Triton on CUDA and ROCm
 (``num_warps``, ``num_stages``), through Mosaic on TPU, where a key input the Schedule places
 in ``hbm`` streams its tiles by DMA (``stream``). ``KernelConfig(interpret_tpu=True)`` runs
-the TPU form, DMAs included, in Mosaic's interpreter on the CPU. The backward pass is the JAX loop's
-(``jax.vjp`` of ``jax_blockwise``'s loop on the same inputs), so ``jax.grad`` of a Pallas
-program equals the JAX backend's.
+the TPU form, DMAs included, in Mosaic's interpreter on the CPU. What runs after the loop
+runs in the kernel where it is one program's business (``epilogue``). The backward pass is
+two more kernels built from the same step (``backward``), or the JAX loop's VJP where those
+do not apply, so ``jax.grad`` of a Pallas program equals the JAX backend's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from einfuse.backends.blockwise_plan import (
     grid_rows,
     split_flat_reads,
     squeezed_dims,
-    value_ranks,
 )
 from einfuse.backends.jax_backend import LoweredCascade, lower_cascade
 from einfuse.backends.jax_blockwise import BlockwiseCascade
@@ -54,13 +54,14 @@ from einfuse.backends.jax_padding import row_skips, tile_max_by_row
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.backends.pallas.backward import PallasBackward
 from einfuse.backends.pallas.config import PLACEMENTS, KernelConfig, PlacementError
+from einfuse.backends.pallas.epilogue import plan_epilogue, run_with_epilogue, zeros_or_none
 from einfuse.backends.pallas.kernel_compat import compatible
 from einfuse.backends.pallas.layout import KernelLayout, row_value
 from einfuse.backends.pallas.stream import KeyStream, tile_buffers, tpu_interpreter
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Access, Const, Expr
 from einfuse.ir.schedule import Schedule
-from einfuse.passes.fuse import FusedGroup, fused_groups
+from einfuse.passes.fuse import FusedGroup
 
 SKIP_TILES = "SKIP__"  # the kernel input holding a program's key tiles to skip (key padding)
 
@@ -134,7 +135,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                 **options,
             )
 
-        self.epilogue = self._epilogue(options)
+        self.epilogue = plan_epilogue(self, options)
         # The backward: two Pallas kernels where the loop allows it, else the JAX loop's.
         self.backward: PallasBackward | None = None
         self.backward_note = ""
@@ -143,67 +144,10 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         except BackendUnsupported as e:
             self.backward_note = f"backward through the JAX loop: {e}"
 
-    def _epilogue(self, options: Mapping[str, Any]) -> LoweredCascade | None:
-        """What runs after the loop, inside the kernel, where it is one program's business:
-        it reads only the final states, and every result has the query rank and the grid
-        rows with nothing reduced over them (``acc / l`` of attention, its layout). Then the
-        result is written once, in its own dtype, instead of the float32 states."""
-        post = self._typed(self.plan.post)
-        self.epilogue_cascade, self.epilogue_outputs = post, ()
-        g = self.plan.group
-        keep = {*self.grid_rows, self.query}
-        if (
-            self.query is None
-            or {t.name for t in post.inputs} - set(g.carried)
-            or set(post.outputs) != {e.output for e in post.einsums} & set(post.outputs)
-            or value_ranks(post)
-            or any(fused_groups(post))
-        ):
-            return None
-        for e in post.einsums:
-            if not keep <= set(e.output_ranks) or keep & set(e.reduced_ranks):
-                return None
-        self.epilogue_outputs = tuple(post.outputs)
-        self.squeezed.update(
-            {o: d for o, d in squeezed_dims(post, self.drop).items() if o in post.outputs}
-        )
-        sizes = {**self.kernel_sizes}
-        return lower_cascade(
-            drop_ranks(post, self.drop, self.values), sizes, wide_dots=True, **options
-        )
-
     def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
         if self.epilogue is None:
             return super().__call__(arrays)
-        env = dict(arrays)
-        if self.plan.pre.einsums:
-            env.update(self.pre(env))
-        raw, top, tmax = self.loop_inputs(env)
-        post = self.post
-        run_loop = self.run_loop
-
-        @jax.custom_vjp
-        def fused(raw: Any, top: Any, tmax: Any) -> dict[str, jax.Array]:
-            outs = self._checked(raw, top, tmax, epilogue=True)
-            return {o: outs[o] for o in self.epilogue_outputs}
-
-        def forward(raw: Any, top: Any, tmax: Any) -> tuple[Any, Any]:
-            # Differentiated: the loop's states and the epilogue in XLA, whose VJP the
-            # loop's backward continues.
-            def results(r: Any) -> dict[str, jax.Array]:
-                outs = post(run_loop(r, top, tmax))
-                return {o: outs[o].astype(self.dtypes[o]) for o in self.epilogue_outputs}
-
-            outs, vjp = jax.vjp(results, raw)
-            return outs, (vjp, top, tmax)
-
-        def backward(res: Any, ct: Any) -> tuple[Any, Any, Any]:
-            vjp, top, tmax = res
-            return vjp(ct)[0], _zeros(top), _zeros(tmax)
-
-        fused.defvjp(forward, backward)
-        outs = fused(raw, top, tmax)
-        return {o: outs[o].astype(self.dtypes[o]) for o in self.epilogue_outputs}
+        return run_with_epilogue(self, arrays)
 
     def query_block(self, tile: int) -> int:
         """A power of two of at least 16: Triton's block shapes and ``tl.dot`` need both."""
@@ -237,7 +181,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
 
         @jax.custom_vjp
         def loop(raw: dict[str, Any], top: Any, tmax: Any) -> dict[str, jax.Array]:
-            return self._checked(raw, top, tmax, epilogue=False)
+            return self.checked(raw, top, tmax, epilogue=False)
 
         def forward(raw: Any, top: Any, tmax: Any) -> tuple[Any, Any]:
             finals = loop(raw, top, tmax)
@@ -250,12 +194,12 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             else:
                 _, vjp = jax.vjp(lambda r: jax_loop(r, top, None), raw)
                 grads = vjp(ct)[0]
-            return grads, _zeros(top), _zeros(tmax)
+            return grads, zeros_or_none(top), zeros_or_none(tmax)
 
         loop.defvjp(forward, backward)
         return loop(raw, top, tmax)
 
-    def _checked(
+    def checked(
         self, raw: dict[str, Any], top: Any, tmax: Any, *, epilogue: bool
     ) -> dict[str, jax.Array]:
         """The kernel skipping what its mask or key padding lets it, and where a finite fill
@@ -481,7 +425,3 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         values = {**state, **run({n: state[n] for n, _ in self.epilogue.inputs})}
         for ref, name in zip(outs, results):
             ref[...] = values[name].astype(ref.dtype).reshape(ref.shape)
-
-
-def _zeros(x: Any) -> Any:
-    return None if x is None else jnp.zeros_like(x)
