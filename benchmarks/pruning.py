@@ -1,4 +1,5 @@
-"""MiniLM with SpAtten token pruning (``prune-tokens``): keep schedules x cost x quality.
+"""MiniLM with SpAtten token and head pruning (``prune-tokens``, ``prune-heads``): keep
+schedules x cost x quality.
 
 For each keep schedule: XLA's FLOPs of one batch (ratio to dense), the run time of one batch
 (batch 16, padded to 256 tokens) as a ratio of medians to the dense einfuse program, timed
@@ -7,10 +8,11 @@ embedding to the dense embedding (mean and min) over the evaluation texts of
 ``benchmarks/data/pruning_texts.json`` (224 generated texts of 64-256 tokens; the calibration
 split is not used here). ``real kept``:
 the share of real (unpadded) tokens still present after the last pruning point; padding
-receives no attention, so it is pruned first.
+receives no attention, so it is pruned first (1.00 for head pruning, which keeps every token).
 
     python -m benchmarks.pruning                 # the table in benchmarks/RESULTS.md
     python -m benchmarks.pruning --texts 64 --repeats 3
+    python -m benchmarks.pruning --schedule "prune-heads{keep=0.5,start=2}"
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SCHEDULES = (
     "prune-tokens{keep=1:1:0.9:0.8:0.7:0.6}",
     "prune-tokens{keep=0.5,start=4}",
     "prune-tokens{keep=0.4,start=1}",
+    "prune-heads{keep=0.75,start=2}",
+    "prune-heads{keep=0.5,start=2}",
+    "prune-heads{keep=1:1:0.75:0.75:0.5:0.5}",
 )
 
 
@@ -44,7 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--schedule",
+        action="append",
+        help="measure only these pipelines (repeatable; the dense one is always measured)",
+    )
     args = parser.parse_args(argv)
+    schedules = ("", *args.schedule) if args.schedule else SCHEDULES
 
     params = minilm.load_params()
     texts = json.loads(DATA.read_text())["evaluation"][: args.texts]
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         (ids[i : i + args.batch], mask[i : i + args.batch])
         for i in range(0, len(texts), args.batch)
     ]
-    fns = {s: einfuse.jit(minilm.encode, passes=s or None) for s in SCHEDULES}
+    fns = {s: einfuse.jit(minilm.encode, passes=s or None) for s in schedules}
     rows: dict[str, dict[str, Any]] = {}
     dense = np.concatenate([np.asarray(fns[""](params, *b)) for b in batches])
     for s, f in fns.items():

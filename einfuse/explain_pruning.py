@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from einfuse.einsum_cascade.lift import Opaque, Program
+from einfuse.passes.prune_heads import OP_PREFIX as HEAD_PREFIX
 from einfuse.passes.prune_tokens import OP_PREFIX
 
 ROWS_SHOWN = 4
@@ -27,13 +28,14 @@ class PruningPoint:
     positions: int  # value id of the kept tokens' original positions [batch, kept]
 
 
-def pruning_points(program: Program) -> list[PruningPoint]:
+def pruning_points(program: Program, prefix: str = OP_PREFIX) -> list[PruningPoint]:
+    """The top-k ops of prune-tokens (or, with ``prefix``, prune-heads), in order."""
     out = []
     for seg in program.segments:
         name = seg.eqn.params.get("name", "") if isinstance(seg, Opaque) else ""
-        if not str(name).startswith(OP_PREFIX):
+        if not str(name).startswith(prefix):
             continue
-        layer = int(str(name)[len(OP_PREFIX) :].split("_")[0])
+        layer = int(str(name)[len(prefix) :].split("_")[0])
         acc, pos = seg.eqn.outvars[0], seg.eqn.outvars[1]
         before = program.avals[seg.eqn.invars[0]].shape[-1]  # type: ignore[index]
         kept = program.avals[acc].shape[-1]  # type: ignore[index]
@@ -83,8 +85,16 @@ def pruning_lines(
     from jax._src import core
 
     points = pruning_points(program)
-    if not points:
+    heads = pruning_points(program, HEAD_PREFIX)
+    if not points and not heads:
         return ""
     concrete = all(not isinstance(x, jax.ShapeDtypeStruct | core.Tracer) for x in leaves)
-    kept = kept_positions(points, environment, leaves) if concrete else None
-    return "\n" + "\n".join(describe_pruning(program, kept)) + "\n"
+    kept = kept_positions(points, environment, leaves) if concrete and points else None
+    lines = describe_pruning(program, kept)
+    if heads:
+        counts = ", ".join(f"layer {p.layer} keeps {p.kept} of {p.before}" for p in heads)
+        lines.append(f"head pruning (heads after each layer's attention): {counts}")
+        if concrete:
+            for p, which in zip(heads, kept_positions(heads, environment, leaves)):
+                lines.append(f"  heads kept by layer {p.layer}: {which.tolist()}")
+    return "\n" + "\n".join(lines) + "\n"

@@ -76,6 +76,20 @@ def pruned_reference(
     """Embeddings when, after layer ``i``'s attention, only the original positions
     ``kept[i][b]`` of each row go on (every later op runs on those rows); and per layer the
     accumulated importance of the tokens present, to check ``kept`` is its top-k."""
+    out, importances, _ = reference(params, ids, mask, kept, {})
+    return out, importances
+
+
+def reference(
+    params: dict[str, Any],
+    ids: np.ndarray,
+    mask: np.ndarray,
+    kept: dict[int, np.ndarray],
+    heads_kept: dict[int, np.ndarray],
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """``pruned_reference`` with head pruning too: from layer ``i`` on, only the heads
+    ``heads_kept[i]`` (original indices) have nonzero outputs. Also returns per layer the
+    accumulated head importance (sum of |head output|), to check ``heads_kept`` is its top-k."""
     cfg, emb = params["config"], params["embeddings"]
     eps, heads = cfg.layer_norm_eps, cfg.num_heads
     batch, seq = ids.shape
@@ -84,7 +98,8 @@ def pruned_reference(
     m = mask.astype(np.float64)
     pos = np.broadcast_to(np.arange(seq), (batch, seq))
     acc = np.zeros((batch, seq))
-    importances = []
+    importances, head_acc, head_importances = [], np.zeros(heads), []
+    alive = np.ones(heads)
     for i, layer in enumerate(params["layers"]):
         n, hd = x.shape[1], x.shape[2] // heads
         q, k, v = (
@@ -96,7 +111,12 @@ def pruned_reference(
         probs /= probs.sum(-1, keepdims=True)
         acc = acc + probs.sum(axis=(1, 2))
         importances.append(acc.copy())
-        ctx = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, n, heads * hd)
+        ctx = np.einsum("bhqk,bkhd->bqhd", probs, v) * alive[:, None]
+        head_acc = head_acc + np.abs(ctx).sum(axis=(0, 1, 3))
+        head_importances.append(head_acc.copy())
+        if i in heads_kept:
+            alive = np.isin(np.arange(heads), heads_kept[i]).astype(np.float64)
+        ctx = (ctx * alive[:, None]).reshape(batch, n, heads * hd)
         if i in kept:
             rows = [np.searchsorted(pos[b], kept[i][b]) for b in range(batch)]
             x, ctx, m, acc, pos = (
@@ -107,4 +127,5 @@ def pruned_reference(
         h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
         x = _ln(x + _dense(h, layer["mlp_out"]), layer["mlp_ln"], eps)
     pooled = np.einsum("bsh,bs->bh", x, m) / np.maximum(m.sum(1, keepdims=True), 1e-9)
-    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True), importances
+    out = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    return out, importances, head_importances

@@ -5,6 +5,7 @@ import einfuse.passes.defer
 import einfuse.passes.fold_scale
 import einfuse.passes.fuse
 import einfuse.passes.partition
+import einfuse.passes.prune_heads
 import einfuse.passes.prune_tokens
 import einfuse.passes.sink_casts
 import einfuse.passes.unify_ranks  # noqa: F401

@@ -11,7 +11,7 @@ derivative rules (softmax's stop_gradient), have the old shapes.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import replace
 
 import jax
@@ -28,8 +28,30 @@ from einfuse.passes.prune_attention import PruneError
 _SHAPE_PARAMS = frozenset({"iota", "full", "broadcast", "rng_uniform", "random_bits"})
 
 
-def resize_region(region: Region, avals: MutableMapping[int, core.ShapedArray]) -> Region:
-    """``region`` at the shapes ``avals`` now gives its inputs; updates its outputs' avals."""
+def resize_region(
+    region: Region,
+    avals: MutableMapping[int, core.ShapedArray],
+    extra: Mapping[str, int] | None = None,
+) -> Region:
+    """``region`` at the shapes ``avals`` now gives its inputs; updates its outputs' avals.
+    ``extra`` resizes ranks no input shows (prune-heads: the head rank of ``Q[s*U+u]``)."""
+    c = region.cascade
+    sizes = new_sizes(region, avals)
+    sizes.update(extra or {})
+    if not sizes:
+        return region
+    follow_accesses(c, sizes)
+    _refuse_baked_counts(c, sizes)
+    cascade = verify(c.with_sizes(**sizes))
+    for value, tensor in zip(region.outputs, region.output_tensors):
+        shape = tuple(int(n) for n in cascade.tensor_shape(tensor))
+        avals[value] = avals[value].update(shape=shape)
+    # Its original equations, which carry its derivative rules, hold the old shapes.
+    return replace(region, cascade=cascade, derivative="none")
+
+
+def new_sizes(region: Region, avals: Mapping[int, core.ShapedArray]) -> dict[str, int]:
+    """The ranks whose size the region's inputs now disagree on, with their new sizes."""
     c = region.cascade
     sizes: dict[str, int] = {}
     for value, tensor in zip(region.inputs, region.input_tensors):
@@ -41,19 +63,10 @@ def resize_region(region: Region, avals: MutableMapping[int, core.ShapedArray]) 
                     f"(tensor {tensor} holds %{value}): a value over the pruned tokens was "
                     "not pruned with them"
                 )
-    if not sizes:
-        return region
-    _follow_accesses(c, sizes)
-    _refuse_baked_counts(c, sizes)
-    cascade = verify(c.with_sizes(**sizes))
-    for value, tensor in zip(region.outputs, region.output_tensors):
-        shape = tuple(int(n) for n in cascade.tensor_shape(tensor))
-        avals[value] = avals[value].update(shape=shape)
-    # Its original equations, which carry its derivative rules, hold the old shapes.
-    return replace(region, cascade=cascade, derivative="none")
+    return sizes
 
 
-def _follow_accesses(c: Cascade, sizes: dict[str, int]) -> None:
+def follow_accesses(c: Cascade, sizes: dict[str, int]) -> None:
     """Resize the ranks that read a resized rank whole (``K[g] = X[b]`` with ``b`` resized: the
     key rank ``g`` is the same tokens under another name), until nothing changes."""
     pairs = set()
@@ -131,17 +144,18 @@ def _bind(flat: FlatEqn, xs: tuple) -> list:
 def _reshaped(
     old_in: tuple[int, ...], new_in: tuple[int, ...], sizes: tuple[int, ...], where: str
 ) -> tuple[int, ...]:
-    """A reshape's new sizes: each resized input dim must be a dim of its own in the output,
-    at the same offset (the product of the dims before it)."""
+    """A reshape's new sizes: each resized input dim must start an output dim at the same
+    offset (the product of the dims before it), alone or merged with the unchanged dims after
+    it (prune-heads: ``[b, t, heads, d] -> [b, t, heads*d]``)."""
     out = list(sizes)
     for j, (o, n) in enumerate(zip(old_in, new_in)):
         if o == n:
             continue
         before = _prod(old_in[:j])
-        match = [i for i in range(len(sizes)) if _prod(sizes[:i]) == before and sizes[i] == o]
+        match = [i for i in range(len(sizes)) if _prod(sizes[:i]) == before and sizes[i] % o == 0]
         if len(match) != 1:
             raise PruneError(f"{where} merges or splits the pruned axis; it cannot be resized")
-        out[match[0]] = n
+        out[match[0]] = sizes[match[0]] // o * n
     return tuple(out)
 
 

@@ -23,6 +23,7 @@ import itertools
 import math
 from typing import TYPE_CHECKING
 
+from einfuse.einsum_cascade.lift import Opaque
 from einfuse.passes.manager import register_program_pass
 from einfuse.passes.prune_attention import PruneError, attention_sites
 
@@ -32,28 +33,30 @@ if TYPE_CHECKING:
 OP_PREFIX = "prune_tokens_layer"  # the top-k ops' names: prune_tokens_layer<i>_keep<k>
 
 
-def keep_schedule(keep: float | str, start: int, layers: int) -> list[float]:
-    """The fraction of tokens kept after each layer's attention."""
+def keep_schedule(
+    keep: float | str, start: int, layers: int, name: str = "prune-tokens"
+) -> list[float]:
+    """The fraction of tokens (or heads) kept after each layer's attention."""
     if isinstance(keep, str):
         if start:
-            raise PruneError("prune-tokens: give start= or a per-layer keep=a:b:..., not both")
+            raise PruneError(f"{name}: give start= or a per-layer keep=a:b:..., not both")
         try:
             ratios = [float(x) for x in keep.split(":")]
         except ValueError:
-            raise PruneError(f"prune-tokens: keep={keep!r} is not a list of numbers") from None
+            raise PruneError(f"{name}: keep={keep!r} is not a list of numbers") from None
         if len(ratios) != layers:
             raise PruneError(
-                f"prune-tokens: keep={keep} has {len(ratios)} ratios; the program has "
+                f"{name}: keep={keep} has {len(ratios)} ratios; the program has "
                 f"{layers} attention layers"
             )
     else:
         if not 0 <= start < layers:
-            raise PruneError(f"prune-tokens: start={start}; the program has layers 0..{layers - 1}")
+            raise PruneError(f"{name}: start={start}; the program has layers 0..{layers - 1}")
         ratios = [1.0] * start + [float(keep)] * (layers - start)
     if any(not 0 < r <= 1 for r in ratios):
-        raise PruneError(f"prune-tokens: keep ratios must lie in (0, 1]; got {ratios}")
+        raise PruneError(f"{name}: keep ratios must lie in (0, 1]; got {ratios}")
     if any(b > a for a, b in itertools.pairwise(ratios)):
-        raise PruneError(f"prune-tokens: keep ratios must not grow (pruned tokens stay): {ratios}")
+        raise PruneError(f"{name}: keep ratios must not grow (pruned ones stay): {ratios}")
     return ratios
 
 
@@ -66,6 +69,12 @@ def prune_tokens(program: Program, keep: float | str = 1.0, start: int = 0) -> P
     layers = sum(len(s) for s in sites)
     if layers == 0:
         raise PruneError("prune-tokens: the program has no softmax attention to prune")
+    if any(
+        str(seg.eqn.params.get("name", "")).startswith("prune_heads")
+        for seg in program.segments
+        if isinstance(seg, Opaque)
+    ):
+        raise PruneError("prune-tokens: cannot follow prune-heads in one pipeline (not supported)")
     ratios = keep_schedule(keep, start, layers)
     length = next(int(r.cascade.size(s[0].key)) for r, s in zip(program.regions, sites) if s)
     kept = [max(1, math.ceil(r * length)) for r in ratios]
