@@ -152,16 +152,7 @@ def tune_model(job: Job) -> TuneResult:
         evaluated = "evaluated" if worker is None else shares.evaluated_attr(worker)
         study.set_user_attr(evaluated, screening.evaluated)
         study.set_user_attr("candidates_per_s", screening.rate)
-    candidate = space.candidate(best.point)
-    record = BestRecord(
-        key=job.key,
-        pipeline=candidate.pipeline,
-        schedule=str(candidate.schedule),
-        params=dict(best.point),
-        objective="model",
-        predicted_s=best.seconds,
-        default_s=default.seconds if default and math.isfinite(default.seconds) else None,
-    )
+    record = model_record(job, best, default)
     if worker is None:  # a worker's best is its own: the deciding process stores the study's
         store.save_best(study, record)
     failed = [x for x in screening.scores if not math.isfinite(x.seconds)]
@@ -374,3 +365,17 @@ def _hybrid_round(job: Job, search: MeasuredSearch, trials: int) -> dict[str, Po
             batch.append((None, search.candidate(search.searched_point(point))))
         search.measure(batch)
     return best_point
+
+
+def model_record(job: Job, best: Any, default: Any) -> BestRecord:
+    """The stored choice of a model search: ``best``'s program, priced against the default's."""
+    candidate = job.space.candidate(best.point)
+    return BestRecord(
+        key=job.key,
+        pipeline=candidate.pipeline,
+        schedule=str(candidate.schedule),
+        params=dict(best.point),
+        objective="model",
+        predicted_s=best.seconds,
+        default_s=default.seconds if default and math.isfinite(default.seconds) else None,
+    )

@@ -17,7 +17,6 @@ choice; afterwards one process (``workers=N``) does, from what all of them store
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -77,6 +76,8 @@ def finish_model(job: Job, workers: int) -> TuneResult:
     """The model's choice from every worker's stored trials (the best, ties as `screen`)."""
     from optuna.trial import TrialState
 
+    from einfuse.autotune.objectives import model_record
+
     space, study, store = job.space, job.study, job.store
     with store.guard():
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -94,16 +95,7 @@ def finish_model(job: Job, workers: int) -> TuneResult:
     best, default_point = ranked[0], space.default_point()
     default = next((s for s in ranked if s.point == default_point), None)
     evaluated = sum(attrs.get(evaluated_attr((i, workers)), 0) for i in range(workers))
-    candidate = space.candidate(best.point)
-    record = BestRecord(
-        key=job.key,
-        pipeline=candidate.pipeline,
-        schedule=str(candidate.schedule),
-        params=dict(best.point),
-        objective="model",
-        predicted_s=best.seconds,
-        default_s=default.seconds if default and math.isfinite(default.seconds) else None,
-    )
+    record = model_record(job, best, default)
     with store.guard():
         study.set_user_attr("space_digest", space.digest())
         study.set_user_attr("evaluated", evaluated)

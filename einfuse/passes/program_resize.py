@@ -164,3 +164,23 @@ def _prod(xs: tuple[int, ...]) -> int:
     for x in xs:
         p *= int(x)
     return p
+
+
+def with_accumulator(
+    region: Region, cascade: Cascade, previous: int | None, acc_in: str, new: int, acc: str
+) -> Region:
+    """``region`` running ``cascade``, which reads the running importance (value
+    ``previous``, if any) as tensor ``acc_in`` and writes the updated one as ``acc`` (value
+    ``new``); its derivative is none: its original equations do not compute the importance."""
+    inputs, tensors = region.inputs, region.input_tensors
+    if previous is not None:
+        inputs, tensors = (*inputs, previous), (*tensors, acc_in)
+    return replace(
+        region,
+        cascade=cascade,
+        inputs=inputs,
+        input_tensors=tensors,
+        outputs=(*region.outputs, new),
+        output_tensors=(*region.output_tensors, acc),
+        derivative="none",
+    )

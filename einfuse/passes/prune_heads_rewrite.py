@@ -15,7 +15,13 @@ from einfuse.einsum_cascade.lift_flatten import FlatEqn
 from einfuse.ir.cascade import Einsum, TensorDecl
 from einfuse.ir.expr import Access, Op, Var
 from einfuse.passes.defer import unique_name
-from einfuse.passes.program_resize import follow_accesses, new_sizes, resize_opaque, resize_region
+from einfuse.passes.program_resize import (
+    follow_accesses,
+    new_sizes,
+    resize_opaque,
+    resize_region,
+    with_accumulator,
+)
 from einfuse.passes.prune_attention import AttentionSite, PruneError
 from einfuse.passes.prune_heads import GATHER_NAME, OP_PREFIX, HeadSite
 
@@ -140,25 +146,16 @@ class _Rewrite:
         acc_in = unique_name("HEAD_ACCUMULATED_IN", taken | {imp, acc})
         left = (Var(hs.head),)
         einsums = [*c.einsums, Einsum(imp, left, Op("abs", (Access(ctx, tuple(map(Var, ranks))),)))]
-        inputs, tensors = region.inputs, region.input_tensors
         decls = list(c.inputs)
         if self.acc is not None:
             decls.append(TensorDecl(acc_in, (hs.head,), site.dtype))
             einsums.append(Einsum(acc, left, Op("add", (Access(imp, left), Access(acc_in, left)))))
-            inputs, tensors = (*inputs, self.acc), (*tensors, acc_in)
         else:
             acc = imp
         cascade = c.with_einsums(einsums, inputs=tuple(decls), outputs=(*c.outputs, acc))
+        previous = self.acc
         self.acc = self.fresh(jax.core.ShapedArray((self.current,), jnp.dtype(site.dtype)))
-        region = replace(
-            region,
-            cascade=cascade,
-            inputs=inputs,
-            input_tensors=tensors,
-            outputs=(*region.outputs, self.acc),
-            output_tensors=(*region.output_tensors, acc),
-            derivative="none",  # its original equations do not compute the importance
-        )
+        region = with_accumulator(region, cascade, previous, acc_in, self.acc, acc)
         return region, value, ranks.index(hs.head)
 
     def _prune(self, layer: int, k: int, context: int, axis: int) -> Opaque:

@@ -13,7 +13,7 @@ from jax import lax
 
 from einfuse.einsum_cascade.lift import Opaque, Program, Region, Segment
 from einfuse.einsum_cascade.lift_flatten import FlatEqn
-from einfuse.passes.program_resize import resize_opaque, resize_region
+from einfuse.passes.program_resize import resize_opaque, resize_region, with_accumulator
 from einfuse.passes.prune_attention import AttentionSite, PruneError, add_importance
 from einfuse.passes.prune_tokens import OP_PREFIX
 
@@ -76,20 +76,10 @@ class _Rewrite:
 
     def _with_importance(self, region: Region, site: AttentionSite) -> Region:
         cascade, acc, acc_in = add_importance(region.cascade, site, self.acc is not None)
-        inputs, tensors = region.inputs, region.input_tensors
-        if self.acc is not None:
-            inputs, tensors = (*inputs, self.acc), (*tensors, acc_in)
+        previous = self.acc
         shape = tuple(int(n) for n in cascade.tensor_shape(acc))
         self.acc = self.fresh(jax.core.ShapedArray(shape, jnp.dtype(site.dtype)))
-        return replace(
-            region,
-            cascade=cascade,
-            inputs=inputs,
-            input_tensors=tensors,
-            outputs=(*region.outputs, self.acc),
-            output_tensors=(*region.output_tensors, acc),
-            derivative="none",  # its original equations do not compute the importance
-        )
+        return with_accumulator(region, cascade, previous, acc_in, self.acc, acc)
 
     def _prune(self, layer: int, j: int, k: int) -> Opaque:
         """The top-k op after segment ``j``: gathers every token value read later."""
