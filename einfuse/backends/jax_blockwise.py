@@ -179,7 +179,7 @@ class BlockwiseCascade:
             base = name.removesuffix("__blk")
             x = jnp.asarray(env[base])
             if name.endswith("__blk"):  # zero-pad the loop rank to whole tiles
-                x = _pad_to(x, self.plan.tiles[base][0], steps * tile)
+                x = pad_to(x, self.plan.tiles[base][0], steps * tile)
             raw[name] = x
         for t in g.carried:
             raw[f"{t}__prev"] = jnp.asarray(env[f"{t}__init"], self.carry[t])
@@ -189,9 +189,14 @@ class BlockwiseCascade:
             top = masked_top(mask, env, self.carry_dtype)
         pad, tmax = self.plan.padding, None
         if self.keymax is not None and pad is not None:
-            tmax = tile_max_by_row(pad, self.keymax, env, self.rows, self.sizes)
+            tmax = self.padding_maxima(env)
             top = padding_bound(pad, env)
         return raw, top, tmax
+
+    def padding_maxima(self, env: Mapping[str, Any]) -> jax.Array:
+        """Key padding's per-tile key maxima, one row per mapped row (``[rows, steps]``)."""
+        assert self.plan.padding is not None and self.keymax is not None
+        return tile_max_by_row(self.plan.padding, self.keymax, env, self.rows, self.sizes)
 
     def run_loop(
         self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None
@@ -353,7 +358,7 @@ class BlockwiseCascade:
         """``[..., P, ...]`` -> ``[blocks, ..., P0, ...]``, zero-padded to whole blocks."""
         if d is None:
             return x
-        x = _pad_to(x, d, self.q_blocks * self.q_tile)
+        x = pad_to(x, d, self.q_blocks * self.q_tile)
         x = x.reshape((*x.shape[:d], self.q_blocks, self.q_tile, *x.shape[d + 1 :]))
         return jnp.moveaxis(x, d, 0)
 
@@ -368,7 +373,7 @@ class BlockwiseCascade:
         return lax.slice_in_dim(x, 0, self.sizes[self.query], axis=d)
 
 
-def _pad_to(x: jax.Array, d: int, n: int) -> jax.Array:
+def pad_to(x: jax.Array, d: int, n: int) -> jax.Array:
     pad = n - x.shape[d]
     if pad <= 0:
         return x

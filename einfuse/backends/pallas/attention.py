@@ -136,13 +136,23 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
             )
 
         self.epilogue = plan_epilogue(self, options)
-        # The backward: two Pallas kernels where the loop allows it, else the JAX loop's.
-        self.backward: PallasBackward | None = None
-        self.backward_note = ""
+        self.lower_options = options  # for the backward kernels, built when differentiated
+
+    @functools.cached_property
+    def _backward(self) -> tuple[PallasBackward | None, str]:
+        """Two Pallas kernels where the loop allows it, else the JAX loop's VJP (and why)."""
         try:
-            self.backward = PallasBackward(self, options)
+            return PallasBackward(self, self.lower_options), ""
         except BackendUnsupported as e:
-            self.backward_note = f"backward through the JAX loop: {e}"
+            return None, f"backward through the JAX loop: {e}"
+
+    @property
+    def backward(self) -> PallasBackward | None:
+        return self._backward[0]
+
+    @property
+    def backward_note(self) -> str:
+        return self._backward[1]
 
     def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
         if self.epilogue is None:
@@ -162,17 +172,12 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
         return self.kernel_body.source(fn_name)
 
     # -- the loop -----------------------------------------------------------------------
-    def loop_inputs(
-        self, env: Mapping[str, Any]
-    ) -> tuple[dict[str, jax.Array], jax.Array | None, jax.Array | None]:
-        """As the JAX loop's, with key padding's per-tile maxima by grid row
-        (``[*grid rows, steps]``), one row of skip flags per program."""
-        raw, top, tmax = super().loop_inputs(env)
-        pad = self.plan.padding
-        if tmax is not None and pad is not None and self.keymax is not None:
-            tmax = tile_max_by_row(pad, self.keymax, env, self.grid_rows, self.sizes)
-            tmax = tmax.reshape((*(self.sizes[r] for r in self.grid_rows), tmax.shape[-1]))
-        return raw, top, tmax
+    def padding_maxima(self, env: Mapping[str, Any]) -> jax.Array:
+        """Key padding's per-tile key maxima by grid row (``[*grid rows, steps]``): one row
+        of skip flags per program."""
+        assert self.plan.padding is not None and self.keymax is not None
+        tmax = tile_max_by_row(self.plan.padding, self.keymax, env, self.grid_rows, self.sizes)
+        return tmax.reshape((*(self.sizes[r] for r in self.grid_rows), tmax.shape[-1]))
 
     def run_loop(
         self, raw: dict[str, jax.Array], top: jax.Array | None, tmax: jax.Array | None
@@ -385,7 +390,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                 for t in g.carried:
                     inputs[f"{t}__prev"] = state[t]
                 # Triton takes no half-precision division or transcendental: in float32.
-                run = compatible(body, widen=True, unbatch=False) if triton else body
+                run = compatible(body, widen=triton, unbatch=False)
                 out = run({n: inputs[n] for n, _ in body.inputs})
                 return {t: out[t].astype(self.carry[t]) for t in g.carried}
 
@@ -421,7 +426,7 @@ class PallasBlockwise(KernelLayout, BlockwiseCascade):
                 ref[...] = state[t].reshape(ref.shape)
             return
         assert self.epilogue is not None
-        run = compatible(self.epilogue, widen=True, unbatch=False) if triton else self.epilogue
+        run = compatible(self.epilogue, widen=triton, unbatch=False)
         values = {**state, **run({n: state[n] for n, _ in self.epilogue.inputs})}
         for ref, name in zip(outs, results):
             ref[...] = values[name].astype(ref.dtype).reshape(ref.shape)

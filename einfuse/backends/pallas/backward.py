@@ -245,7 +245,7 @@ class PallasBackward:
 
         # Triton takes no half-precision division or transcendental (the VJP of a scale
         # is one): those run in float32 and round back, as XLA's GPU backend does.
-        run = compatible(grads, widen=True, unbatch=False) if triton else grads
+        run = compatible(grads, widen=triton, unbatch=False)
         return run({n: inputs[n] for n in wrt}, {t: stats[f"{t}__ct"] for t in self.sums})
 
     def _dq_program(
@@ -254,12 +254,7 @@ class PallasBackward:
         fwd = self.fwd
         g = fwd.plan.group
         tile, steps = fwd.sizes[g.inner], fwd.sizes[g.rank]
-        n_in = len(ins)
-        in_refs = dict(zip(ins, refs[:n_in]))
-        stat_refs = dict(zip(stats, refs[n_in : n_in + len(stats)]))
-        outs = refs[n_in + len(stats) :]
-        j = pl.program_id(len(fwd.grid_rows))
-        ids = {r: pl.program_id(k) for k, r in enumerate(fwd.grid_rows)}
+        in_refs, stat_refs, outs, ids, j = _program_refs(fwd.grid_rows, ins, stats, refs)
         fixed = {n: fwd.unit(n, in_refs[n][...], tpu) for n in self.queries}
         st = self._stat_values(stat_refs, tpu)
 
@@ -297,12 +292,7 @@ class PallasBackward:
         self, ins: list[str], stats: list[str], tpu: bool, triton: bool, *refs: Any
     ) -> None:
         fwd = self.fwd
-        n_in = len(ins)
-        in_refs = dict(zip(ins, refs[:n_in]))
-        stat_refs = dict(zip(stats, refs[n_in : n_in + len(stats)]))
-        outs = refs[n_in + len(stats) :]
-        k = pl.program_id(len(fwd.grid_rows))
-        ids = {r: pl.program_id(i) for i, r in enumerate(fwd.grid_rows)}
+        in_refs, stat_refs, outs, ids, k = _program_refs(fwd.grid_rows, ins, stats, refs)
         tiles = {n: fwd.unit(n, in_refs[n][...], tpu) for n in self.keys}
         q_tile = fwd.q_tile
 
@@ -363,6 +353,18 @@ class PallasBackward:
         out = {t: values[t] for t in self.maxima}
         out.update({f"{t}__ct": values[t] for t in self.sums})
         return out
+
+
+def _program_refs(
+    rows: tuple[str, ...], ins: list[str], stats: list[str], refs: tuple[Any, ...]
+) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...], dict[str, Any], Any]:
+    """A backward program's input refs, statistic refs and output refs by name, its grid
+    row ids, and its last grid id (the query block for dQ, the key tile for dK/dV)."""
+    n = len(ins)
+    in_refs = dict(zip(ins, refs[:n]))
+    stat_refs = dict(zip(stats, refs[n : n + len(stats)]))
+    ids = {r: pl.program_id(k) for k, r in enumerate(rows)}
+    return in_refs, stat_refs, refs[n + len(stats) :], ids, pl.program_id(len(rows))
 
 
 def _triton(platform: str) -> bool:

@@ -40,7 +40,9 @@ NATIVE = frozenset(
 
 def compatible(fn: Callable[..., Any], *, widen: bool, unbatch: bool) -> Callable[..., Any]:
     """``fn`` with half-precision ops outside ``NATIVE`` computed in float32 (``widen``) and
-    batched dots as a product and a sum (``unbatch``)."""
+    batched dots as a product and a sum (``unbatch``); ``fn`` itself when asked for neither."""
+    if not widen and not unbatch:
+        return fn
 
     def run(*args: Any) -> Any:
         closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)

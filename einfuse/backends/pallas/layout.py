@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from einfuse.backends.jax_blockwise import _pad_to
+from einfuse.backends.jax_blockwise import pad_to
 from einfuse.backends.jax_values import BackendUnsupported
 from einfuse.ir.expr import Const, Expr, Op, Size, Var
 
@@ -81,7 +81,7 @@ class KernelLayout:
         if trailing:
             x = x[..., None]
         if (d := self.query_dim(name, tpu)) is not None:
-            x = _pad_to(x, d, self.q_blocks * self.q_tile)
+            x = pad_to(x, d, self.q_blocks * self.q_tile)
         return x
 
     def from_kernel(self, name: str, y: jax.Array, tpu: bool) -> jax.Array:
