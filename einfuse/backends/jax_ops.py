@@ -131,6 +131,7 @@ _ELEMENTWISE_CALLS: dict[str, tuple[Callable[..., Any], str]] = {
     "max": (jnp.maximum, "jnp.maximum"),
     "min": (jnp.minimum, "jnp.minimum"),
     "pow": (jnp.power, "jnp.power"),
+    "mod": (jnp.mod, "jnp.mod"),
     "where": (jnp.where, "jnp.where"),
 }
 _INFIX: dict[str, tuple[Callable[..., Any], str]] = {

@@ -73,6 +73,7 @@ BINARY = {
     "max": np.maximum,
     "min": np.minimum,
     "pow": np.power,
+    "mod": np.mod,
     "lt": lambda a, b: _bool(a < b),
     "le": lambda a, b: _bool(a <= b),
     "gt": lambda a, b: _bool(a > b),
@@ -90,6 +91,8 @@ def round_to(x: np.ndarray | float, dtype: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return x if np_dtype is None else x.astype(np_dtype).astype(np.float64)
 
+
+_INDEX_OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "mod": np.mod}
 
 REDUCERS = {"sum": np.sum, "max": np.max, "min": np.min, "prod": np.prod}
 
@@ -362,9 +365,9 @@ class _Evaluator:
             return self.sizes[expr.rank]
         if isinstance(expr, Const) and isinstance(expr.value, int):
             return expr.value
-        if isinstance(expr, Op) and expr.op in ("add", "sub", "mul"):
+        if isinstance(expr, Op) and expr.op in _INDEX_OPS:
             a, b = (self.index(x, env) for x in expr.args)
-            return {"add": np.add, "sub": np.subtract, "mul": np.multiply}[expr.op](a, b)
+            return _INDEX_OPS[expr.op](a, b)
         raise EinfuseError(f"einsum {self.e.output}: index {expr} is not affine")
 
     def read(self, access: Access, env: dict[str, np.ndarray]) -> np.ndarray:

@@ -132,6 +132,11 @@ class Cascade:
     outputs: tuple[str, ...]
     sizes: tuple[tuple[str, SizeValue], ...] = ()
     partitions: tuple[Partition, ...] = ()
+    # Device ranks: ``(rank, mesh axis)``. A tensor with a device rank among its ranks is
+    # sharded over that axis (device i holds index i); one without is replicated. The
+    # reference reads them as plain ranks; ``einfuse.ir.devices`` says what each Einsum
+    # communicates.
+    devices: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Canonical sizes (defaults dropped, ints as ints) make equality mean "same program".
@@ -146,6 +151,7 @@ class Cascade:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "einsums", tuple(self.einsums))
         object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "devices", tuple(self.devices))
 
     # -- lookups --------------------------------------------------------------
     @cached_property
@@ -168,6 +174,16 @@ class Cascade:
         for r, _ in self.sizes:
             seen.setdefault(r)
         return tuple(seen)
+
+    def device_axis(self, rank: str) -> str | None:
+        """The mesh axis a device rank is bound to; None for an ordinary rank."""
+        return dict(self.devices).get(rank)
+
+    def device_dim(self, tensor: str, axis: str) -> int | None:
+        """The dim of ``tensor`` sharded over ``axis`` (its device rank's), or None."""
+        axes = dict(self.devices)
+        dims = [d for d, r in enumerate(self.tensor_ranks(tensor)) if axes.get(r) == axis]
+        return dims[0] if dims else None
 
     def writer(self, tensor: str) -> Einsum | None:
         return self._writers.get(tensor)

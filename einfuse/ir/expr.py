@@ -45,6 +45,7 @@ BINARY_OPS = frozenset(
         "max",
         "min",
         "pow",
+        "mod",
         "lt",
         "le",
         "gt",
@@ -168,13 +169,14 @@ def size_refs(expr: Expr) -> set[str]:
 
 
 def is_index_expr(expr: Expr) -> bool:
-    """Index expressions are affine: ranks, sizes and integers under ``+``, ``-`` and ``*``."""
+    """Index expressions are affine (ranks, sizes and integers under ``+``, ``-`` and ``*``),
+    or ``mod`` of one: the ring reads of device ranks, ``S[mod(x+1, X), t]``."""
     for e in expr.walk():
         if isinstance(e, Access):
             return False
         if isinstance(e, Const) and not isinstance(e.value, int):
             return False
-        if isinstance(e, Op) and e.op not in ("add", "sub", "mul"):
+        if isinstance(e, Op) and e.op not in ("add", "sub", "mul", "mod"):
             return False
     return True
 

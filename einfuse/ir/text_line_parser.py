@@ -90,6 +90,12 @@ class LineParser:
             raise self.error(f"rank name {t.text!r} must be lower case ([a-z_][a-z0-9_]*)", t)
         return t.text
 
+    def device_binding(self) -> tuple[str, str]:
+        """``x on tp``: rank ``x`` is the position along mesh axis ``tp``."""
+        rank = self.rank_name()
+        self.take("on", kind="name")
+        return rank, self.take(kind="name").text
+
     def tensor_name(self) -> str:
         return self.take(kind="name").text
 

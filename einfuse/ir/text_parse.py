@@ -4,6 +4,7 @@ Grammar, one statement a line (``#`` starts a comment)::
 
     ranks e=64, m=M, m0=256, m1=ceiling(M/256)     # sizes; undeclared rank r has size R
     partition m -> m1, m0 by 256                   # record of a rank split
+    device x on tp, y on tp                        # device ranks: bound to mesh axis tp
     inputs Q[e, p], K[e, m], V[f, m]: bfloat16     # declarations (dtype optional)
     QK[m, p] = Q[e, p] * K[e, m]                   # sum over e (Einstein convention)
     GM[p] = max(m) QK[m, p]                        # explicit reduction operator
@@ -58,6 +59,7 @@ def parse(text: str, file: str = "") -> Cascade:
     outputs: list[str] = []
     sizes: list[tuple[str, SizeValue]] = []
     partitions: list[Partition] = []
+    devices: list[tuple[str, str]] = []
     stmts: list[_Stmt] = []
     outputs_loc: SourceLoc | None = None
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -92,6 +94,10 @@ def parse(text: str, file: str = "") -> Cascade:
             outputs_loc = loc
             outputs.extend(p.comma_separated(p.tensor_name))
             p.done()
+        elif head == "device":
+            p.take("device")
+            devices.extend(p.comma_separated(p.device_binding))
+            p.done()
         elif head == "partition":
             p.take("partition")
             rank = p.rank_name()
@@ -111,7 +117,9 @@ def parse(text: str, file: str = "") -> Cascade:
     if not outputs:
         raise ParseError("no 'outputs' line: name the tensors the cascade returns", where="syntax")
     del outputs_loc
-    return Cascade(tuple(inputs), tuple(einsums), tuple(outputs), tuple(sizes), tuple(partitions))
+    return Cascade(
+        tuple(inputs), tuple(einsums), tuple(outputs), tuple(sizes), tuple(partitions), devices
+    )
 
 
 def _parse_stmt(p: LineParser, loc: SourceLoc) -> _Stmt:

@@ -90,6 +90,8 @@ def format_cascade(c: Cascade) -> str:
         lines.append("ranks " + ", ".join(f"{r}={format_size(s)}" for r, s in c.sizes))
     for p in c.partitions:
         lines.append(f"partition {p.rank} -> {p.outer}, {p.inner} by {format_size(p.tile)}")
+    if c.devices:
+        lines.append("device " + ", ".join(f"{r} on {axis}" for r, axis in c.devices))
     if c.inputs:
         lines.append("inputs " + ", ".join(_fmt_decl(t) for t in c.inputs))
     lines.extend(format_einsum(e) for e in c.einsums)

@@ -34,7 +34,7 @@ from einfuse.ir.text_print import format_expr
 
 # Names the text form cannot give back: ``inf`` is a number, the others start statements.
 _TENSOR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_RESERVED = frozenset({"inf", "ranks", "inputs", "outputs", "partition"})
+_RESERVED = frozenset({"inf", "ranks", "inputs", "outputs", "partition", "device"})
 
 
 def verify(c: Cascade) -> Cascade:
@@ -65,6 +65,10 @@ def verify(c: Cascade) -> Cascade:
     for o in c.outputs:
         if o not in defined:
             raise VerifyError(f"output {o} is never written", where="outputs")
+    if c.devices:
+        from einfuse.ir.devices import check_devices
+
+        check_devices(c)
     g = c.graph()
     if not nx.is_directed_acyclic_graph(g):
         cycle = nx.find_cycle(g)

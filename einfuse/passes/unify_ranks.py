@@ -5,7 +5,8 @@ DIV1[f, h, b, g]`` may call the key axis ``g`` while the Einsum that wrote ``DIV
 called it ``e``. Analyses that follow an axis through the cascade (pass counts,
 partition, fuse) need the names to agree, so this pass renames: whenever a plain rank
 variable indexes a dimension declared with another rank of the same size, the two
-become one name (unless that would make two axes of one Einsum the same). A size-1
+become one name (unless that would make two axes of one Einsum the same; device ranks keep
+their names, since which device a read names is what it means). A size-1
 dimension read at the constant 0 is read with its rank instead, which means the same.
 """
 
@@ -54,6 +55,8 @@ def unify_ranks(c: Cascade) -> Cascade:
                     continue
                 if c.size(i.rank) != c.size(declared[d]):
                     continue
+                if c.device_axis(i.rank) or c.device_axis(declared[d]):
+                    continue  # which device a read names is its meaning, not its spelling
                 if _would_collide(c, classes, i.rank, declared[d]):
                     continue
                 classes.union(declared[d], i.rank)
@@ -98,7 +101,7 @@ def _rename(c: Cascade, mapping: dict[str, str]) -> Cascade:
         for e in c.einsums
     ]
     sizes = tuple((mapping.get(r, r), s) for r, s in c.sizes if r not in mapping)
-    return Cascade(inputs, tuple(einsums), c.outputs, sizes, c.partitions)
+    return Cascade(inputs, tuple(einsums), c.outputs, sizes, c.partitions, c.devices)
 
 
 def _size_one_reads(c: Cascade, e: Einsum) -> Einsum:
