@@ -23,8 +23,9 @@ AR[t, d] = P[y, t, d]
 SS[x, t0] = RS[x, t0, d] * RS[x, t0, d]
 N[x, t0, d] = RS[x, t0, d] * rsqrt(SS[x, t0] / D + 1e-05)
 G[z, t0, d] = N[z, t0, d]
+GT[t, d] = G[t/T0, mod(t, T0), d]
 R[x, t, d] = P[mod(x+1, X), t, d]
-outputs AR, G, R
+outputs AR, GT, R
 """
 
 
@@ -41,6 +42,7 @@ def test_text_round_trip_and_kinds() -> None:
         "SS": "local",
         "N": "local",
         "G": "all_gather",
+        "GT": "local",
         "R": "ppermute",
     }
     ring = next(m for m in collectives(c) if m.kind == "ppermute")
@@ -59,9 +61,8 @@ def test_reference_reads_device_ranks_as_ranks(seed: int) -> None:
     p = np.einsum("xth,xhd->xtd", a, w)
     np.testing.assert_allclose(out["AR"], p.sum(0), rtol=1e-12)
     rs = p.sum(0).reshape(4, 4, 6)
-    np.testing.assert_allclose(
-        out["G"], rs / np.sqrt((rs**2).mean(-1, keepdims=True) + 1e-5), rtol=1e-10
-    )
+    normed = rs / np.sqrt((rs**2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out["GT"], normed.reshape(16, 6), rtol=1e-10)
     np.testing.assert_allclose(out["R"], np.roll(p, -1, axis=0), rtol=1e-12)
 
 

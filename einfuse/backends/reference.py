@@ -92,7 +92,14 @@ def round_to(x: np.ndarray | float, dtype: str) -> np.ndarray:
     return x if np_dtype is None else x.astype(np_dtype).astype(np.float64)
 
 
-_INDEX_OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "mod": np.mod}
+# Index arithmetic is on integers: ``/`` floors.
+_INDEX_OPS = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "div": np.floor_divide,
+    "mod": np.mod,
+}
 
 REDUCERS = {"sum": np.sum, "max": np.max, "min": np.min, "prod": np.prod}
 

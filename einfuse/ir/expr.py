@@ -170,13 +170,14 @@ def size_refs(expr: Expr) -> set[str]:
 
 def is_index_expr(expr: Expr) -> bool:
     """Index expressions are affine (ranks, sizes and integers under ``+``, ``-`` and ``*``),
-    or ``mod`` of one: the ring reads of device ranks, ``S[mod(x+1, X), t]``."""
+    with integer ``/`` (floor) and ``mod`` for ring reads and for reading a gathered
+    ``G[z, t0]`` as ``G[t/T0, mod(t, T0)]``."""
     for e in expr.walk():
         if isinstance(e, Access):
             return False
         if isinstance(e, Const) and not isinstance(e.value, int):
             return False
-        if isinstance(e, Op) and e.op not in ("add", "sub", "mul", "mod"):
+        if isinstance(e, Op) and e.op not in ("add", "sub", "mul", "div", "mod"):
             return False
     return True
 
