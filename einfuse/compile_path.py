@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from einfuse.autotune.key import TuningKey
     from einfuse.cost_model.target import Target
     from einfuse.einsum_cascade.lift import Program, Region
+    from einfuse.passes.manager import Steps
 
 CANONICAL = "unify-ranks"
 
@@ -89,6 +90,7 @@ class PassStep:
     spec: str
     before: Cascade
     after: Cascade
+    steps: Steps = ()  # the named rewrites the pass made on the way (fuse's four)
 
     @property
     def changed(self) -> bool:
@@ -129,8 +131,12 @@ class Compiled:
     steps: tuple[PassStep, ...]
 
     def history(self) -> tuple[tuple[str, str], ...]:
-        """``(pass, cascade text)`` after each pass."""
-        return tuple((s.spec, str(s.after)) for s in self.steps)
+        """``(pass, cascade text)`` after each pass, and after each rewrite inside one."""
+        out: list[tuple[str, str]] = []
+        for s in self.steps:
+            out.extend((f"{s.spec}: {name}", str(c)) for name, c in s.steps)
+            out.append((s.spec, str(s.after)))
+        return tuple(out)
 
 
 def run_pipeline(
@@ -148,8 +154,9 @@ def run_pipeline(
     if pipeline:
         result = run_passes(canonical, pipeline, check=check)
         cascade = result.cascade
-        for (_, before), (spec, after) in itertools.pairwise(result.history):
-            steps.append(PassStep(spec, before, after))
+        pairs = itertools.pairwise(result.history)
+        for ((_, before), (spec, after)), inner in zip(pairs, result.steps[1:], strict=True):
+            steps.append(PassStep(spec, before, after, inner))
     if schedule is not None:
         check_schedule(schedule, canonical, cascade)
     return Compiled(canonical, cascade, pipeline or "", schedule, tuple(steps))

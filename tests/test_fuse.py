@@ -107,6 +107,26 @@ def test_fused_3pass_attention_matches_on_any_tile(m: int, tile: int) -> None:
     )
 
 
+def test_print_after_all_shows_every_rewrite_fuse_makes_and_each_keeps_results() -> None:
+    """fuse is four rewrites (fold-scale changes rounding): each is named and each is exact."""
+    rng = np.random.default_rng(7)
+    c = parse(ATTENTION_3PASS).with_sizes(e=3, f=2, m=9, p=5)
+    result = run_passes(c, "fuse{tile=4}")
+    names = [name for name, _ in result.steps[1]]
+    assert names == [
+        "sink-casts, fold-scale{rank=m}",
+        "partition m -> m1, m0 by 4",
+        "defer-division over m1",
+        "running maxima over m1",
+    ]
+    text = result.print_after_all()
+    assert text.index("after fuse{tile=4}: defer-division") < text.index("after fuse{tile=4}\n")
+    ins = {"Q": rand(rng, 3, 5), "K": rand(rng, 3, 9), "V": rand(rng, 2, 9)}
+    for _, step in result.steps[1]:
+        assert_same_results(c, verify(step), ins)
+    assert run_passes(attention("1pass", tile=3), "fuse").steps[1] == ()  # nothing to fuse
+
+
 def test_pipeline_fuses_an_already_partitioned_rank() -> None:
     c = parse(ATTENTION_3PASS)
     result = run_passes(c, "partition{rank=m,tile=4},fuse")

@@ -43,7 +43,7 @@ from einfuse.ir.verify import verify
 from einfuse.passes.dce import reads, remove_unread, unread
 from einfuse.passes.defer import defer, unique_name
 from einfuse.passes.fold_scale import fold_scale
-from einfuse.passes.manager import register_pass
+from einfuse.passes.manager import record_steps, register_pass
 from einfuse.passes.partition import PartitionError, partition, whole_outputs
 from einfuse.passes.pass_count import RankPasses, analyze_rank, pass_counts
 from einfuse.passes.scale import ChainPlan, MaxSource, NotFusable, analyze_chain, max_sources
@@ -131,12 +131,19 @@ def _fuse_rank(c: Cascade, rank: str, tile: int) -> tuple[Cascade, RankFusion]:
     if outputs:
         return unchanged(f"output {outputs[0]} has rank {rank}: it must be written whole")
     work = c
+    steps: list[tuple[str, Cascade]] = []
     if p is None:
         try:
-            work, p = _partition(fold_scale(sink_casts(c), rank), rank, tile)
+            work = fold_scale(sink_casts(c), rank)
+            steps.append((f"sink-casts, fold-scale{{rank={rank}}}", work))
+            work, p = _partition(work, rank, tile)
+            steps.append((f"partition {rank} -> {p.outer}, {p.inner} by {p.tile}", work))
         except (PartitionError, VerifyError) as exc:
             return unchanged(f"cannot partition: {exc}")
-    work, done, problems = _online(defer(work, {p.outer}), p)
+    work = defer(work, {p.outer})
+    steps.append((f"defer-division over {p.outer}", work))
+    work, done, problems = _online(work, p)
+    steps.append((f"running maxima over {p.outer}", work))
     dead_before = unread(c)  # dead code the rewrite did not make is not ours to remove
     work = _running_reductions(work, p.outer)
     work = remove_unread(work, only={e.output for e in work.einsums} - dead_before)
@@ -146,6 +153,7 @@ def _fuse_rank(c: Cascade, rank: str, tile: int) -> tuple[Cascade, RankFusion]:
             f"{_why_not(after, problems)}; {p.outer} would still take {after.passes} passes"
         )
     work = keep_output_dtypes(c, work)
+    record_steps(tuple(steps))  # the last rewrite (running sums, dce) is fuse's own result
     what = f"running max {', '.join(done)}; " if done else ""
     carried = [e.output for e in work.einsums if e.iterative_rank == p.outer]
     reason = f"{what}one loop over {p.outer} carrying {', '.join(carried)}"

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from einfuse.ir.cascade import Cascade
@@ -32,6 +34,29 @@ _PASS_RE = re.compile(r"\s*([a-z][a-z0-9_-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 class PipelineError(EinfuseError):
     pass
+
+
+Steps = tuple[tuple[str, Cascade], ...]
+_STEPS: ContextVar[list[tuple[str, Cascade]] | None] = ContextVar("einfuse_steps", default=None)
+
+
+def record_steps(steps: Steps) -> None:
+    """Called by a pass that is several rewrites in one (``fuse``): name each intermediate
+    cascade, so ``--print-after-all`` shows every rewrite that changes rounding. A no-op
+    when no pipeline is recording."""
+    sink = _STEPS.get()
+    if sink is not None:
+        sink.extend(steps)
+
+
+@contextmanager
+def _recording() -> Iterator[list[tuple[str, Cascade]]]:
+    sink: list[tuple[str, Cascade]] = []
+    token = _STEPS.set(sink)
+    try:
+        yield sink
+    finally:
+        _STEPS.reset(token)
 
 
 def register_pass(name: str) -> Callable[[PassFn], PassFn]:
@@ -153,13 +178,22 @@ def _check_options(name: str, fn: PassFn, options: dict[str, object]) -> None:
 
 @dataclass(frozen=True)
 class PassResult:
-    """The final cascade and every intermediate one, each stamped with its pass."""
+    """The final cascade and every intermediate one, each stamped with its pass.
+
+    ``steps[k]`` holds the named rewrites pass ``history[k]`` made on the way (empty for most).
+    """
 
     cascade: Cascade
     history: tuple[tuple[str, Cascade], ...] = field(default=())
+    steps: tuple[Steps, ...] = field(default=())
 
     def print_after_all(self) -> str:
-        return "\n".join(f"// ----- after {name}\n{c}" for name, c in self.history)
+        out = []
+        for k, (name, c) in enumerate(self.history):
+            sub = self.steps[k] if k < len(self.steps) else ()
+            out.extend(f"// ----- after {name}: {step}\n{s}" for step, s in sub)
+            out.append(f"// ----- after {name}\n{c}")
+        return "\n".join(out)
 
 
 def run_passes(
@@ -171,6 +205,7 @@ def run_passes(
     if check:
         verify(cascade)
     history = [("input", cascade)]
+    steps: list[Steps] = [()]
     for spec in specs:
         if spec.name in _PROGRAM_PASSES:
             raise PipelineError(
@@ -178,7 +213,9 @@ def run_passes(
                 "(einfuse.jit, or `einfuse passes FILE.py:FUNCTION --args ...`), not on one cascade"
             )
         try:
-            cascade = keep_output_dtypes(cascade, passes[spec.name](cascade, **dict(spec.options)))
+            with _recording() as sink:
+                out = passes[spec.name](cascade, **dict(spec.options))
+            cascade = keep_output_dtypes(cascade, out)
         except EinfuseError:
             raise
         except (TypeError, ValueError) as exc:
@@ -186,4 +223,5 @@ def run_passes(
         if check:
             verify(cascade)
         history.append((str(spec), cascade))
-    return PassResult(cascade, tuple(history))
+        steps.append(tuple(sink))
+    return PassResult(cascade, tuple(history), tuple(steps))
