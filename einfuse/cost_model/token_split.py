@@ -9,10 +9,11 @@ compute segment that runs while a collective is in flight is slowed by the conte
 ``overlap`` (fewer SMs, less HBM bandwidth), for as long as the collective runs.
 
 TokenWeave reads the offset from a per-model table measured offline; here it is derived per
-shape: every offset in ``OFFSETS`` is simulated and the fastest taken (ties to the smallest
-``|offset|``). What moves the optimum: waves (a half whose GEMMs fill their last wave of tiles
-is cheaper per token) and causal attention (later tokens attend to more keys, so with one
-sequence the first half should get more tokens). A sublayer is: fused residual add + RMSNorm,
+shape: offsets over [-T/4, T/4] (``offsets``) are simulated, and the smallest ``|offset|``
+within ``OFFSET_TOLERANCE`` of the fastest is taken (a flat optimum is no reason to move).
+What moves the optimum: waves (a half whose GEMMs fill their last wave of tiles is cheaper
+per token) and causal attention (later tokens attend to more keys, so with one sequence the
+first half should get more tokens). A sublayer is: fused residual add + RMSNorm,
 the column-parallel GEMM(s), attention or the SiLU gate, the row-parallel GEMM; its all-reduce
 (or, with ``reorder_norm``, reduce-scatter + all-gather with the norm on the shard).
 """
@@ -37,7 +38,8 @@ from einfuse.cost_model.target import Interconnect, Target
 
 MIN_SPLIT_TOKENS = 1024  # TokenWeave splits only batches of at least this many tokens
 WAVE_ROUNDING = 256  # the split point is round_up(T, 256) / 2 + offset
-OFFSETS = range(-1024, 1025, 32)
+OFFSET_CANDIDATES = 128  # offsets tried, over [-T/4, T/4] in steps of a multiple of 32
+OFFSET_TOLERANCE = 0.005  # the smallest |offset| within 0.5% of the fastest: a flat optimum
 # FlashAttention's MAC rate over peak at large sizes: cuDNN's causal attention measured at
 # 569 of 989 TFLOP/s on an H200 (benchmarks/RESULTS.md, 16K tokens).
 ATTENTION_EFFICIENCY = 0.58
@@ -109,17 +111,14 @@ def split_gain(
         why = f"not applied: {target.name} cannot overlap collectives with compute"
         return SplitGain(serial, serial, 0, t, why if tp > 1 else "one device: no collective")
     middle = -(-t // WAVE_ROUNDING) * WAVE_ROUNDING // 2
-    best: tuple[float, int] | None = None
-    for offset in sorted(OFFSETS, key=abs):
-        first = middle + offset
-        if not 0 < first < t:
-            continue
-        time_s = _simulate(layer, [(0, first), (first, t - first)], tp, target, ic, dtype,
-                           reorder_norm)  # fmt: skip
-        if best is None or time_s < best[0] * (1 - 1e-9):
-            best = (time_s, offset)
-    assert best is not None
-    split, offset = best
+    timed = [
+        (_simulate(layer, [(0, middle + o), (middle + o, t - middle - o)], tp, target, ic,
+                   dtype, reorder_norm), o)
+        for o in offsets(t)
+        if 0 < middle + o < t
+    ]  # fmt: skip
+    fastest = min(time_s for time_s, _ in timed)
+    split, offset = next(x for x in timed if x[0] <= fastest * (1 + OFFSET_TOLERANCE))
     first = middle + offset
     gain = 1 - split / serial
     numbers = (
@@ -129,6 +128,14 @@ def split_gain(
     if gain < MIN_GAIN:
         return SplitGain(serial, serial, offset, first, f"not applied: {numbers}")
     return SplitGain(serial, split, offset, first, f"split: {numbers}")
+
+
+def offsets(tokens: int) -> list[int]:
+    """Split offsets to try, smallest first: multiples of 32 (a quarter GEMM tile) up to
+    ``tokens / 4`` either way, coarser for large batches to keep ``OFFSET_CANDIDATES``."""
+    step = 32 * max(1, -(-tokens // (2 * 32 * OFFSET_CANDIDATES)))
+    reach = tokens // 4 // step * step
+    return sorted(range(-reach, reach + 1, step), key=lambda o: (abs(o), o))
 
 
 def _check(layer: LayerShape, tp: int) -> None:
