@@ -74,9 +74,9 @@ def test_disabling_the_combiner_keeps_two_all_reduces_neither_asynchronous(halve
         "sync": 2, "async_start": 0, "async_done": 0, "bytes": 4096, "marked_sync": 0
     }  # fmt: skip
     ops = apart["collective_ops"]
-    assert [(op["kind"], op["bytes"], op["asynchronous"]) for op in ops] == [
-        ("all-reduce", 2048, False),
-        ("all-reduce", 2048, False),
+    assert [(op["kind"], op["bytes"], op["asynchronous"], op["depends_on"]) for op in ops] == [
+        ("all-reduce", 2048, False, []),
+        ("all-reduce", 2048, False, []),  # neither half waits for the other's all-reduce
     ]
 
 
@@ -119,6 +119,7 @@ def test_an_unknown_platform_is_a_clear_error():
 
 # XLA:GPU marks an async pair "is_sync" when the scheduler found nothing to overlap it with.
 _MARKED_HLO = (HALVES.parent / "marked_sync.hlo").read_text()
+ASYNC_HLO = (HALVES.parent / "async_collectives.hlo").read_text()
 
 
 def test_an_async_pair_marked_sync_does_not_count_as_asynchronous():
@@ -130,3 +131,15 @@ def test_an_async_pair_marked_sync_does_not_count_as_asynchronous():
     assert count.bytes == 2 * 1024 * 8192 * 2
     assert [op.asynchronous for op in summary.collective_ops] == [False, True]
     assert "2 x, 32.0 MiB: 0 sync, 2/2 start/done (1 marked sync)" in summary.table()
+
+
+def test_each_collective_names_the_collectives_its_inputs_come_from():
+    from einfuse.backends.inspection import inspect_hlo
+
+    ops = {op.name: op.depends_on for op in inspect_hlo(ASYNC_HLO).collective_ops}
+    assert ops == {
+        "rs-start": (),
+        "ar-start": (),
+        "ag": ("ar-start",),  # reads ar-done
+        "rs2-start": ("ag", "ar-start"),  # reads ag, which read ar-done
+    }

@@ -60,6 +60,7 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
         if computation.name in scalar_appliers or computation.name in async_wrapped:
             continue
         scope = {inst.name: inst for inst in computation.instructions}
+        upstream = _upstream_collectives(computation, by_name)
         for inst in computation.instructions:
             if inst.opcode != "parameter":
                 op_counts[inst.opcode] += 1
@@ -74,7 +75,7 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
             counts = collectives.setdefault(kind, Counter())
             counts[role] += 1
             if role != "async_start":
-                op = _collective_op(kind, inst, scope, asynchronous=role == "async_done")
+                op = _collective_op(kind, inst, scope, role == "async_done", upstream)
                 ops.append(op)
                 counts["bytes"] += op.bytes
                 counts["marked_sync"] += role == "async_done" and not op.asynchronous
@@ -98,22 +99,56 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
 
 
 def _collective_op(
-    kind: str, inst: Instruction, scope: Mapping[str, Instruction], asynchronous: bool
+    kind: str,
+    inst: Instruction,
+    scope: Mapping[str, Instruction],
+    asynchronous: bool,
+    upstream: Mapping[str, frozenset[str]],
 ) -> CollectiveOp:
     """One issued collective, from its blocking instruction or its async `-done`: its bytes
     are the larger of its operands and its result (the buffer a ring moves, per device).
 
     An async pair that XLA marked `"is_sync":true` (nothing to overlap it with) runs blocking.
     """
-    start = inst
-    while asynchronous and start.operands and start.opcode.endswith(("-done", "-update")):
-        start = scope.get(start.operands[0], start)
-        if start.opcode.endswith("-start"):
-            break
+    start = _start_of(inst, scope) if asynchronous else inst
     operand_bytes = sum(shape_bytes(scope[o].shape) for o in start.operands if o in scope)
     nbytes = max(shape_bytes(inst.shape), operand_bytes)
     marked_sync = _IS_SYNC_RE.search(start.attributes) is not None
-    return CollectiveOp(kind, start.name, nbytes, asynchronous and not marked_sync)
+    after = tuple(sorted(upstream.get(start.name, frozenset())))
+    return CollectiveOp(kind, start.name, nbytes, asynchronous and not marked_sync, after)
+
+
+def _start_of(inst: Instruction, scope: Mapping[str, Instruction]) -> Instruction:
+    """The `-start` an async `-done` (or `-update`) finishes, through any updates."""
+    start = inst
+    while start.operands and start.opcode.endswith(("-done", "-update")):
+        start = scope.get(start.operands[0], start)
+        if start.opcode.endswith("-start") or start is inst:
+            break
+    return start
+
+
+def _upstream_collectives(
+    computation: Computation, by_name: Mapping[str, Computation]
+) -> dict[str, frozenset[str]]:
+    """Per instruction, the collectives (by the name of the instruction that issues them) whose
+    results reach it through data, within this computation (XLA prints operands first)."""
+    scope = {inst.name: inst for inst in computation.instructions}
+    upstream: dict[str, frozenset[str]] = {}
+    for inst in computation.instructions:
+        reached: set[str] = set()
+        for operand in inst.operands:
+            reached |= upstream.get(operand, frozenset())
+            producer = scope.get(operand)
+            if producer is None:
+                continue
+            kind, role = _collective_role(producer, by_name, computation)
+            if kind is not None and role == "sync":
+                reached.add(producer.name)
+            elif kind is not None and role == "async_done":
+                reached.add(_start_of(producer, scope).name)
+        upstream[inst.name] = frozenset(reached)
+    return upstream
 
 
 _IS_SYNC_RE = re.compile(r'"is_sync"\s*:\s*true')

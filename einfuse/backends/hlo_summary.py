@@ -37,12 +37,15 @@ class CollectiveCount:
 @dataclass(frozen=True, slots=True)
 class CollectiveOp:
     """One issued collective: its kind, the instruction that starts it, the larger of its
-    operand and result bytes per device, and whether it runs asynchronously."""
+    operand and result bytes per device, whether it runs asynchronously, and the collectives
+    (by name) whose results it depends on through data in its computation: an overlap pass
+    promises that one half's (or chunk's) collectives do not depend on the other's."""
 
     kind: str
     name: str
     bytes: int
     asynchronous: bool
+    depends_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
