@@ -20,6 +20,7 @@ from einfuse.cost_model.target import Interconnect, TargetSpecError, get_target,
 from einfuse.cost_model.token_split import (
     MIN_SPLIT_TOKENS,
     LayerShape,
+    _attention_s,
     _finish,
     split_gain,
 )
@@ -196,6 +197,22 @@ def test_split_and_reorder_together_beat_split_alone():
     alone = split_gain(llama(4096), tp=8, target=H100)
     both = split_gain(llama(4096), tp=8, target=H100, reorder_norm=True)
     assert both.serial_s < alone.serial_s and both.split_s < alone.split_s
+
+
+def test_later_tokens_of_one_causal_sequence_cost_more_attention():
+    one = llama(4096)
+    early, late = (_attention_s(one, s, 2048, 8, H100, "bfloat16", H100.interconnect, False)
+                   for s in (0, 2048))  # fmt: skip
+    assert late == pytest.approx(3 * early, rel=1e-3)  # keys 2048..4096 vs 0..2048 a query
+    two = dataclasses.replace(one, seq_len=2048)  # two sequences: the halves cost the same
+    assert _attention_s(two, 2048, 2048, 8, H100, "bfloat16", H100.interconnect, False) == early
+
+
+def test_all_reduce_chunking_prices_the_twice_larger_collective():
+    rs = chunk_gain(8192, **DOWN, target=H100)
+    ar = chunk_gain(8192, **DOWN, target=H100, kind="all_reduce")
+    assert ar.comm_s > 1.9 * rs.comm_s and ar.serial_s > rs.serial_s
+    assert "all-reduce" in ar.why
 
 
 def test_split_rejects_a_tp_degree_that_does_not_divide_the_heads():
