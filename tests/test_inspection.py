@@ -156,9 +156,9 @@ GPU_HLO = (FIXTURES / "gpu_matmul_reduce.hlo").read_text()
 
 def test_async_collective_pairs_are_counted_by_kind():
     collectives = inspect_hlo(ASYNC_HLO).collectives
-    assert collectives["all-reduce"] == CollectiveCount(sync=0, async_start=1, async_done=1)
-    assert collectives["reduce-scatter"] == CollectiveCount(sync=0, async_start=2, async_done=2)
-    assert collectives["all-gather"] == CollectiveCount(sync=1, async_start=0, async_done=0)
+    assert collectives["all-reduce"] == CollectiveCount(0, 1, 1, bytes=32)
+    assert collectives["reduce-scatter"] == CollectiveCount(0, 2, 2, bytes=32 + 64)
+    assert collectives["all-gather"] == CollectiveCount(1, 0, 0, bytes=64)
     assert inspect_hlo(ASYNC_HLO).num_collectives == 4
 
 

@@ -18,8 +18,15 @@ from einfuse.backends.hlo_module_text import (
     computation_refs,
     computations,
     module_names,
+    shape_bytes,
 )
-from einfuse.backends.hlo_summary import CollectiveCount, HloSummary, XlaCost, XlaMemory
+from einfuse.backends.hlo_summary import (
+    CollectiveCount,
+    CollectiveOp,
+    HloSummary,
+    XlaCost,
+    XlaMemory,
+)
 
 # The collectives we report, by their HLO opcode. Async forms are `<kind>-start`/`-done`
 # (and `-update`), or a generic `async-start` whose called computation holds the collective.
@@ -48,9 +55,12 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
     fusions: Counter[str] = Counter()
     targets: Counter[str] = Counter()
     collectives: dict[str, Counter[str]] = {}
+    ops: list[CollectiveOp] = []
     for computation in all_computations:
         if computation.name in scalar_appliers or computation.name in async_wrapped:
             continue
+        scope = {inst.name: inst for inst in computation.instructions}
+        upstream = _upstream_collectives(computation, by_name)
         for inst in computation.instructions:
             if inst.opcode != "parameter":
                 op_counts[inst.opcode] += 1
@@ -60,8 +70,15 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
                 match = _TARGET_RE.search(inst.attributes)
                 targets[match.group(1) if match else "?"] += 1
             kind, role = _collective_role(inst, by_name, computation)
-            if kind is not None:
-                collectives.setdefault(kind, Counter())[role] += 1
+            if kind is None:
+                continue
+            counts = collectives.setdefault(kind, Counter())
+            counts[role] += 1
+            if role != "async_start":
+                op = _collective_op(kind, inst, scope, role == "async_done", upstream)
+                ops.append(op)
+                counts["bytes"] += op.bytes
+                counts["marked_sync"] += role == "async_done" and not op.asynchronous
     return HloSummary(
         module_names=modules,
         op_counts=_frozen_counts(op_counts),
@@ -69,13 +86,72 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
         custom_call_targets=_frozen_counts(targets),
         collectives=MappingProxyType(
             {
-                kind: CollectiveCount(c["sync"], c["async_start"], c["async_done"])
+                kind: CollectiveCount(
+                    c["sync"], c["async_start"], c["async_done"], c["bytes"], c["marked_sync"]
+                )
                 for kind, c in sorted(collectives.items())
             }
         ),
+        collective_ops=tuple(ops),
         cost=cost,
         memory=memory,
     )
+
+
+def _collective_op(
+    kind: str,
+    inst: Instruction,
+    scope: Mapping[str, Instruction],
+    asynchronous: bool,
+    upstream: Mapping[str, frozenset[str]],
+) -> CollectiveOp:
+    """One issued collective, from its blocking instruction or its async `-done`: its bytes
+    are the larger of its operands and its result (the buffer a ring moves, per device).
+
+    An async pair that XLA marked `"is_sync":true` (nothing to overlap it with) runs blocking.
+    """
+    start = _start_of(inst, scope) if asynchronous else inst
+    operand_bytes = sum(shape_bytes(scope[o].shape) for o in start.operands if o in scope)
+    nbytes = max(shape_bytes(inst.shape), operand_bytes)
+    marked_sync = _IS_SYNC_RE.search(start.attributes) is not None
+    after = tuple(sorted(upstream.get(start.name, frozenset())))
+    return CollectiveOp(kind, start.name, nbytes, asynchronous and not marked_sync, after)
+
+
+def _start_of(inst: Instruction, scope: Mapping[str, Instruction]) -> Instruction:
+    """The `-start` an async `-done` (or `-update`) finishes, through any updates."""
+    start = inst
+    while start.operands and start.opcode.endswith(("-done", "-update")):
+        start = scope.get(start.operands[0], start)
+        if start.opcode.endswith("-start") or start is inst:
+            break
+    return start
+
+
+def _upstream_collectives(
+    computation: Computation, by_name: Mapping[str, Computation]
+) -> dict[str, frozenset[str]]:
+    """Per instruction, the collectives (by the name of the instruction that issues them) whose
+    results reach it through data, within this computation (XLA prints operands first)."""
+    scope = {inst.name: inst for inst in computation.instructions}
+    upstream: dict[str, frozenset[str]] = {}
+    for inst in computation.instructions:
+        reached: set[str] = set()
+        for operand in inst.operands:
+            reached |= upstream.get(operand, frozenset())
+            producer = scope.get(operand)
+            if producer is None:
+                continue
+            kind, role = _collective_role(producer, by_name, computation)
+            if kind is not None and role == "sync":
+                reached.add(producer.name)
+            elif kind is not None and role == "async_done":
+                reached.add(_start_of(producer, scope).name)
+        upstream[inst.name] = frozenset(reached)
+    return upstream
+
+
+_IS_SYNC_RE = re.compile(r'"is_sync"\s*:\s*true')
 
 
 def _callee_roles(all_computations: list[Computation]) -> tuple[set[str], set[str]]:

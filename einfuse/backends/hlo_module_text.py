@@ -19,6 +19,7 @@ class Instruction:
     opcode: str
     operands: tuple[str, ...]
     attributes: str
+    shape: str = ""  # the result's shape text: `f32[64,8]{1,0}` or a `(...)` tuple of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,8 @@ def _parse_instruction(line: str) -> Instruction | None:
     operands = tuple(
         part.split()[-1].lstrip("%") for part in _split_top_level(operand_text) if part.split()
     )
-    return Instruction(definition.group(1), opcode.group(1), operands, line[close:])
+    shape_text = line[definition.end() : opcode.start()].strip()
+    return Instruction(definition.group(1), opcode.group(1), operands, line[close:], shape_text)
 
 
 def _matching_paren(text: str, open_at: int) -> int:
@@ -113,6 +115,24 @@ def _split_top_level(text: str) -> list[str]:
             start = i + 1
     parts.append(text[start:])
     return parts
+
+
+# Bytes per element of HLO's primitive types (sub-byte types rounded up to a byte).
+_ELEMENT_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2}
+_ELEMENT_BYTES |= {"bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ELEMENT_BYTES |= {"c64": 8, "c128": 16}
+_ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of the arrays in a shape's text (a tuple's elements summed; tokens are free)."""
+    total = 0
+    for dtype, dims in _ARRAY_RE.findall(shape):
+        size = 1 if dtype.startswith("f8") else _ELEMENT_BYTES.get(dtype, 0)
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size
+    return total
 
 
 def computation_refs(attributes: str) -> Iterator[tuple[str, list[str]]]:

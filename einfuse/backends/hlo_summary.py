@@ -13,16 +13,39 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class CollectiveCount:
-    """How often one collective kind occurs: blocking, and as async start/done halves."""
+    """How often one collective kind occurs: blocking, and as async start/done halves;
+    ``bytes`` summed over them (per device, see ``CollectiveOp``); ``marked_sync``: async
+    pairs that XLA marked to run blocking (``"is_sync":true``, nothing to overlap)."""
 
     sync: int = 0
     async_start: int = 0
     async_done: int = 0
+    bytes: int = 0
+    marked_sync: int = 0
 
     @property
     def total(self) -> int:
         """Collectives issued: each async pair counts once, by its start."""
         return self.sync + self.async_start
+
+    @property
+    def asynchronous(self) -> int:
+        """Collectives that can run while compute does on this target."""
+        return self.async_start - self.marked_sync
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveOp:
+    """One issued collective: its kind, the instruction that starts it, the larger of its
+    operand and result bytes per device, whether it runs asynchronously, and the collectives
+    (by name) whose results it depends on through data in its computation: an overlap pass
+    promises that one half's (or chunk's) collectives do not depend on the other's."""
+
+    kind: str
+    name: str
+    bytes: int
+    asynchronous: bool
+    depends_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +84,7 @@ class HloSummary:
     collectives: Mapping[str, CollectiveCount]
     cost: XlaCost | None = None
     memory: XlaMemory | None = None
+    collective_ops: tuple[CollectiveOp, ...] = ()
 
     @property
     def num_fusions(self) -> int:
@@ -79,6 +103,7 @@ class HloSummary:
             "fusion_kinds": dict(self.fusion_kinds),
             "custom_call_targets": dict(self.custom_call_targets),
             "collectives": {kind: asdict(c) for kind, c in self.collectives.items()},
+            "collective_ops": [asdict(op) for op in self.collective_ops],
             "cost": None if self.cost is None else asdict(self.cost),
             "memory": None if self.memory is None else asdict(self.memory),
         }
@@ -88,9 +113,13 @@ class HloSummary:
         rows: list[tuple[str, str]] = [("module", ", ".join(self.module_names) or "?")]
         rows.append(("fusions", str(self.num_fusions)))
         rows += [(f"  {kind}", str(n)) for kind, n in self.fusion_kinds.items()]
-        rows.append(("collectives", str(self.num_collectives)))
+        asynchronous = sum(c.asynchronous for c in self.collectives.values())
+        rows.append(("collectives", f"{self.num_collectives} ({asynchronous} asynchronous)"))
         for kind, c in self.collectives.items():
-            rows.append((f"  {kind}", f"{c.sync} sync, {c.async_start}/{c.async_done} start/done"))
+            how = f"{c.total} x, {_size(c.bytes)}: {c.sync} sync, "
+            how += f"{c.async_start}/{c.async_done} start/done"
+            how += f" ({c.marked_sync} marked sync)" if c.marked_sync else ""
+            rows.append((f"  {kind}", how))
         if self.custom_call_targets:
             rows.append(("custom calls", str(sum(self.custom_call_targets.values()))))
             rows += [(f"  {target}", str(n)) for target, n in self.custom_call_targets.items()]
@@ -108,6 +137,16 @@ class HloSummary:
                 rows.append((f"  {label}", "-" if value is None else f"{value:,} B"))
         width = max(len(label) for label, _ in rows)
         return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
+
+
+def _size(n_bytes: int) -> str:
+    """Bytes in binary units: `512 B`, `64.0 KiB`, `1.5 MiB`."""
+    value, unit = float(n_bytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _number(value: float | None) -> str:

@@ -272,6 +272,7 @@ def host_target(host: HostDescription, measured: HostMeasurements) -> Target:
             latency_s=_HOST_COLLECTIVE_LATENCY_S,
             bandwidth_bytes_per_s=measured.dram_bytes_per_s,
             topology="shared_memory",
+            asynchronous=False,  # XLA:CPU runs each collective to completion
         ),
         word_bytes=4,
         exp_cost_in_macs=exp_cost,

@@ -12,8 +12,9 @@ the buffer each device redistributes in all-to-all):
                       (n-1) alpha + floor(n^2/4)/n * B / bw on a ring or torus axis, where each
                                                             byte crosses n/4 links on average
 
-`overlapped_time` is the T3-style pipeline: split a producer into chunks so that each chunk's
-collective runs while the next chunk computes.
+The bandwidth is the link's line rate times its `bus_efficiency` (NCCL reaches ~82% of NVLink's
+on a ring). `overlapped_time` is the T3-style pipeline: split a producer into chunks so that
+each chunk's collective runs while the next chunk computes (``overlap`` adds contention).
 """
 
 from __future__ import annotations
@@ -55,7 +56,21 @@ def collective_transfer_s(
     share = (n - 1) / n  # fraction of the buffer each device sends (or receives)
     if kind == "all_to_all" and interconnect.topology in ("ring", "torus_2d"):
         share = (n * n // 4) / n  # shortest-path hops summed over destinations, per device
-    return _STEP_FACTOR[kind] * share * n_bytes / interconnect.bandwidth_bytes_per_s
+    return _STEP_FACTOR[kind] * share * n_bytes / ring_bandwidth(interconnect)
+
+
+def ring_bandwidth(interconnect: Interconnect, bidirectional: bool = True) -> float:
+    """Bytes per second one device moves in a ring step, after protocol overhead.
+
+    The figure of a ring or torus link counts both directions, which a library collective uses
+    (two rings, one each way); a one-way hand-written ring (T3's ppermute ring without
+    ``bidirectional``) gets half of it. A switch port's figure is one direction already, and
+    a second ring through the same port shares it: no gain from going both ways.
+    """
+    bandwidth = interconnect.bandwidth_bytes_per_s * interconnect.bus_efficiency
+    if not bidirectional and interconnect.topology in ("ring", "torus_2d"):
+        return bandwidth / 2
+    return bandwidth
 
 
 def collective_time(

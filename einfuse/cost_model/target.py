@@ -172,12 +172,21 @@ class Interconnect:
 
     `bandwidth_bytes_per_s` is what one device pushes into one ring step (per direction on a
     switch; both directions of a torus axis for a bidirectional ring); `latency_s` is the fixed
-    cost (alpha) of one step.
+    cost (alpha) of one step. What overlap needs beyond alpha-beta (``overlap``):
+    `bus_efficiency`, the fraction of the line rate a ring collective reaches (NCCL's protocol
+    overhead); `collective_cores`, the compute cores (SMs) a collective's kernel holds while it
+    runs, taken from the compute it overlaps; `max_devices`, how many devices the links join
+    at this bandwidth (0: unbounded); `asynchronous`, whether a collective can run while
+    compute does (not on XLA:CPU).
     """
 
     latency_s: float
     bandwidth_bytes_per_s: float
     topology: Topology
+    bus_efficiency: float = 1.0
+    collective_cores: int = 0
+    max_devices: int = 0
+    asynchronous: bool = True
 
     def __post_init__(self) -> None:
         if self.topology not in get_args(Topology):
@@ -188,6 +197,15 @@ class Interconnect:
             raise TargetSpecError(
                 f"interconnect needs latency >= 0 and bandwidth > 0, got "
                 f"{self.latency_s} s and {self.bandwidth_bytes_per_s} B/s"
+            )
+        if not 0 < self.bus_efficiency <= 1:
+            raise TargetSpecError(
+                f"interconnect bus_efficiency {self.bus_efficiency} is not in (0, 1]"
+            )
+        if self.collective_cores < 0 or self.max_devices < 0:
+            raise TargetSpecError(
+                f"interconnect needs collective_cores >= 0 and max_devices >= 0, got "
+                f"{self.collective_cores} and {self.max_devices}"
             )
 
 
@@ -292,6 +310,7 @@ _UNIT_KEYS |= {"ops_per_lane_per_cycle", "emulated_on"}
 _MEMORY_KEYS = {"name", "capacity_bytes", "bandwidth_bytes_per_s", "instances", "managed"}
 _MEMORY_KEYS |= {"per_kernel_bytes"}
 _INTERCONNECT_KEYS = {"latency_s", "bandwidth_bytes_per_s", "topology"}
+_INTERCONNECT_KEYS |= {"bus_efficiency", "collective_cores", "max_devices", "asynchronous"}
 
 
 def _reject_unknown_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
