@@ -7,5 +7,6 @@ import einfuse.passes.fuse
 import einfuse.passes.partition
 import einfuse.passes.prune_heads
 import einfuse.passes.prune_tokens
+import einfuse.passes.reorder_norm
 import einfuse.passes.sink_casts
 import einfuse.passes.unify_ranks  # noqa: F401
