@@ -1,5 +1,6 @@
 """Importing this module registers every built-in pass with the pass manager."""
 
+import einfuse.passes.chunk_collective
 import einfuse.passes.dce
 import einfuse.passes.defer
 import einfuse.passes.fold_scale

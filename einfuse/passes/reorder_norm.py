@@ -75,7 +75,7 @@ def reorder_norm_with_report(c: Cascade) -> tuple[Cascade, OverlapReport]:
         if isinstance(plan, str):
             decisions.append(Decision(name, False, plan))
             continue
-        c = _apply(c, plan)
+        c = apply_plan(c, plan)
         region = ", ".join(m.einsum.output for m in plan.members[1:])
         why = (
             f"reduce-scatter over {plan.devices} devices ({plan.tokens // plan.devices} tokens "
@@ -157,7 +157,9 @@ def _row_local(
     return Member(e, r, left.index(r))
 
 
-def _apply(c: Cascade, plan: Plan) -> Cascade:
+def apply_plan(c: Cascade, plan: Plan) -> Cascade:
+    """Shard the region's Einsums, gather what others read (``chunk-collective`` calls this
+    with the all-reduce alone, to write it as reduce-scatter + all-gather)."""
     ar = plan.members[0]
     taken = taken_names(c)
     devs = axes(c)[plan.axis]
