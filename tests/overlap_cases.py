@@ -26,3 +26,24 @@ def assert_same(before: Cascade, after: Cascade, seed: int, rtol: float = 1e-10)
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=1e-12, err_msg=name)
+
+
+TWO_LAYERS = """\
+ranks x=2, y=2, t=8, d=4, i=6
+device x on tp, y on tp
+inputs X[t, d], W1[x, d, i], W2[x, i, d], V1[x, d, i], V2[x, i, d], NW[d]
+U[x, t, i] = X[t, d] * W1[x, d, i]
+P[x, t, d] = U[x, t, i] * W2[x, i, d]
+AR[t, d] = P[y, t, d]
+H[t, d] = X[t, d] + AR[t, d]
+MS[t] = H[t, d] * H[t, d] / D
+RS[t] = rsqrt(MS[t] + 1e-06)
+N[t, d] = H[t, d] * RS[t] * NW[d]
+U2[x, t, i] = N[t, d] * V1[x, d, i]
+P2[x, t, d] = U2[x, t, i] * V2[x, i, d]
+AR2[t, d] = P2[y, t, d]
+Y[t, d] = H[t, d] + AR2[t, d]
+outputs Y
+"""
+"""Two tensor-parallel MLP layers (column- then row-parallel, all-reduced) with a residual
+and an RMSNorm between them: the smallest cascade on which all three passes apply."""

@@ -10,4 +10,5 @@ import einfuse.passes.prune_heads
 import einfuse.passes.prune_tokens
 import einfuse.passes.reorder_norm
 import einfuse.passes.sink_casts
+import einfuse.passes.split_tokens
 import einfuse.passes.unify_ranks  # noqa: F401
