@@ -76,11 +76,21 @@ def test_reordered_equals_original(x: int, per: int, h: int, d: int, seed: int) 
 def test_tp_block_first_all_reduce_is_reordered() -> None:
     c = tp_block(2, kv_groups=2, p=8, d=4, h=2, e=2, f=2, i=6)
     out, report = reorder_norm_with_report(c)
-    assert [d.applied for d in report.decisions] == [True, False]
-    # The norm's output feeds the MLP and the residual Y is the block's output: two gathers.
-    assert kinds(out) == ["reduce_scatter", "all_gather", "all_reduce", "all_gather"]
-    assert "MO: not applied" in report.explain() and "no per-token reduction" in report.explain()
+    assert [d.applied for d in report.decisions] == [True, True]
+    # The norm's output feeds the MLP: gathered. The residual stays sharded, so the second
+    # all-reduce is read only at each device's rows: a reduce-scatter; Y, an output, gathered.
+    assert kinds(out) == ["reduce_scatter", "all_gather", "reduce_scatter", "all_gather"]
+    assert "MO: applied: read only at its own shards (by Y_SH)" in report.explain()
     assert_same(c, out, seed=3)
+
+
+def test_an_all_reduce_read_beyond_its_shard_stays() -> None:
+    c = tp_block(2, kv_groups=2, p=8, d=4, h=2, e=2, f=2, i=6)
+    text = str(c).replace("outputs Y", "Z[p, d] = MO[p, d] * 2.0\noutputs Y, Z")
+    out, report = reorder_norm_with_report(verify(parse(text)))
+    assert "MO: not applied" in report.explain()
+    assert "nor a reduce-scatter: Z reads MO[p, d] beyond its own shard" in report.explain()
+    assert kinds(out)[2] == "all_reduce"
 
 
 def test_refused_without_a_norm() -> None:

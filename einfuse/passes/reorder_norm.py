@@ -13,7 +13,8 @@ consumers in program order and admits an Einsum to the *row-local region* when i
   sharded over the axis (it would communicate on its own).
 
 The region must contain a per-token reduction (a norm's statistic), else there is nothing
-to shard. Every region tensor that a non-region Einsum reads, or that is an output, is
+to shard; an all-reduce that is then read only at shard rows becomes a plain reduce-scatter
+(``shard_reads``). Every region tensor that a non-region Einsum reads, or that is an output, is
 all-gathered (``G[p1, p0, d]``) and read back through its old name
 (``XN2[p, d] = G[p/P0, mod(p, P0), d]``), so the rest of the cascade is untouched. The
 rewrite is exact: only where each sum runs changes, not its terms.
@@ -36,6 +37,7 @@ from einfuse.passes.overlap_common import (
     replace_reads,
     taken_names,
 )
+from einfuse.passes.shard_reads import narrow
 
 NAME = "reorder-norm"
 
@@ -73,7 +75,13 @@ def reorder_norm_with_report(c: Cascade) -> tuple[Cascade, OverlapReport]:
             continue
         plan = plan_reorder(c, comm)
         if isinstance(plan, str):
-            decisions.append(Decision(name, False, plan))
+            narrowed = narrow(c, comm)
+            if isinstance(narrowed, str):
+                decisions.append(Decision(name, False, f"{plan}; nor a reduce-scatter: {narrowed}"))
+                continue
+            c = narrowed[0]
+            why = f"read only at its own shards (by {narrowed[1]}): a reduce-scatter, no gather"
+            decisions.append(Decision(name, True, why))
             continue
         c = apply_plan(c, plan)
         region = ", ".join(m.einsum.output for m in plan.members[1:])
