@@ -14,6 +14,7 @@ from einfuse.ir.devices import collectives
 from einfuse.passes.chunk_collective import chunk_collective_with_report
 from einfuse.passes.manager import run_passes
 from einfuse.passes.overlap_common import OverlapError
+from einfuse.passes.reorder_norm import reorder_norm_with_report
 from tests.overlap_cases import assert_same
 
 
@@ -133,3 +134,24 @@ def test_auto_chunks_needs_the_cost_model_or_a_chooser() -> None:
     assert_same(c, out, seed=1)
     skipped, report = chunk_collective_with_report(c, "auto", chooser=lambda c, name: None)
     assert skipped == c and "does not pay" in report.explain()
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "message"),
+    [
+        ("chunk-collective{chunks=0}", "chunks must be an int >= 1, got 0"),
+        ("split-tokens{wave=0}", "wave must be an int >= 1, got 0"),
+        ("split-tokens{offset=half}", "offset must be an int or auto, got 'half'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(pipeline: str, message: str) -> None:
+    with pytest.raises(OverlapError, match=message):
+        run_passes(verify(parse(row_parallel_rs())), pipeline)
+
+
+def test_symbolic_sizes_are_refused_with_the_reason() -> None:
+    c = tp_block(2, kv_groups=2, d=4, h=2, e=2, f=2, i=6)  # p left symbolic
+    out, report = reorder_norm_with_report(c)
+    assert out == c and "sizes must be bound integers" in report.explain()
+    out, report = chunk_collective_with_report(c, 3)
+    assert out == c and "no dim of O splits into 2 devices x 3 chunks" in report.explain()

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from einfuse.ir.cascade import Cascade, Einsum
+import sympy
+
+from einfuse.ir.cascade import Cascade
 from einfuse.ir.errors import EinfuseError
-from einfuse.ir.expr import Access, Expr, Op, Size, Var, rank_vars, substitute
+from einfuse.ir.expr import Access, Expr, Op, Size, Var, substitute
 from einfuse.passes.defer import unique_name
 
 
@@ -67,7 +69,7 @@ def int_option(pass_name: str, name: str, value: object, minimum: int) -> int:
 def int_size(c: Cascade, rank: str) -> int | None:
     """A rank's size when it is a bound integer (the rewrites need concrete counts)."""
     size = c.size(rank)
-    return int(size) if getattr(size, "is_integer", False) or isinstance(size, int) else None
+    return int(size) if isinstance(size, int | sympy.Integer) else None
 
 
 def fresh(base: str, taken: Collection[str]) -> str:
@@ -79,15 +81,6 @@ def taken_names(c: Cascade) -> set[str]:
     names = {t.name for t in c.inputs} | {e.output for e in c.einsums}
     ranks = set(c.all_ranks()) | {r for r, _ in c.devices}
     return names | ranks | {r.upper() for r in ranks}
-
-
-def plain_left(e: Einsum) -> list[str | None]:
-    """Per left index, its rank when the index is that plain rank, else None."""
-    return [i.rank if isinstance(i, Var) else None for i in e.indices]
-
-
-def uses_rank(e: Einsum, rank: str) -> bool:
-    return rank in e.ranks or any(rank in rank_vars(i) for i in e.indices)
 
 
 def flat(outer: Expr, inner: str, inner_size: str) -> Expr:
