@@ -49,3 +49,31 @@ def test_tp_block_through_all_three() -> None:
     assert kinds == {"ppermute": 8, "all_gather": 4}
     assert half_waits(out, half_of(out)) == []
     assert_same(c, out, seed=12)
+
+
+README_EXAMPLE = """\
+ranks x=2, y=2, t=8, h=4, d=4, t0=4, t1=2
+device x on tp, y on tp
+inputs A[x, t, h], W[x, h, d], R[t, d], NW[d]
+AR_P0[x, t0, d] = A[x, mod(x+1, X)*T0+t0, h] * W[x, h, d]
+AR_P1[x, t0, d] = A[x, x*T0+t0, h] * W[x, h, d]
+AR_R1[x, t0, d] = AR_P0[mod(x+1, X), t0, d]
+AR_S1[x, t0, d] = AR_P1[x, t0, d] + AR_R1[x, t0, d]
+AR_SH[x, t0, d] = AR_S1[x, t0, d]
+H_SH[x, t0, d] = R[x*T0+t0, d] + AR_SH[x, t0, d]
+MS_SH[x, t0] = H_SH[x, t0, d] * H_SH[x, t0, d] / D
+RS_SH[x, t0] = rsqrt(MS_SH[x, t0] + 1e-06)
+N_SH[x, t0, d] = H_SH[x, t0, d] * RS_SH[x, t0] * NW[d]
+G_N[t1, t0, d] = N_SH[t1, t0, d]
+N[t, d] = G_N[t/T0, mod(t, T0), d]
+outputs N
+"""
+
+
+def test_readme_worked_example() -> None:
+    """README's "Device ranks and overlap passes" example, text in and text out."""
+    with open("examples/specs/tp_allreduce_norm.ein") as f:
+        c = verify(parse(f.read()))
+    out = run_passes(c, "reorder-norm,chunk-collective").cascade
+    assert str(out) == README_EXAMPLE
+    assert_same(c, out, seed=13)
