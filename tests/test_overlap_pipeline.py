@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -72,8 +73,8 @@ outputs N
 
 def test_readme_worked_example() -> None:
     """README's "Device ranks and overlap passes" example, text in and text out."""
-    with open("examples/specs/tp_allreduce_norm.ein") as f:
-        c = verify(parse(f.read()))
+    spec = Path(__file__).parents[1] / "examples" / "specs" / "tp_allreduce_norm.ein"
+    c = verify(parse(spec.read_text()))
     out = run_passes(c, "reorder-norm,chunk-collective").cascade
     assert str(out) == README_EXAMPLE
     assert_same(c, out, seed=13)
