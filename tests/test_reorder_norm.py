@@ -111,3 +111,9 @@ def test_refused_when_tokens_do_not_split_over_devices() -> None:
     c = verify(parse(norm_after_all_reduce(x=3, t=16)))
     out, report = reorder_norm_with_report(c)
     assert out == c and "t: size 16 does not split over 3 devices" in report.explain()
+
+
+def test_the_cost_model_may_veto() -> None:
+    c = verify(parse(norm_after_all_reduce()))
+    out, report = reorder_norm_with_report(c, pays=lambda c, name: name != "AR")
+    assert out == c and "AR: not applied: the cost model says it does not pay" in report.explain()

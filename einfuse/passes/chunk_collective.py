@@ -4,10 +4,11 @@ A reduce-scatter ``RS[x, t0, d] = P[y, x*T0+t0, d]`` over ``X`` devices becomes 
 ``X-1`` ppermutes. At step ``s`` device ``x`` computes its partial sums for block
 ``b = mod(x+s+1, X)`` and adds the running sum received from its neighbour::
 
-    RS_S0[x, t0, d] = P[x, mod(x+1, X)*T0+t0, d]                   (step 0: own partial)
-    RS_R1[x, t0, d] = RS_S0[mod(x+1, X), t0, d]                    (ppermute)
-    RS_S1[x, t0, d] = P[x, mod(x+2, X)*T0+t0, d] + RS_R1[x, t0, d]
-    ...                                       (after X-1 steps block x has every partial)
+    RS_P0[x, t0, d] = P[x, mod(x+1, X)*T0+t0, d]       (step 0: own partials for block x+1)
+    RS_P1[x, t0, d] = P[x, mod(x+2, X)*T0+t0, d]       (step 1's partials ...)
+    RS_R1[x, t0, d] = RS_P0[mod(x+1, X), t0, d]        (... and the neighbour's: ppermute)
+    RS_S1[x, t0, d] = RS_P1[x, t0, d] + RS_R1[x, t0, d]
+    ...                                 (after X-1 steps, block x holds every partial)
 
 When the reduce-scatter reads its producer plainly and is its only reader, the producer is
 *chunked* (T3's fusion): step ``s`` computes only block ``b``'s rows of the matmul, so the
@@ -60,7 +61,8 @@ class Ring:
 def chunk_collective(
     c: Cascade, chunks: int | str = 1, bidirectional: bool = False, target: str = ""
 ) -> Cascade:
-    """Every reduce-scatter (and all-reduce) as a ring over its chunked producer."""
+    """Every reduce-scatter (and all-reduce) as a ring over its chunked producer; ``target``
+    names one collective to ring (default: all)."""
     return chunk_collective_with_report(c, chunks, bidirectional, target)[0]
 
 

@@ -22,6 +22,7 @@ rewrite is exact: only where each sum runs changes, not its terms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from einfuse.ir.cascade import Cascade, Einsum
@@ -66,12 +67,19 @@ def reorder_norm(c: Cascade) -> Cascade:
     return reorder_norm_with_report(c)[0]
 
 
-def reorder_norm_with_report(c: Cascade) -> tuple[Cascade, OverlapReport]:
+def reorder_norm_with_report(
+    c: Cascade, pays: Callable[[Cascade, str], bool] | None = None
+) -> tuple[Cascade, OverlapReport]:
+    """``reorder-norm`` and why per all-reduce; ``pays(cascade, all_reduce)`` (the cost
+    model) may veto a legal rewrite."""
     decisions = []
     for name in [m.einsum for m in collectives(c) if m.kind == "all_reduce"]:
         comm = next((m for m in collectives(c) if m.einsum == name), None)
         if comm is None or comm.kind != "all_reduce":
             decisions.append(Decision(name, False, "no longer an all-reduce"))
+            continue
+        if pays is not None and not pays(c, name):
+            decisions.append(Decision(name, False, "the cost model says it does not pay"))
             continue
         plan = plan_reorder(c, comm)
         if isinstance(plan, str):
