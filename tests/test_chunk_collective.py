@@ -155,3 +155,13 @@ def test_symbolic_sizes_are_refused_with_the_reason() -> None:
     assert out == c and "sizes must be bound integers" in report.explain()
     out, report = chunk_collective_with_report(c, 3)
     assert out == c and "no dim of O splits into 2 devices x 3 chunks" in report.explain()
+
+
+def test_a_producer_summing_a_rank_the_ring_uses_is_kept_whole() -> None:
+    """P sums over t0, the scatter's own shard rank: inlining it would capture t0."""
+    text = row_parallel_rs().replace("A[x, t, h]", "A[x, t, t0]")
+    text = text.replace("W[x, h, d]", "W[x, t0, d]")
+    c = verify(parse(text))
+    out, report = chunk_collective_with_report(c, 2)
+    assert "producer kept" in report.explain()
+    assert_same(c, out, seed=3)

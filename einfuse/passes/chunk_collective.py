@@ -179,6 +179,10 @@ def _fusable_producer(c: Cascade, rs: Einsum, comm: Communication) -> Einsum | N
         return None
     if len(c.consumers(p.output)) != 1 or not all(isinstance(i, Var) for i in p.indices):
         return None
+    # Its summed ranks must not meet the ranks of the reduce-scatter's side (t0, the ring's
+    # own), or inlining it would capture them.
+    if set(p.reduced_ranks) & (set(rs.ranks) | {r for r, _ in c.devices}):
+        return None
     return p
 
 
@@ -210,7 +214,7 @@ def _apply(c: Cascade, ring: Ring, n: int, both: bool) -> Cascade:
             taken |= set(names)
             prev = acc
             part, recv, acc = names
-            summand = _summand(ring, _block(x, s, X, back), within, left)
+            summand = _summand(ring, _block(x, s, X, back), within)
             new.append(Einsum(part, lt, summand))
             if s == 0:
                 acc = part
@@ -244,7 +248,7 @@ def _block(x: str, s: int, X: int, back: bool) -> Expr:
     return Op("mod", (Op("sub" if back else "add", (Var(x), Const(s + 1))), Size(x)))
 
 
-def _summand(ring: Ring, block: Expr, within: Expr, left: list[Expr]) -> Expr:
+def _summand(ring: Ring, block: Expr, within: Expr) -> Expr:
     """Device ``x``'s partial sums for ``block``'s rows ``within``: the reduce-scatter's body
     read at its own device (``y -> x``) and that block, or its producer's body there."""
     x, y = ring.self_rank, ring.reduced
@@ -253,12 +257,8 @@ def _summand(ring: Ring, block: Expr, within: Expr, left: list[Expr]) -> Expr:
         return body
     assert isinstance(body, Access)
     p = ring.producer
-    outside = {r for i in body.indices for r in rank_vars(i)} | {
-        r for i in left for r in rank_vars(i)
-    }
-    renames = {r: Var(r + "_") for r in p.reduced_ranks if r in outside}
     mapping = {i.rank: idx for i, idx in zip(p.indices, body.indices)}  # type: ignore[union-attr]
-    return rename_ranks(p.expr, renames | mapping)
+    return rename_ranks(p.expr, mapping)
 
 
 def _concat(finals: list[str], out_left: tuple[Expr, ...], ring: Ring, t00: str) -> Expr:
