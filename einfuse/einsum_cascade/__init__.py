@@ -8,6 +8,7 @@ from einfuse.einsum_cascade.attention import FORMS, LibraryError, attention
 from einfuse.einsum_cascade.block import transformer_block
 from einfuse.einsum_cascade.mlp import gelu_mlp, matmul_chain, swiglu_mlp
 from einfuse.einsum_cascade.norms import layernorm, rmsnorm
+from einfuse.einsum_cascade.tp_block import shard_weights, tp_block
 
 __all__ = [
     "FORMS",
@@ -17,6 +18,8 @@ __all__ = [
     "layernorm",
     "matmul_chain",
     "rmsnorm",
+    "shard_weights",
     "swiglu_mlp",
+    "tp_block",
     "transformer_block",
 ]
