@@ -59,11 +59,11 @@ def test_reference_reads_device_ranks_as_ranks(seed: int) -> None:
     a, w = rng.standard_normal((4, 16, 8)), rng.standard_normal((4, 8, 6))
     out = interpret(verify(parse(TP)), {"A": a, "W": w})
     p = np.einsum("xth,xhd->xtd", a, w)
-    np.testing.assert_allclose(out["AR"], p.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(out["AR"], p.sum(0), rtol=1e-12, atol=1e-12)
     rs = p.sum(0).reshape(4, 4, 6)
     normed = rs / np.sqrt((rs**2).mean(-1, keepdims=True) + 1e-5)
-    np.testing.assert_allclose(out["GT"], normed.reshape(16, 6), rtol=1e-10)
-    np.testing.assert_allclose(out["R"], np.roll(p, -1, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(out["GT"], normed.reshape(16, 6), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["R"], np.roll(p, -1, axis=0), rtol=1e-12, atol=1e-12)
 
 
 def test_unify_ranks_keeps_which_device_a_read_names() -> None:
