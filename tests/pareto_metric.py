@@ -1,5 +1,6 @@
-"""A quality metric and calibration set for Pareto-search tests: a tiny random MiniLM
-(`tests.prune_model`), 1 - mean cosine to the dense embeddings; and metrics that misbehave."""
+"""A calibration set and metrics for Pareto-search tests: a tiny random MiniLM
+(`tests.prune_model`), MiniLM's own metric (1 - mean cosine to the dense embeddings), and
+metrics that misbehave."""
 
 from __future__ import annotations
 
@@ -7,20 +8,16 @@ from typing import Any
 
 import numpy as np
 
+from examples.minilm_pareto import loss
 from tests.prune_model import tiny_params, tiny_tokens
+
+__all__ = ["calibration", "loss", "nan_when_pruned", "raising", "small_calibration", "text"]
 
 
 def calibration() -> list[tuple[Any, ...]]:
     """Two calls of ``examples.minilm.encode``: 2 layers, batch 2, 32 tokens (some padded)."""
     params = tiny_params(5, layers=2)
     return [(params, *tiny_tokens(seed, 2, 32, [32, 20])) for seed in (5, 6)]
-
-
-def loss(outputs: list[np.ndarray], dense: list[np.ndarray]) -> float:
-    """1 - mean cosine of each row's embedding to the dense one."""
-    a, b = np.concatenate(outputs), np.concatenate(dense)
-    cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    return float(1 - cos.mean())
 
 
 def raising(outputs: list[np.ndarray], dense: list[np.ndarray]) -> float:

@@ -49,7 +49,7 @@ def test_the_search_prints_the_front_and_plots_it(searched) -> None:
     _, out, plots, result = searched
     assert "Pareto front (cost-model time" in out
     assert f"chosen: the fastest candidate with loss <= {MAX_LOSS:g}" in out
-    assert (plots / f"{result.study.study_name}-pareto.png").stat().st_size > 1000
+    assert (plots / f"{result.study.study_name}-front.png").stat().st_size > 1000
 
 
 def test_the_stored_front_is_non_dominated_and_the_choice_within_the_bound(searched) -> None:
@@ -124,6 +124,8 @@ def test_choose_takes_the_fastest_within_the_bound() -> None:
     assert chosen.pipeline == "b"
     assert [p.pipeline for p in pareto_front(points)] == ["a", "b", "d", ""]
     assert choose(points, 0.5)[0].pipeline == "a"
+    raced, message = choose(points, 0.05, race={"": 1.0, "b": 0.9, "d": 0.6})
+    assert raced.pipeline == "d" and "final race of 3" in message  # the race decides
     assert not math.isnan(choose(points, 0.0)[0].time)
 
 

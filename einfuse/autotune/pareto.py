@@ -16,7 +16,9 @@ study (TPE) over the pipelines of `pareto_space`, with two objectives, both mini
 The dense program is always a candidate. A candidate that fails (a pass refuses it, it does
 not compile, the metric raises or gives NaN) is stored as a failed trial with its reason and
 never chosen. The choice is the fastest candidate with loss <= ``max_loss``, else the dense
-program. Trials carry the digest of the metric, the calibration set and the timing, so a
+program; with measured time, the fastest few within the bound first race the dense program
+once more, interleaved (a fast trial may have been noise), and the race decides. Trials
+carry the digest of the metric, the calibration set and the timing, so a
 second search with the same ones only measures what is new; the choice is stored under the
 *program's* key (`program_key`), which ``einfuse.jit(f, autotune=...)`` looks up
 (`tuned_program`) to run the chosen pipeline.
@@ -33,15 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from einfuse.autotune.key import TuningKey, device_kind_for, library_versions
-from einfuse.autotune.measure import describe_error
-from einfuse.autotune.pareto_result import (
-    DIGEST_ATTR,
-    REFUSED,
-    ParetoPoint,
-    ParetoResult,
-    choose,
-    points_of,
+from einfuse.autotune.pareto_measure import (
+    KIND,
+    Metric,
+    Search,
+    metric_loss,
+    numpy_outputs,
 )
+from einfuse.autotune.pareto_result import ParetoResult, choose, finalists, points_of
 from einfuse.autotune.pareto_space import PRUNABLE, PruningSpace
 from einfuse.autotune.store import (
     BEST_ATTR,
@@ -53,19 +54,14 @@ from einfuse.autotune.store import (
     storage_exists,
 )
 from einfuse.ir.errors import EinfuseError
-from einfuse.passes.prune_attention import PruneError
 
 if TYPE_CHECKING:
     from einfuse.cost_model.target import Target
     from einfuse.einsum_cascade.lift import Program
 
-KIND = "pareto"  # the study name's kind
 PARETO_ATTR = "einfuse_pareto"  # study user attr: metric, digest, bound, choice of the last search
 DEFAULT_PARETO_TRIALS = 12
-BATCH = 4  # candidates timed in one interleaved round with the dense program
 TIMES = ("measure", "model")
-
-Metric = Callable[[list[Any], list[Any]], float]
 
 
 class MetricError(EinfuseError):
@@ -158,6 +154,8 @@ def pareto_search(
         raise EinfuseError(f"time {time_mode!r}: choose one of {', '.join(TIMES)}")
     if not math.isfinite(max_loss):
         raise MetricError(f"max loss must be a finite number, got {max_loss}")
+    if trials is not None and trials < 1:
+        raise EinfuseError(f"trials must be >= 1 (the dense program is one), got {trials}")
     name = metric_name or f"{metric.__module__}:{getattr(metric, '__qualname__', metric)}"
     calls = _calls(calibration, name)
     target_obj = _target(target, calibrate=time_mode == "model")
@@ -165,13 +163,13 @@ def pareto_search(
     lifted = dense.trace(*calls[0]).lifted
     space = PruningSpace(_layers(lifted), tuple(prune))
     key = program_key(lifted, target_obj, backend)
-    dense_outputs = [_numpy(dense(*c)) for c in calls]
-    dense_loss = _loss(metric, dense_outputs, dense_outputs, name)
+    dense_outputs = [numpy_outputs(dense(*c)) for c in calls]
+    dense_loss = metric_loss(metric, dense_outputs, dense_outputs, name)
     if isinstance(dense_loss, str):
         raise MetricError(f"metric {name} on the dense program's own outputs: {dense_loss}")
     digest = _digest(name, calls, time_mode, fresh)
     store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
-    search = _Search(
+    search = Search(
         function, calls, metric, name, dense, dense_outputs, space, target_obj, time_mode, repeats
     )
     with quiet_optuna():
@@ -185,7 +183,13 @@ def pareto_search(
                 progress,
             )
             points = points_of(optuna_study.get_trials(deepcopy=False), digest)
-        chosen, message = choose(points, max_loss)
+            last = optuna_study.user_attrs.get(PARETO_ATTR, {})
+        race: dict[str, float] = {}
+        if time_mode == "measure":
+            same = new == 0 and "race" in last and last.get("digest") == digest
+            same = same and last.get("max_loss") == max_loss  # nothing new: the stored race
+            race = last.get("race", {}) if same else search.race(finalists(points, max_loss))
+        chosen, message = choose(points, max_loss, race)
         record = BestRecord(
             key=key,
             pipeline=chosen.pipeline,
@@ -207,10 +211,11 @@ def pareto_search(
                     "time": time_mode,
                     "chosen": chosen.number,
                     "message": message,
+                    "race": race,
                 },
             )
     return ParetoResult(
-        key, tuple(points), chosen, max_loss, name, time_mode, message, optuna_study, new
+        key, tuple(points), chosen, max_loss, name, time_mode, message, optuna_study, new, race
     )
 
 
@@ -225,7 +230,7 @@ def stored_result(study: Any) -> ParetoResult | None:
     key = TuningKey.from_dict(attrs[KEY_ATTR])
     return ParetoResult(
         key, tuple(points), chosen, info["max_loss"], info["metric"], info["time"],
-        info["message"], study,
+        info["message"], study, 0, info.get("race", {}),
     )  # fmt: skip
 
 
@@ -257,150 +262,6 @@ def _open_study(
     return study
 
 
-class _Search:
-    """One search's fixed parts: the function, calibration calls, metric and dense program."""
-
-    def __init__(
-        self,
-        function: Callable[..., Any],
-        calls: list[tuple[Any, ...]],
-        metric: Metric,
-        name: str,
-        dense: Any,
-        dense_outputs: list[Any],
-        space: PruningSpace,
-        target: Target,
-        time_mode: str,
-        repeats: int,
-    ) -> None:
-        self.function, self.calls, self.metric, self.name = function, calls, metric, name
-        self.dense, self.dense_outputs, self.space = dense, dense_outputs, space
-        self.target, self.time_mode, self.repeats = target, time_mode, repeats
-        self.dense_model_s = _model_seconds(dense, calls[0], target) if time_mode == "model" else 0
-
-    def run(self, study: Any, digest: str, budget: int, deadline: float | None, bar: bool) -> int:
-        """Ask and measure until ``budget`` distinct candidates are stored under ``digest``;
-        returns how many were measured now."""
-        from einfuse.autotune.objectives import _progress_bar
-
-        stored = points_of(study.get_trials(), digest)
-        known = {p.pipeline: p.number for p in stored}
-        ran = {p.pipeline for p in stored if not p.reason.startswith(REFUSED)}
-        if "" not in known:
-            study.enqueue_trial(self.space.dense_params())
-        measured = asks = 0
-        with _progress_bar(max(0, budget - len(ran)), bar, KIND) as progress:
-            while len(ran) < budget and asks < 4 * budget:
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                batch: list[tuple[Any, str]] = []
-                while len(batch) < min(BATCH, budget - len(ran)) and asks < 4 * budget:
-                    asks += 1
-                    trial = _ask(study)
-                    pipeline = self.space.pipeline(self.space.suggest(trial))
-                    trial.set_user_attr(DIGEST_ATTR, digest)
-                    trial.set_user_attr("pipeline", pipeline)
-                    same = known.get(pipeline)
-                    if same is None and (twin := [t for t, p in batch if p == pipeline]):
-                        same = twin[0].number
-                    if same is not None:
-                        _repeat(study, trial, same)
-                        continue
-                    batch.append((trial, pipeline))
-                refused = self._measure(study, batch)
-                for trial, pipeline in batch:
-                    known[pipeline] = trial.number
-                ran |= {p for _, p in batch} - refused
-                measured += len(batch)
-                progress.update(len(batch) - len(refused))
-        return measured
-
-    def _measure(self, study: Any, batch: list[tuple[Any, str]]) -> set[str]:
-        """Quality (and model time) of each candidate, then the batch's times interleaved.
-        Returns the pipelines a pass refused (they ran nothing, so they count no trial)."""
-        from einfuse.autotune.timing import time_interleaved
-
-        ready: dict[str, tuple[Any, Any, float]] = {}
-        refused = set()
-        for trial, pipeline in batch:
-            outcome = self._evaluate(pipeline)
-            if isinstance(outcome, str):
-                trial.set_user_attr("reason", outcome)
-                study.tell(trial, state=_failed())
-                refused |= {pipeline} if outcome.startswith(REFUSED) else set()
-            else:
-                ready[pipeline] = (trial, *outcome)
-        if self.time_mode == "model" or not ready:
-            for trial, _, loss, seconds in ready.values():
-                self._tell(study, trial, seconds / self.dense_model_s, seconds, loss)
-            return refused
-        first = self.calls[0]
-        runs = {p: (lambda f=f: f(*first)) for p, (_, f, _, _) in ready.items()}
-        runs.setdefault("", lambda: self.dense(*first))
-        timings = time_interleaved(runs, warmup=1, repeats=self.repeats)
-        base = timings[""].median
-        for pipeline, (trial, _, loss, _) in ready.items():
-            seconds = timings[pipeline].median
-            self._tell(study, trial, seconds / base, seconds, loss)
-        return refused
-
-    def _evaluate(self, pipeline: str) -> tuple[Any, float, float] | str:
-        """The candidate's compiled function, loss and model seconds; or why it failed."""
-        import einfuse
-
-        if pipeline == "":
-            f = self.dense
-        else:
-            try:
-                f = einfuse.jit(self.function, passes=pipeline, backend=self.dense.backend.name)
-                outputs = [_numpy(f(*c)) for c in self.calls]
-            except PruneError as exc:  # refused before anything ran
-                return f"{REFUSED}{exc}"
-            except Exception as exc:
-                return describe_error(exc)
-        outputs = self.dense_outputs if pipeline == "" else outputs
-        loss = _loss(self.metric, outputs, self.dense_outputs, self.name)
-        if isinstance(loss, str):
-            return loss
-        if self.time_mode != "model":
-            return f, loss, math.nan
-        try:
-            return f, loss, _model_seconds(f, self.calls[0], self.target)
-        except Exception as exc:
-            return f"cost model: {describe_error(exc)}"
-
-    @staticmethod
-    def _tell(study: Any, trial: Any, ratio: float, seconds: float, loss: float) -> None:
-        trial.set_user_attr("time_s", seconds)
-        study.tell(trial, [ratio, loss])
-
-
-def _repeat(study: Any, trial: Any, number: int) -> None:
-    """A proposal of a candidate measured before: its figures again, never re-measured."""
-    earlier = study.get_trials(deepcopy=False)[number]
-    trial.set_user_attr("duplicate_of", number)
-    if earlier.state.name == "COMPLETE":
-        study.tell(trial, list(earlier.values))
-    else:
-        study.tell(trial, state=_failed())
-
-
-def _ask(study: Any) -> Any:
-    """``study.ask()``; a database store's heartbeat is meant for ``optimize`` (Optuna warns),
-    and this search beats it no more than the measured objective does."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-        return study.ask()
-
-
-def _failed() -> Any:
-    from optuna.trial import TrialState
-
-    return TrialState.FAIL
-
-
 # --------------------------------------------------------------------------- helpers
 def _calls(calibration: Sequence[Any], name: str) -> list[tuple[Any, ...]]:
     """The calibration calls as argument tuples, every one with the first one's shapes."""
@@ -430,26 +291,6 @@ def _calls(calibration: Sequence[Any], name: str) -> list[tuple[Any, ...]]:
     return calls
 
 
-def _numpy(outputs: Any) -> Any:
-    import jax
-
-    return jax.tree_util.tree_map(np.asarray, outputs)
-
-
-def _loss(metric: Metric, outputs: list[Any], dense: list[Any], name: str) -> float | str:
-    """The metric's value as a finite float, or why there is none (one line)."""
-    try:
-        value = metric(outputs, dense)
-    except Exception as exc:
-        return f"metric {name} raised {describe_error(exc)}"
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number | np.ndarray):
-        return f"metric {name} returned {type(value).__name__} {value!r:.60}, not a number"
-    if np.ndim(value) != 0:
-        return f"metric {name} returned an array of shape {np.shape(value)}, not a number"
-    value = float(value)
-    return value if math.isfinite(value) else f"metric {name} returned {value}"
-
-
 def _digest(name: str, calls: list[tuple[Any, ...]], time_mode: str, fresh: bool) -> str:
     """What a candidate's figures depend on beyond the key: the metric, the calibration
     values (each distinct array once) and the timing. ``fresh`` starts a new generation."""
@@ -474,26 +315,9 @@ def _layers(program: Program) -> int:
     return sum(len(attention_sites(r.cascade)) for r in program.regions)
 
 
-def _model_seconds(f: Any, call: tuple[Any, ...], target: Target) -> float:
-    """The cost model's price of every region of ``f``'s program at ``call``'s shapes."""
-    from einfuse.autotune.screen import program_cost_model
-    from einfuse.compile_path import region_sizes
-
-    program = f.trace(*call).program
-    total = 0.0
-    for k, region in enumerate(program.regions):
-        sizes = region_sizes(program, region)
-        seconds = float(program_cost_model(region.cascade, target, sizes).estimate(None))
-        if not math.isfinite(seconds):
-            raise EinfuseError(f"the cost model cannot price region {k}")
-        total += seconds
-    return total
-
-
 __all__ = [
     "DEFAULT_PARETO_TRIALS",
     "MetricError",
-    "ParetoPoint",
     "ParetoResult",
     "pareto_search",
     "program_key",

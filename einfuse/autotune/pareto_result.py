@@ -10,7 +10,7 @@ trials measured in different rounds or processes compare; ``time_s`` is the abso
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from einfuse.autotune.timing_table import format_table
 
 DIGEST_ATTR = "digest"  # trial user attr: which metric, calibration set and timing it was under
 REFUSED = "refused by a pass: "  # a failure that ran nothing (counts no trial)
+RACERS = 4  # finalists in the final race (with the dense program)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +57,19 @@ def pareto_front(points: Iterable[ParetoPoint]) -> list[ParetoPoint]:
     return list(unique.values())
 
 
-def choose(points: Sequence[ParetoPoint], max_loss: float) -> tuple[ParetoPoint, str]:
+def finalists(points: Sequence[ParetoPoint], max_loss: float) -> list[ParetoPoint]:
+    """The fastest few pruned candidates within the bound, by their trial times: they race
+    the dense program once more before one is chosen (a fast time may have been noise)."""
+    feasible = [p for p in points if p.ok and p.pipeline and p.loss <= max_loss]  # type: ignore[operator]
+    return sorted(feasible, key=lambda p: (p.time, p.loss, p.number))[:RACERS]
+
+
+def choose(
+    points: Sequence[ParetoPoint], max_loss: float, race: Mapping[str, float] | None = None
+) -> tuple[ParetoPoint, str]:
     """The fastest candidate with loss <= ``max_loss`` (a tie goes to the lower loss, then
-    to the dense program); if none qualifies, the dense program, and a message saying so."""
+    to the dense program); if none qualifies, the dense program, and a message saying so.
+    With a ``race`` (pipeline -> time as a ratio to dense), only its racers compete, by it."""
     dense = next((p for p in points if p.pipeline == "" and p.ok), None)
     if dense is None:
         raise ValueError("the dense program must be a measured candidate")
@@ -69,8 +80,16 @@ def choose(points: Sequence[ParetoPoint], max_loss: float) -> tuple[ParetoPoint,
             f"no candidate has loss <= {max_loss:g} (the lowest is {best:.4g}, the dense "
             "program's own); chose the dense program"
         )
-    chosen = min(feasible, key=lambda p: (p.time, p.loss, p.pipeline != "", p.number))
-    return chosen, f"chosen: the fastest candidate with loss <= {max_loss:g}"
+    how = f"the fastest candidate with loss <= {max_loss:g}"
+    if race:
+        feasible = [p for p in feasible if p.pipeline in race]
+        how += f" in a final race of {len(race)} (interleaved)"
+
+    def speed(p: ParetoPoint) -> float:
+        return race[p.pipeline] if race else p.time  # type: ignore[return-value]
+
+    chosen = min(feasible, key=lambda p: (speed(p), p.loss, p.pipeline != "", p.number))
+    return chosen, f"chosen: {how}"
 
 
 def points_of(trials: Iterable[Any], digest: str) -> list[ParetoPoint]:
@@ -112,6 +131,7 @@ class ParetoResult:
     message: str
     study: Any = None
     new_trials: int = 0
+    race: Mapping[str, float] = field(default_factory=dict)  # pipeline -> ratio to dense
 
     @property
     def front(self) -> list[ParetoPoint]:
@@ -124,9 +144,8 @@ class ParetoResult:
     def table(self) -> str:
         rows = []
         front = self.front
-        shown = front + [
-            p for p in self.points if p.pipeline == "" and p.ok and p not in front
-        ]  # the dense program, even where a pruned one dominates it
+        extra = [p for p in self.points if p.ok and (p.pipeline == "" or p == self.chosen)]
+        shown = front + [p for p in extra if p not in front]  # dense and the choice, always
         for p in shown:
             marks = (
                 "chosen" if p.number == self.chosen.number else "",
@@ -141,10 +160,12 @@ class ParetoResult:
                         None if p.time_s is None else p.time_s * 1e3
                     ),
                     "loss": p.loss,
+                    "race_x_dense": self.race.get(p.pipeline),
                 }
             )
-        columns = list(rows[0]) if rows else []
+        columns = [c for c in rows[0] if c != "race_x_dense" or self.race] if rows else []
         formats = {"time_x_dense": ".3f", "loss": ".4g", "measured_ms": ".4g"}
+        formats["race_x_dense"] = ".3f"
         formats["predicted_ms"] = ".4g"
         kind = "cost-model time" if self.time_mode == "model" else "measured time (interleaved)"
         lines = [
@@ -189,8 +210,8 @@ def candidates_table(result: ParetoResult) -> str:
 
 
 def plot_front(result: ParetoResult, directory: Path) -> list[str]:
-    """Time against loss for every candidate, the front as a line, the chosen one marked,
-    the loss bound dashed: ``DIR/<study>-pareto.png``."""
+    """Time against loss for every candidate, the front as a line, the finalists where the
+    final race put them, the chosen one marked, the loss bound dashed: ``DIR/<study>-front.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,15 +219,20 @@ def plot_front(result: ParetoResult, directory: Path) -> list[str]:
 
     directory.mkdir(parents=True, exist_ok=True)
     name = result.study.study_name if result.study is not None else "pareto"
-    path = directory / f"{name}-pareto.png"
+    path = directory / f"{name}-front.png"
     ok = [p for p in result.points if p.ok]
     front = result.front
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
         ax.scatter([p.time for p in ok], [p.loss for p in ok], c="0.6", s=18, label="candidate")
         ax.plot([p.time for p in front], [p.loss for p in front], "o-", c="C0", label="front")
+        raced = [p for p in ok if p.pipeline in result.race]
+        if raced:  # where the final race put the finalists: the choice is made there
+            times = [result.race[p.pipeline] for p in raced]
+            ax.scatter(times, [p.loss for p in raced], marker="x", c="C1", label="final race")
         c = result.chosen
-        ax.scatter([c.time], [c.loss], marker="*", s=220, c="C3", zorder=3, label="chosen")
+        x = result.race.get(c.pipeline, c.time)
+        ax.scatter([x], [c.loss], marker="*", s=220, c="C3", zorder=3, label="chosen")
         ax.axhline(result.max_loss, ls="--", c="C3", lw=1, label=f"max loss {result.max_loss:g}")
         ax.set_xlabel(
             "time / dense time" + (" (cost model)" if result.time_mode == "model" else "")

@@ -61,7 +61,7 @@ def run_pareto(args: argparse.Namespace, store: Any) -> int:
         raise CliError("--objective pareto runs in one process (--workers 1)")
     function = load_function(args.subject)
     metric = load_function(args.metric)
-    calls = _calibration(args.calibration, metric, args.metric)
+    calls = _calibration(args.calibration, args.metric)
     from einfuse.autotune.pareto import pareto_search
     from einfuse.autotune.pareto_result import plot_front
     from einfuse.cost_model.target import get_target
@@ -96,24 +96,23 @@ def run_pareto(args: argparse.Namespace, store: Any) -> int:
     return 0
 
 
-def _calibration(spec: str | None, metric: Any, metric_spec: str) -> Any:
-    """The calibration calls: ``spec``'s function, else the metric module's ``calibration``."""
-    import sys
-
+def _calibration(spec: str | None, metric_spec: str) -> Any:
+    """The calibration calls: ``spec``'s function, else the ``calibration`` function of the
+    module ``--metric`` names (not the module that defined the metric: it may re-export it)."""
     from einfuse.cli.args import load_function, one_line
 
-    if spec is not None:
-        make, name = load_function(spec), spec
-    else:
-        module = sys.modules.get(getattr(metric, "__module__", ""), None)
-        make = getattr(module, "calibration", None)
-        name = f"{metric_spec.rpartition(':')[0]}:calibration"
-        if not callable(make):
+    if spec is None:
+        spec = f"{metric_spec.rpartition(':')[0]}:calibration"
+        try:
+            make = load_function(spec)
+        except CliError:
             raise CliError(
-                f"no calibration inputs: {metric_spec.rpartition(':')[0]} has no function "
+                f"no calibration inputs: {spec.rpartition(':')[0]} has no function "
                 "`calibration`; give --calibration MODULE:FN"
-            )
+            ) from None
+    else:
+        make = load_function(spec)
     try:
         return make()
     except Exception as exc:
-        raise CliError(f"calibration {name} raised {one_line(exc)}") from exc
+        raise CliError(f"calibration {spec} raised {one_line(exc)}") from exc
