@@ -93,7 +93,9 @@ def jit(
     the static and donated arguments mean what they mean to ``jax.jit``.
     ``autotune`` (True for the default tuning database, or a storage URL, ``journal:PATH``
     or an exported ``.json``) reuses what ``einfuse autotune`` stored for each region with
-    these shapes and target, in place of ``passes``; it never searches at compile time.
+    these shapes and target, in place of ``passes``, and the pruning pipeline an
+    ``--objective pareto`` search stored for the whole program (where ``passes`` names no
+    program pass); it never searches at compile time.
     ``backend`` names what emits the regions (``einfuse.backends.backend``; ``jax``).
     """
     options = dict(

@@ -112,6 +112,11 @@ def test_failed_candidates_are_recorded_never_chosen_and_dense_is_the_fallback()
     assert "chose the dense program" in result.table()
 
 
+def test_autotune_points_at_the_pareto_search() -> None:
+    with pytest.raises(einfuse.EinfuseError, match="pareto_search"):
+        einfuse.autotune(minilm.encode, objective="pareto")
+
+
 def test_choose_takes_the_fastest_within_the_bound() -> None:
     points = [
         ParetoPoint(0, "", 1.0, 0.0),
