@@ -11,7 +11,13 @@ import pytest
 
 import einfuse
 from einfuse.autotune.pareto import pareto_search, stored_result
-from einfuse.autotune.pareto_result import ParetoPoint, choose, pareto_front
+from einfuse.autotune.pareto_result import (
+    ParetoPoint,
+    ParetoResult,
+    choose,
+    pareto_front,
+    plot_front,
+)
 from einfuse.autotune.store import TuningStore
 from einfuse.cli import main
 from einfuse.explain_pruning import pruning_points
@@ -132,6 +138,14 @@ def test_choose_takes_the_fastest_within_the_bound() -> None:
     raced, message = choose(points, 0.05, race={"": 1.0, "b": 0.9, "d": 0.6})
     assert raced.pipeline == "d" and "final race of 3" in message  # the race decides
     assert not math.isnan(choose(points, 0.0)[0].time)
+
+
+def test_the_plot_draws_the_race_and_the_choice(tmp_path) -> None:
+    points = (ParetoPoint(0, "", 1.0, 0.0), ParetoPoint(1, "a", 0.6, 0.01))
+    result = ParetoResult(None, points, points[1], 0.02, "m:f", "measure", "", race={"a": 0.7})
+    (line,) = plot_front(result, tmp_path)
+    assert line == f"wrote {tmp_path / 'pareto-front.png'}"
+    assert (tmp_path / "pareto-front.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(

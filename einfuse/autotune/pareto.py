@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -86,9 +87,9 @@ def program_fingerprint(program: Program) -> str:
 
 def program_key(program: Program, target: Target, backend: str = "jax") -> TuningKey:
     """The key of a whole lifted program's pruning choice on ``target``."""
-    dtypes = tuple(
-        sorted((f"in{i}", str(program.avals[v].dtype)) for i, v in enumerate(program.inputs))
-    )  # sorted, as `TuningKey.from_dict` reads them back
+    counts = Counter(str(program.avals[v].dtype) for v in program.inputs)
+    # One line for every input (the fingerprint holds each one's shape and dtype).
+    dtypes = (("inputs", ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))),)
     return TuningKey(
         fingerprint=program_fingerprint(program),
         sizes=(),
