@@ -50,6 +50,7 @@ class Traced:
     compiled: tuple[Compiled, ...] = ()
     tuning: tuple[str, ...] = ()  # per region, with autotune: what was looked up and found
     program_passes: tuple[tuple[str, Program], ...] = ()  # after each program pass (pruning)
+    program_tuning: str = ""  # with autotune: the stored pruning choice of the whole program
 
     @property
     def pass_history(self) -> tuple[tuple[tuple[str, str], ...], ...]:
@@ -92,7 +93,9 @@ def jit(
     the static and donated arguments mean what they mean to ``jax.jit``.
     ``autotune`` (True for the default tuning database, or a storage URL, ``journal:PATH``
     or an exported ``.json``) reuses what ``einfuse autotune`` stored for each region with
-    these shapes and target, in place of ``passes``; it never searches at compile time.
+    these shapes and target, in place of ``passes``, and the pruning pipeline an
+    ``--objective pareto`` search stored for the whole program (where ``passes`` names no
+    program pass); it never searches at compile time.
     ``backend`` names what emits the regions (``einfuse.backends.backend``; ``jax``).
     """
     options = dict(
@@ -219,12 +222,13 @@ class JitFunction:
         lifted = lift_canonical(closed, check=bool(self.passes))
         t2 = time.perf_counter()
         passed, history = lifted, ()
-        if self.program_passes:
+        program_passes, program_tuning = self._program_pipeline(lifted)
+        if program_passes:
             from einfuse.passes.program import run_program_passes
 
-            result = run_program_passes(lifted, self.program_passes)
+            result = run_program_passes(lifted, program_passes)
             passed, history = result.program, result.history
-        compiled, tuning = self._run_passes(passed)
+        compiled, tuning = self._run_passes(passed, warn=not program_tuning)
         program = passed.with_regions(
             [r.with_cascade(c.cascade, c.schedule) for r, c in zip(passed.regions, compiled)]
         )
@@ -232,13 +236,40 @@ class JitFunction:
         runner = ProgramRunner(program, self.backend)
         seconds = dict(trace=t1 - t0, lift=t2 - t1, passes=t3 - t2, emit=time.perf_counter() - t3)
         return Traced(
-            closed, lifted, program, out_tree[0], runner, seconds, compiled, tuning, history
+            closed,
+            lifted,
+            program,
+            out_tree[0],
+            runner,
+            seconds,
+            compiled,
+            tuning,
+            history,
+            program_tuning,
         )
 
-    def _run_passes(self, program: Program) -> tuple[tuple[Compiled, ...], tuple[str, ...]]:
-        """Each canonical region through its pipeline: the tuned one if stored, else ``passes``."""
+    def _program_pipeline(self, lifted: Program) -> tuple[Any, str]:
+        """The program passes to run: those of ``passes``; with ``autotune`` and none given,
+        the pruning pipeline a Pareto search stored for this program (`autotune.pareto`),
+        and a note saying what was found."""
+        if self.program_passes or self.autotune is None:
+            return self.program_passes, ""
+        from einfuse.autotune.pareto import tuned_program
+
+        storage = None if self.autotune is True else self.autotune
+        _, record = tuned_program(lifted, resolve_target(self.target), storage, self.backend.name)
+        if record is None or record.objective != "pareto":
+            return self.program_passes, ""
+        return record.pipeline, f"pruning chosen by a pareto search: {record.pipeline or 'none'}"
+
+    def _run_passes(
+        self, program: Program, warn: bool = True
+    ) -> tuple[tuple[Compiled, ...], tuple[str, ...]]:
+        """Each canonical region through its pipeline: the tuned one if stored, else ``passes``.
+        ``warn``: warn about regions with nothing stored (not when a pruning choice was
+        found: its pruned regions have their own shapes, tuned or not)."""
         looked_up = [self._tuned(program, region) for region in program.regions]
-        tuning = self._tuning_notes(looked_up)
+        tuning = self._tuning_notes(looked_up, warn)
         out = []
         for region, (_, tuned) in zip(program.regions, looked_up):
             pipeline, schedule = tuned if tuned else (self.region_passes or None, None)
@@ -256,7 +287,7 @@ class JitFunction:
         target = resolve_target(self.target)
         return tuned_lookup(region.cascade, sizes, target, storage, self.backend.name)
 
-    def _tuning_notes(self, looked_up: list[tuple[Any, Any]]) -> tuple[str, ...]:
+    def _tuning_notes(self, looked_up: list[tuple[Any, Any]], warn: bool) -> tuple[str, ...]:
         """Per region what autotune found; warns once per key about regions with nothing."""
         if self.autotune is None:
             return ()
@@ -275,7 +306,7 @@ class JitFunction:
             if key.digest() not in self._warned:
                 self._warned.add(key.digest())
                 missing.append(f"region {k}: {what}")
-        if missing:
+        if missing and warn:
             warnings.warn(
                 f"einfuse.jit({_name(self.fun)}, autotune=...): {where} holds no tuned result "
                 f"for {'; '.join(missing)}; these run {fallback}. Tune them with `einfuse autotune "
@@ -341,6 +372,8 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
         f"timings: {', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in traced.seconds.items())}",
         "",
     ]
+    if traced.program_tuning:
+        lines[-1:-1] = [f"autotune: {traced.program_tuning}"]
     for k, r in enumerate(regions):
         ops = Counter(r.primitives)
         reduced = [e for e in r.cascade.einsums if e.reduced_ranks]

@@ -88,6 +88,11 @@ def autotune(
     ``worker=(i, N)`` does worker ``i``'s share of a study N processes share and stores no
     choice; ``workers=N`` then decides from what they stored (see `shares`).
     """
+    if objective == "pareto":  # a whole program's pruning, under a quality bound
+        raise EinfuseError(
+            "objective pareto searches a program's pruning against a quality metric: call "
+            "einfuse.autotune.pareto.pareto_search(f, calibration, metric, max_loss=...)"
+        )
     if objective not in OBJECTIVES:
         raise EinfuseError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     settings = Settings(

@@ -20,7 +20,7 @@ from einfuse.cli.errors import CliError, is_user_error
 
 DEFAULT_HEARTBEAT_S = 30  # einfuse.autotune.store_server's, without importing optuna here
 
-OBJECTIVES = ("model", "measure", "hybrid")
+OBJECTIVES = ("model", "measure", "hybrid", "pareto")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--objective",
         choices=OBJECTIVES,
         default="hybrid",
-        help="model: cost model only; measure: time candidates; hybrid (default): both",
+        help="model: cost model only; measure: time candidates; hybrid (default): both; "
+        "pareto: prune where it pays, time x a quality metric (see below)",
     )
     parser.add_argument("--trials", type=int, help="points scored (model) or candidates measured")
     parser.add_argument("--timeout", type=float, metavar="S", help="stop measuring after S s")
@@ -93,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fresh", action="store_true", help="tune again even if a result is stored (adds trials)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from einfuse.cli.pareto import add_pareto_arguments
+
+    add_pareto_arguments(parser)
     actions = parser.add_mutually_exclusive_group()
     actions.add_argument("--list", action="store_true", help="list the stored studies")
     actions.add_argument("--show", metavar="STUDY", help="print one stored study")
@@ -120,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"imported {store.import_best(args.import_)} record(s) from {args.import_}")
         return 0
+    if args.objective == "pareto":
+        from einfuse.cli.pareto import run_pareto
+
+        return run_pareto(args, store)
     if worker is not None:
         results = _tune(args, store, worker=worker)
         for r in getattr(results, "results", (results,)):
@@ -284,6 +292,12 @@ def _show_study(store: Any, name: str) -> str:
     lines = [f"study {name} in {store.where}"]
     if KEY_ATTR in attrs:
         lines.append("key " + json.dumps(attrs[KEY_ATTR], sort_keys=True))
+    from einfuse.autotune.pareto import stored_result
+    from einfuse.autotune.pareto_result import candidates_table
+
+    pareto = stored_result(study)
+    if pareto is not None:  # two objectives: its own tables
+        return "\n".join([*lines, pareto.table(), candidates_table(pareto)])
     best = attrs.get(BEST_ATTR)
     if best:
         lines.append(f"best pipeline: {best['pipeline'] or '(none)'}; schedule: {best['schedule']}")
