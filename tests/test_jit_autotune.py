@@ -27,7 +27,8 @@ def test_jit_reuses_the_stored_pipeline(tmp_path):
     (tuned,) = {r.pipeline for r in result.results}
     compiled = jit(attn, autotune=store)
     history = compiled.trace(q, k, v).pass_history[0]
-    assert [name for name, _ in history] == [*filter(None, tuned.split(","))]
+    passes = [name for name, _ in history if ": " not in name]  # not fuse's inner rewrites
+    assert passes == [*filter(None, tuned.split(","))]
     np.testing.assert_allclose(compiled(q, k, v), jax.jit(attn)(q, k, v), rtol=1e-4, atol=1e-5)
 
 
