@@ -64,6 +64,22 @@ class Val:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One Einsum inside a shard_map body: device ranks that stand for this device.
+
+    Such a rank has local size 1; as a value (or inside a data index, ``W[x*H0+h0]``) it is
+    the device's position, held in the variable ``local[rank]`` (``lax.axis_index``). At a
+    sharded tensor's device dim (``dims``) it is the local block's only position, 0.
+    """
+
+    local: Mapping[str, str]  # device rank -> the variable holding its axis index
+    dims: Mapping[str, frozenset[int]]  # tensor -> its device dims (local extent 1)
+
+    def in_index(self, index: Expr) -> bool:
+        return any(r in self.local for r in rank_vars(index))
+
+
+@dataclass(frozen=True, slots=True)
 class _Window:
     """Positions ``start .. start+length`` of one dim, reshaped into ``ranks`` (outer first)."""
 
@@ -86,6 +102,7 @@ class ExprLowering:
     compute_dtype: np.dtype
     limit: float
     leaves: Mapping[Expr, Val] = field(default_factory=dict)
+    device: DeviceView | None = None
 
     def over(
         self, canonical: tuple[str, ...], leaves: Mapping[Expr, Val] | None = None
@@ -115,6 +132,8 @@ class ExprLowering:
         if isinstance(expr, Var):
             r = self._rank(expr.rank)
             iota = call("iota", dtype=INT32, shape=(self.sizes[r],), dimension=0)
+            if self.device is not None and r in self.device.local:
+                iota = call("add", iota, Ref(self.device.local[r]))
             return Val(iota, (r,), "int", INT32)
         if isinstance(expr, Size):
             return Val(Lit(self.sizes[expr.rank]), (), "int", None)
@@ -124,6 +143,16 @@ class ExprLowering:
             return self.access(expr)
         assert isinstance(expr, Op)
         return self.apply(expr.op, [self.lower(a) for a in expr.args], expr)
+
+    def index(self, expr: Expr) -> Val:
+        """An index expression: integer arithmetic, where ``/`` floors and ``mod`` is integral."""
+        if isinstance(expr, Op) and expr.op in ("div", "mod"):
+            args = [self.as_int(self.index(x)) for x in expr.args]
+            op = "floor_divide" if expr.op == "div" else "mod"
+            return self._combine(op, args, "int", args, expr)
+        if isinstance(expr, Op):
+            return self.apply(expr.op, [self.index(x) for x in expr.args], expr)
+        return self.lower(expr)
 
     def apply(self, op: str, args: list[Val], what: object = None) -> Val:
         """``op`` on lowered operands, converting kinds as the IR's semantics need."""
@@ -210,7 +239,11 @@ class ExprLowering:
     def _plans(self, a: Access) -> list[int | _Window] | None:
         """Per dim of ``a``: a fixed position or a window of ranks; None if it needs a gather."""
         plans: list[int | _Window] = []
-        for index, extent in zip(a.indices, self.tensors[a.tensor].shape):
+        dev = self.device
+        device_dims = dev.dims.get(a.tensor, frozenset()) if dev is not None else frozenset()
+        for d, (index, extent) in enumerate(zip(a.indices, self.tensors[a.tensor].shape)):
+            if dev is not None and d not in device_dims and dev.in_index(index):
+                return None  # this device's position inside a data index: a gather
             plan = self._dim_plan(index, extent)
             if plan is None:
                 return None
@@ -286,7 +319,12 @@ class ExprLowering:
             self._rank(r)
         self.check(ranks, a)
         plain = self.over(self.canonical)
-        indices = [plain.align(plain.lower(i), ranks, full=True) for i in a.indices]
+        at_block = replace(plain, device=None)  # a device dim's local block starts at 0
+        dims = self.device.dims.get(a.tensor, frozenset()) if self.device else frozenset()
+        indices = [
+            plain.align((at_block if d in dims else plain).index(i), ranks, full=True)
+            for d, i in enumerate(a.indices)
+        ]
         info = self.tensors[a.tensor]
         node = call("gather_or_zero", Ref(a.tensor), *indices)
         return Val(node, ranks, _kind(info.dtype), info.dtype)

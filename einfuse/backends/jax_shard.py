@@ -1,0 +1,382 @@
+"""A cascade with device ranks as one ``jax.shard_map`` over the mesh its axes name.
+
+The cascade is the global view (the reference reads device ranks as plain ranks); the body of
+the ``shard_map`` is what one device runs. There every device rank that stands for this device
+has local size 1 and the value ``lax.axis_index(axis)``, a sharded tensor is its local block
+(extent 1 at its device dim), and each Einsum becomes what ``einfuse.ir.devices`` says it
+communicates:
+
+    local           the single-device lowering of the local blocks
+    all_reduce      the local partial (the reduced device rank := this device), then psum/pmax/pmin
+    reduce_scatter  the partial over the whole scattered rank, then psum_scatter (tiled);
+                    max/min: pmax/pmin, then this device's slice
+    all_gather      all_gather (tiled) of the read tensor, then the local Einsum
+    ppermute        ppermute of the read tensor by the shift (no wrap: the edge reads zeros)
+
+Any other device rank an Einsum mentions (a replicated result summed over the devices'
+blocks of a replicated tensor, the scattered rank of a reduce-scatter's partial) is an
+ordinary rank of its full size. Collectives change the order of floating-point sums, so the
+result equals the reference up to that reordering (float32: rtol ~1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from einfuse.backends.jax_backend import JaxCascade, with_dtype
+from einfuse.backends.jax_lower import Names, Policy, lower_einsum
+from einfuse.backends.jax_ops import Assign, Ref, Stmt, call, format_stmt, format_value, run
+from einfuse.backends.jax_values import BackendUnsupported, DeviceView, TensorInfo, canonical_dtype
+from einfuse.ir.cascade import Cascade, Einsum
+from einfuse.ir.devices import REDUCING, Communication, axes, communications
+from einfuse.ir.dtypes import tensor_dtypes
+from einfuse.ir.errors import EinfuseError
+from einfuse.ir.expr import Access, Expr, Var, substitute
+
+
+def mesh_for(cascade: Cascade, sizes: Mapping[str, int], mesh: Mesh | None = None) -> Mesh:
+    """``mesh`` checked against the cascade's axes, or one built from ``jax.devices()``."""
+    want = {axis: sizes[ranks[0]] for axis, ranks in axes(cascade).items()}
+    if mesh is not None:
+        have = dict(mesh.shape)
+        for axis, n in want.items():
+            if have.get(axis) != n:
+                raise EinfuseError(
+                    f"mesh axis {axis} has {have.get(axis, 'no')} devices; the cascade's "
+                    f"device ranks on {axis} have size {n}"
+                )
+        return mesh
+    count, devices = math.prod(want.values()), jax.devices()
+    if len(devices) < count:
+        layout = ", ".join(f"{a}={n}" for a, n in want.items())
+        raise EinfuseError(
+            f"the cascade's mesh ({layout}) needs {count} devices; JAX sees {len(devices)} "
+            "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count before importing jax)"
+        )
+    grid = np.array(devices[:count]).reshape(tuple(want.values()))
+    return Mesh(grid, tuple(want))
+
+
+@dataclass(frozen=True)
+class ShardedLowered:
+    """The body statements of one ``shard_map``, with its specs, ready to run or print."""
+
+    inputs: tuple[tuple[str, TensorInfo], ...]  # global shapes
+    outputs: tuple[str, ...]
+    stmts: tuple[Stmt, ...]  # over local blocks
+    sizes: tuple[tuple[str, int], ...]
+    out_dtypes: tuple[np.dtype, ...]
+    in_specs: tuple[P, ...]
+    out_specs: tuple[P, ...]
+    mesh: Mesh
+
+    def __call__(self, arrays: Mapping[str, Any]) -> dict[str, jax.Array]:
+        xs = []
+        for name, info in self.inputs:
+            x = jnp.asarray(arrays[name])
+            if tuple(x.shape) != info.shape:
+                raise EinfuseError(
+                    f"input {name} has shape {tuple(x.shape)}, expected {info.shape}"
+                )
+            xs.append(x.astype(info.dtype))
+        names = [n for n, _ in self.inputs]
+
+        def body(*blocks: jax.Array) -> tuple[jax.Array, ...]:
+            env = run(self.stmts, dict(zip(names, blocks)))
+            return tuple(env[o] for o in self.outputs)
+
+        # check_vma=False: an all_gather's result is the same on every device but typed as
+        # varying, so a replicated out_spec of it would be refused; the tests check values
+        # and gradients against the unsharded reference instead.
+        outs = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=self.in_specs,
+            out_specs=self.out_specs,
+            check_vma=False,
+        )(*xs)
+        return {o: x.astype(d) for o, x, d in zip(self.outputs, outs, self.out_dtypes)}
+
+    def source(self, fn_name: str = "cascade") -> str:
+        args = ", ".join(n for n, _ in self.inputs)
+        mesh = ", ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
+        lines = [f"def {fn_name}({args}):"]
+        lines.append(f"    # sizes: {', '.join(f'{r}={n}' for r, n in self.sizes)}")
+        lines.append(f"    # mesh: {mesh}")
+        for (name, info), spec in zip(self.inputs, self.in_specs):
+            lines.append(f"    # {name}: {format_value(info.dtype)}{list(info.shape)} {spec}")
+        lines.append(f"    def body({args}):")
+        for s in self.stmts:
+            lines.extend("        " + line for line in format_stmt(s))
+        lines.append(f"        return ({', '.join(self.outputs)},)")
+        lines.append(
+            f"    return jax.shard_map(body, mesh=mesh, in_specs={self.in_specs}, "
+            f"out_specs={self.out_specs}, check_vma=False)({args})"
+        )
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class _Body:
+    """What the body lowering knows while it walks the Einsums."""
+
+    cascade: Cascade
+    sizes: Mapping[str, int]
+    policy: Policy
+    names: Names
+    dtypes: dict[str, np.dtype]
+    tensors: dict[str, TensorInfo]
+    dims: dict[str, frozenset[int]]  # tensor -> its device dims (local extent 1)
+    index: dict[str, str]  # axis -> the variable holding lax.axis_index(axis)
+    stmts: list[Stmt]
+
+
+def lower_sharded(
+    cascade: Cascade,
+    sizes: Mapping[str, int],
+    mesh: Mesh | None = None,
+    *,
+    dtype: Any = None,
+    accumulate_dtype: Any = None,
+    precision: Any = None,
+    max_blowup: float = 2.0,
+    wide_dots: bool = False,
+) -> ShardedLowered:
+    """The shard_map of ``cascade`` for concrete ``sizes`` (global, one int per rank)."""
+    cascade = with_dtype(cascade, dtype)
+    mesh = mesh_for(cascade, sizes, mesh)
+    weak = canonical_dtype(dtype or np.float32).name
+    dtypes = {k: canonical_dtype(v) for k, v in tensor_dtypes(cascade, weak).items()}
+    acc = None if accumulate_dtype is None else canonical_dtype(accumulate_dtype)
+    names = Names({t.name for t in cascade.inputs} | {e.output for e in cascade.einsums})
+    index = {axis: names.fresh(f"{axis}_index") for axis in axes(cascade)}
+    stmts: list[Stmt] = [Assign(v, call("axis_index", axis_name=a)) for a, v in index.items()]
+    body = _Body(
+        cascade,
+        sizes,
+        Policy(acc, precision, max_blowup, wide_dots),
+        names,
+        dtypes,
+        {},
+        {},
+        index,
+        stmts,
+    )
+    inputs, in_specs = [], []
+    for t in cascade.inputs:
+        body.dims[t.name] = _device_dims(cascade, t.ranks)
+        shape = tuple(sizes[r] for r in t.ranks)
+        body.tensors[t.name] = TensorInfo(_local(shape, body.dims[t.name]), dtypes[t.name])
+        inputs.append((t.name, TensorInfo(shape, dtypes[t.name])))
+        in_specs.append(_spec(cascade, t.ranks))
+    by_einsum: dict[str, list[Communication]] = {}
+    for comm in communications(cascade):
+        by_einsum.setdefault(comm.einsum, []).append(comm)
+    for e in cascade.einsums:
+        _lower_on_mesh(body, e, by_einsum.get(e.output, []))
+    out_specs = tuple(_spec(cascade, cascade.tensor_ranks(o)) for o in cascade.outputs)
+    return ShardedLowered(
+        tuple(inputs),
+        cascade.outputs,
+        tuple(body.stmts),
+        tuple(sorted(sizes.items())),
+        tuple(body.tensors[o].dtype for o in cascade.outputs),
+        tuple(in_specs),
+        out_specs,
+        mesh,
+    )
+
+
+def _device_dims(c: Cascade, ranks: tuple[str, ...]) -> frozenset[int]:
+    return frozenset(d for d, r in enumerate(ranks) if c.device_axis(r) is not None)
+
+
+def _local(shape: tuple[int, ...], dims: frozenset[int]) -> tuple[int, ...]:
+    return tuple(1 if d in dims else n for d, n in enumerate(shape))
+
+
+def _spec(c: Cascade, ranks: tuple[str, ...]) -> P:
+    return P(*(c.device_axis(r) for r in ranks))
+
+
+def _local_ranks(comm: Communication) -> set[str]:
+    """The device ranks of ``comm``'s Einsum that stand for this device."""
+    if comm.kind in ("all_reduce", "reduce_scatter"):
+        return {comm.reduced_rank} - {None}  # type: ignore[arg-type]
+    return {comm.self_rank} - {None}  # type: ignore[arg-type]
+
+
+def _lower_on_mesh(body: _Body, e: Einsum, comms: list[Communication]) -> None:
+    moving = [m for m in comms if m.kind != "local"]
+    if len(moving) > 1:
+        kinds = ", ".join(f"{m.kind} on {m.axis}" for m in moving)
+        raise BackendUnsupported(f"einsum {e.output} communicates on two axes ({kinds})")
+    local = {r: body.index[m.axis] for m in comms for r in _local_ranks(m)}
+    sizes = {**body.sizes, **dict.fromkeys(local, 1)}
+    if moving:
+        e = _read_collectives(body, e, moving[0])
+    view = DeviceView(local, dict(body.dims))
+    policy = replace(body.policy, device=view)
+    dtype = body.dtypes[e.output]
+    if not moving or moving[0].kind not in ("all_reduce", "reduce_scatter"):
+        stmts, info = lower_einsum(e, sizes, body.tensors, policy, body.names, dtype)
+        body.stmts += stmts
+        body.tensors[e.output] = info
+        body.dims[e.output] = _device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
+        return
+    m = moving[0]
+    partial = body.names.fresh(f"{e.output}_partial")
+    stmts, info = lower_einsum(
+        replace(e, output=partial), sizes, body.tensors, policy, body.names, dtype
+    )
+    body.stmts += stmts
+    node = call(REDUCING[e.reduce], Ref(partial), axis_name=m.axis)
+    if m.kind == "reduce_scatter":
+        dim = e.indices.index(Var(m.self_rank))  # type: ignore[arg-type]
+        if e.reduce == "sum":
+            node = call(
+                "psum_scatter", Ref(partial), axis_name=m.axis, scatter_dimension=dim, tiled=True
+            )
+        else:
+            node = call(
+                "dynamic_slice_in_dim", node, Ref(body.index[m.axis]), slice_size=1, axis=dim
+            )
+        info = replace(info, shape=_local(info.shape, frozenset({dim})))
+    body.stmts.append(Assign(e.output, node))
+    body.tensors[e.output] = info
+    body.dims[e.output] = _device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
+
+
+def _read_collectives(body: _Body, e: Einsum, m: Communication) -> Einsum:
+    """Serve the reads that need another device's blocks (all_gather, ppermute, or refuse the
+    self-read of a reduce-scatter); the Einsum then reads the served copies."""
+    c, me, served = body.cascade, m.self_rank, {}
+
+    def serve(x: Expr) -> Expr | None:
+        if not isinstance(x, Access) or x.tensor == e.output:
+            return None
+        dim = c.device_dim(x.tensor, m.axis)
+        if dim is None:
+            return None
+        at = x.indices[dim]
+        if m.kind == "reduce_scatter" and at == Var(me):  # type: ignore[arg-type]
+            raise BackendUnsupported(
+                f"einsum {e.output}: a reduce-scatter that also reads {x.tensor} at its own "
+                f"device rank {me}; split it so the reduction reads only reduced shards"
+            )
+        if m.kind not in ("all_gather", "ppermute") or at == Var(me):  # type: ignore[arg-type]
+            return None
+        if m.kind == "all_gather":
+            key = (x.tensor, "gathered")
+        else:
+            shift = _shift_of(at, me)  # type: ignore[arg-type]
+            key = (x.tensor, f"from{shift[0]}{'ring' if shift[1] else ''}")
+        if key not in served:
+            served[key] = _serve(body, x.tensor, dim, m, key[1], at)
+        name = served[key]
+        if m.kind == "all_gather":
+            return Access(name, x.indices)
+        return Access(name, (*x.indices[:dim], Var(me), *x.indices[dim + 1 :]))  # type: ignore[arg-type]
+
+    expr = substitute(e.expr, serve)
+    init = None if e.init is None else substitute(e.init, serve)
+    return replace(e, expr=expr, init=init)
+
+
+def _serve(body: _Body, tensor: str, dim: int, m: Communication, what: str, at: Expr) -> str:
+    info, dims = body.tensors[tensor], body.dims[tensor]
+    name = body.names.fresh(f"{tensor}_{what}")
+    n = body.sizes[next(iter(axes(body.cascade)[m.axis]))]
+    if m.kind == "all_gather":
+        node = call("all_gather", Ref(tensor), axis_name=m.axis, axis=dim, tiled=True)
+        shape = (*info.shape[:dim], n, *info.shape[dim + 1 :])
+        body.tensors[name] = replace(info, shape=shape)
+        body.dims[name] = dims - {dim}
+    else:
+        shift, wraps = _shift_of(at, m.self_rank)  # type: ignore[arg-type]
+        sources = [(dst + shift, dst) for dst in range(n)]
+        perm = tuple(((s % n), d) if wraps else (s, d) for s, d in sources if wraps or 0 <= s < n)
+        node = call("ppermute", Ref(tensor), axis_name=m.axis, perm=perm)
+        body.tensors[name], body.dims[name] = info, dims
+    body.stmts.append(Assign(name, node))
+    return name
+
+
+def _shift_of(at: Expr, me: str) -> tuple[int, bool]:
+    from einfuse.ir.devices import _ring_shift
+
+    shift = _ring_shift(at, me)
+    assert shift is not None, at
+    return shift
+
+
+class ShardedCascade(JaxCascade):
+    """``emit_jax`` of a cascade with device ranks: the same calling convention, run as one
+    ``shard_map``. An input may also be given with its device dim merged into the next
+    (``W[h, d]`` for ``W[x, h0, d]``), as the lifter's shard_map arguments are."""
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        sizes: Mapping[str, int] | None,
+        *,
+        mesh: Mesh | None = None,
+        jit: bool = True,
+        **options: Any,
+    ) -> None:
+        self.mesh = mesh
+        super().__init__(cascade, sizes, jit=jit, blockwise=False, **options)
+
+    def _lower(self, bound: dict[str, int]) -> Any:
+        key = tuple(sorted(bound.items()))
+        if key not in self._lowered:
+            self._lowered[key] = lower_sharded(self.cascade, bound, self.mesh, **self.options)  # type: ignore[assignment]
+        return self._lowered[key]
+
+    def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        arrays = super().bind(*args, **kwargs)
+        for t in self.cascade.inputs:
+            dims = sorted(_device_dims(self.cascade, t.ranks))
+            shape = tuple(np.shape(arrays[t.name]))
+            if len(dims) == 1 and len(shape) == len(t.ranks) - 1 and dims[0] < len(shape):
+                d = dims[0]
+                n = self._axis_size(t.ranks[d], shape[d])
+                arrays[t.name] = jnp.reshape(
+                    arrays[t.name], (*shape[:d], n, shape[d] // n, *shape[d + 1 :])
+                )
+        return arrays
+
+    def _axis_size(self, rank: str, merged: int) -> int:
+        axis = self.cascade.device_axis(rank)
+        if self.mesh is not None and axis in self.mesh.shape:
+            return int(self.mesh.shape[axis])
+        size = self.cascade.size(rank)
+        if not isinstance(size, int) and rank in self.sizes:
+            size = self.sizes[rank]
+        if not isinstance(size, int):
+            raise EinfuseError(f"device rank {rank}: give its size (the device count of {axis})")
+        if merged % size:
+            raise EinfuseError(f"device rank {rank}={size} does not divide the merged dim {merged}")
+        return size
+
+
+def emit_sharded(
+    cascade: Cascade,
+    sizes: Mapping[str, int] | None = None,
+    *,
+    mesh: Mesh | None = None,
+    jit: bool = True,
+    **options: Any,
+) -> ShardedCascade:
+    """Emit a cascade with device ranks as a ``shard_map`` over ``mesh`` (default: one
+    built from ``jax.devices()`` with the cascade's axes)."""
+    return ShardedCascade(cascade, sizes, mesh=mesh, jit=jit, **options)
