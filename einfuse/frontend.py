@@ -366,7 +366,9 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")
-        lines += [f"  {o.label} at {o.source}" for o in opaques]
+        lines += [
+            f"  {o.label} at {o.source}" + (f": {o.reason}" if o.reason else "") for o in opaques
+        ]
     return "\n".join(lines) + "\n"
 
 

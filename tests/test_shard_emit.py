@@ -6,36 +6,14 @@ since XLA_FLAGS must be set before jax is imported."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_checks(module: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+from tests.shard_subprocess import ok, run_checks
 
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
     return run_checks("tests.shard_emit_checks")
-
-
-def ok(checks: dict, name: str):
-    got = checks[name]
-    assert not (isinstance(got, dict) and "error" in got), got.get("error")
-    return got
 
 
 KINDS = {
