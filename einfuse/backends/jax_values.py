@@ -236,13 +236,29 @@ class ExprLowering:
         return r
 
     # -- accesses ------------------------------------------------------------
-    def _plans(self, a: Access) -> list[int | _Window] | None:
-        """Per dim of ``a``: a fixed position or a window of ranks; None if it needs a gather."""
-        plans: list[int | _Window] = []
+    def _merged(self, a: Access) -> tuple[tuple[Expr, ...], tuple[int, ...], frozenset[int]]:
+        """``a``'s indices, extents and device dims, where each pair ``T[i/C, mod(i, C)]``
+        over dims of extents (E, C) reads as one dim of extent E*C (a reshape, not a gather:
+        how a gathered tensor reads back as one dim)."""
+        idx, shape = list(a.indices), list(self.tensors[a.tensor].shape)
         dev = self.device
-        device_dims = dev.dims.get(a.tensor, frozenset()) if dev is not None else frozenset()
-        for d, (index, extent) in enumerate(zip(a.indices, self.tensors[a.tensor].shape)):
-            if dev is not None and d not in device_dims and dev.in_index(index):
+        dims = set(dev.dims.get(a.tensor, frozenset())) if dev is not None else set()
+        d = 0
+        while d < len(idx) - 1:
+            i = _split_pair(idx[d], idx[d + 1], shape[d + 1], self.sizes)
+            if i is not None and not {d, d + 1} & dims:
+                idx[d : d + 2], shape[d : d + 2] = [i], [shape[d] * shape[d + 1]]
+                dims = {x - 1 if x > d else x for x in dims}
+            d += 1
+        return tuple(idx), tuple(shape), frozenset(dims)
+
+    def _plans(self, a: Access) -> list[int | _Window] | None:
+        """Per (merged) dim of ``a``: a fixed position or a window of ranks; None if it
+        needs a gather."""
+        plans: list[int | _Window] = []
+        indices, shape, device_dims = self._merged(a)
+        for d, (index, extent) in enumerate(zip(indices, shape)):
+            if self.device is not None and d not in device_dims and self.device.in_index(index):
                 return None  # this device's position inside a data index: a gather
             plan = self._dim_plan(index, extent)
             if plan is None:
@@ -268,9 +284,12 @@ class ExprLowering:
         for r in ranks:
             self._rank(r)
         node: Node = Ref(a.tensor)
+        shape = self._merged(a)[1]
+        if shape != info.shape:
+            node = call("reshape", node, shape=shape)
         items: list[Any] = []
         pads: list[tuple[int, int]] = []
-        for plan, extent in zip(plans, info.shape):
+        for plan, extent in zip(plans, shape):
             if isinstance(plan, int):
                 items.append(plan)
                 continue
@@ -328,6 +347,17 @@ class ExprLowering:
         info = self.tensors[a.tensor]
         node = call("gather_or_zero", Ref(a.tensor), *indices)
         return Val(node, ranks, _kind(info.dtype), info.dtype)
+
+
+def _split_pair(outer: Expr, inner: Expr, extent: int, sizes: Mapping[str, int]) -> Expr | None:
+    """``i`` when ``outer, inner`` are ``i/C, mod(i, C)`` with C the inner dim's extent."""
+    if not (isinstance(outer, Op) and isinstance(inner, Op)):
+        return None
+    if (outer.op, inner.op) != ("div", "mod") or outer.args != inner.args:
+        return None
+    i, c = outer.args
+    value = c.value if isinstance(c, Const) else sizes.get(c.rank) if isinstance(c, Size) else None
+    return i if value == extent else None
 
 
 def _kind(dtype: np.dtype) -> str:
