@@ -118,6 +118,7 @@ def check_llama_block() -> dict[str, Any]:
         "devices": [list(r.cascade.devices) for r in regions],
         "vs_shard_map": rel(out, jax.jit(tp_block)(*args)),
         "vs_unsharded": rel(out, jax.jit(unsharded_block)(*args)),
+        "fused_vs_shard_map": rel(einfuse.jit(tp_block, passes="fuse")(*args), out),
         "grads_vs_shard_map": max(rel(g, w) for g, w in zip(grads, want_grads)),
         "hlo": {k: v["sync"] + v["async_start"] for k, v in summary.items()},
         "explain": jf.explain(*args),

@@ -28,6 +28,7 @@ def test_llama_block_lifts_into_one_region_with_two_all_reduces(checks: dict) ->
 def test_llama_block_equals_the_shard_map_and_the_unsharded_block(checks: dict) -> None:
     got = ok(checks, "llama_block")
     assert got["vs_shard_map"] < RTOL and got["vs_unsharded"] < RTOL
+    assert got["fused_vs_shard_map"] < RTOL  # fuse's online softmax runs inside the body
 
 
 def test_llama_block_gradients_equal_the_shard_maps(checks: dict) -> None:
@@ -41,6 +42,9 @@ def test_llama_block_optimized_hlo_has_exactly_two_all_reduces(checks: dict) -> 
 def test_explain_names_the_region_and_its_psums(checks: dict) -> None:
     text = ok(checks, "llama_block")["explain"]
     assert "lifted 1 region(s)" in text and "psum x2" in text and "0 opaque op(s)" in text
+    assert (
+        "shard_map over mesh tp=8; collectives: all_reduce AR0 on tp, all_reduce AR1 on tp" in text
+    )
 
 
 def test_every_collective_lifts_and_runs_like_jax(checks: dict) -> None:

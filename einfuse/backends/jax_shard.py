@@ -22,7 +22,7 @@ result equals the reference up to that reordering (float32: rtol ~1e-5).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -345,28 +345,38 @@ class ShardedCascade(JaxCascade):
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         arrays = super().bind(*args, **kwargs)
         for t in self.cascade.inputs:
-            dims = sorted(_device_dims(self.cascade, t.ranks))
             shape = tuple(np.shape(arrays[t.name]))
-            if len(dims) == 1 and len(shape) == len(t.ranks) - 1 and dims[0] < len(shape):
-                d = dims[0]
-                n = self._axis_size(t.ranks[d], shape[d])
-                arrays[t.name] = jnp.reshape(
-                    arrays[t.name], (*shape[:d], n, shape[d] // n, *shape[d + 1 :])
-                )
+            declared = declared_shape(self.cascade, t.name, shape, self._axis_size)
+            if declared != shape:
+                arrays[t.name] = jnp.reshape(arrays[t.name], declared)
         return arrays
 
-    def _axis_size(self, rank: str, merged: int) -> int:
+    def _axis_size(self, rank: str) -> int:
         axis = self.cascade.device_axis(rank)
         if self.mesh is not None and axis in self.mesh.shape:
             return int(self.mesh.shape[axis])
-        size = self.cascade.size(rank)
-        if not isinstance(size, int) and rank in self.sizes:
-            size = self.sizes[rank]
+        size = self.sizes.get(rank, self.cascade.size(rank))
         if not isinstance(size, int):
             raise EinfuseError(f"device rank {rank}: give its size (the device count of {axis})")
-        if merged % size:
-            raise EinfuseError(f"device rank {rank}={size} does not divide the merged dim {merged}")
         return size
+
+
+def declared_shape(
+    c: Cascade, tensor: str, shape: tuple[int, ...], axis_size: Callable[[str], int]
+) -> tuple[int, ...]:
+    """The declared shape of an input given ``shape``: a shard_map's argument has its device
+    dim merged into the next (``W[h, d]`` for ``W[x, h0, d]``, ``h = x*H0 + h0``)."""
+    ranks = c.tensor_ranks(tensor)
+    dims = sorted(_device_dims(c, ranks))
+    if len(dims) != 1 or len(shape) != len(ranks) - 1 or dims[0] >= len(shape):
+        return shape
+    d = dims[0]
+    n = axis_size(ranks[d])
+    if shape[d] % n:
+        raise EinfuseError(
+            f"input {tensor}: dim {d} of size {shape[d]} does not split over {n} devices"
+        )
+    return (*shape[:d], n, shape[d] // n, *shape[d + 1 :])
 
 
 def emit_sharded(
