@@ -33,6 +33,7 @@ RTOL = ATOL = 1e-5  # float32 against the float64 reference; collectives reorder
 KINDS = {
     "local": "Y[x, t, d] = A[x, t, h] * W[h, d] * (x + 1)",
     "local_slice": "Y[x, t, h0] = A[x, t, h] * V[x*H0+h0, h]",
+    "local_ring_slice": "Y[x, t0, h] = A[x, mod(x+1, X)*T0+t0, h] * X",
     "all_reduce": "Y[t, d] = A[y, t, h] * W[h, d]",
     "all_reduce_max": "Y[t, h] = max(y) A[y, t, h]",
     "reduce_scatter": "Y[x, t0, d] = A[y, x*T0+t0, h] * W[h, d]",

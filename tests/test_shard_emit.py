@@ -19,6 +19,7 @@ def checks() -> dict:
 KINDS = {
     "local": "local",
     "local_slice": "local",
+    "local_ring_slice": "local",
     "all_reduce": "all_reduce",
     "all_reduce_max": "all_reduce",
     "reduce_scatter": "reduce_scatter",

@@ -224,7 +224,7 @@ def _lower_on_mesh(body: _Body, e: Einsum, comms: list[Communication]) -> None:
     sizes = {**body.sizes, **dict.fromkeys(local, 1)}
     if moving:
         e = _read_collectives(body, e, moving[0])
-    view = DeviceView(local, dict(body.dims))
+    view = DeviceView(local, dict(body.dims), {r: body.sizes[r] for r in local})
     policy = replace(body.policy, device=view)
     dtype = body.dtypes[e.output]
     if not moving or moving[0].kind not in ("all_reduce", "reduce_scatter"):

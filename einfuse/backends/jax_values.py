@@ -74,6 +74,7 @@ class DeviceView:
 
     local: Mapping[str, str]  # device rank -> the variable holding its axis index
     dims: Mapping[str, frozenset[int]]  # tensor -> its device dims (local extent 1)
+    counts: Mapping[str, int]  # device rank -> its global size (``X`` in ``mod(x+1, X)``)
 
     def in_index(self, index: Expr) -> bool:
         return any(r in self.local for r in rank_vars(index))
@@ -136,7 +137,8 @@ class ExprLowering:
                 iota = call("add", iota, Ref(self.device.local[r]))
             return Val(iota, (r,), "int", INT32)
         if isinstance(expr, Size):
-            return Val(Lit(self.sizes[expr.rank]), (), "int", None)
+            count = self.device.counts.get(expr.rank) if self.device is not None else None
+            return Val(Lit(count or self.sizes[expr.rank]), (), "int", None)
         if isinstance(expr, Const):
             return Val(Lit(expr.value), (), "int" if isinstance(expr.value, int) else "float", None)
         if isinstance(expr, Access):
