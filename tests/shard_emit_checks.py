@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from einfuse.backends.inspection import inspect_hlo
+from einfuse.backends.inspection import hlo_text, inspect_hlo
 from einfuse.backends.jax_backend import emit_jax
 from einfuse.backends.reference import interpret
 from einfuse.ir import parse
@@ -147,10 +147,13 @@ def check_source_and_hlo() -> dict[str, Any]:
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays.values()]
     summary = inspect_hlo(jax.jit(f).lower(*specs)).as_dict()["collectives"]
     counts = {k: v["sync"] + v["async_start"] for k, v in summary.items()}
-    return {
-        "source": source,
-        "hlo": counts,
-    }
+    # A device's own offset in a data index is a dynamic slice, not a gather.
+    gathers = {}
+    for kind in ("local_slice", "local_ring_slice"):
+        c = cascade(kind, 8, 2, 16, 3)
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(c, 0).values()]
+        gathers[kind] = hlo_text(jax.jit(emit_jax(c)).lower(*structs)).count(" gather(")
+    return {"source": source, "hlo": counts, "gathers": gathers}
 
 
 def check_too_few_devices() -> str:

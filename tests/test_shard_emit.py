@@ -49,6 +49,10 @@ def test_optimized_hlo_has_one_collective_of_each_kind(checks: dict) -> None:
         assert hlo.get(kind) == 1, hlo
 
 
+def test_this_devices_offset_in_a_data_index_is_a_slice_not_a_gather(checks: dict) -> None:
+    assert ok(checks, "source_and_hlo")["gathers"] == {"local_slice": 0, "local_ring_slice": 0}
+
+
 def test_source_shows_the_shard_map_and_its_collectives(checks: dict) -> None:
     source = ok(checks, "source_and_hlo")["source"]
     for text in (

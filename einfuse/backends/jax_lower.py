@@ -23,11 +23,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.backends.jax_device_view import DeviceView
 from einfuse.backends.jax_layout import choose_order
 from einfuse.backends.jax_ops import Assign, Lit, Node, Ref, ScanLoop, Stmt, call
 from einfuse.backends.jax_values import (
     BackendUnsupported,
-    DeviceView,
     ExprLowering,
     TensorInfo,
     Val,

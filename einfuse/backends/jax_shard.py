@@ -33,9 +33,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from einfuse.backends.jax_backend import JaxCascade, with_dtype
+from einfuse.backends.jax_device_view import DeviceView
 from einfuse.backends.jax_lower import Names, Policy, lower_einsum
 from einfuse.backends.jax_ops import Assign, Ref, Stmt, call, format_stmt, format_value, run
-from einfuse.backends.jax_values import BackendUnsupported, DeviceView, TensorInfo, canonical_dtype
+from einfuse.backends.jax_values import BackendUnsupported, TensorInfo, canonical_dtype
 from einfuse.ir.cascade import Cascade, Einsum
 from einfuse.ir.devices import REDUCING, Communication, axes, communications
 from einfuse.ir.dtypes import tensor_dtypes

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.backends.jax_device_view import DeviceView
 from einfuse.backends.jax_ops import Lit, Node, Ref, call
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
@@ -64,29 +65,13 @@ class Val:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceView:
-    """One Einsum inside a shard_map body: device ranks that stand for this device.
-
-    Such a rank has local size 1; as a value (or inside a data index, ``W[x*H0+h0]``) it is
-    the device's position, held in the variable ``local[rank]`` (``lax.axis_index``). At a
-    sharded tensor's device dim (``dims``) it is the local block's only position, 0.
-    """
-
-    local: Mapping[str, str]  # device rank -> the variable holding its axis index
-    dims: Mapping[str, frozenset[int]]  # tensor -> its device dims (local extent 1)
-    counts: Mapping[str, int]  # device rank -> its global size (``X`` in ``mod(x+1, X)``)
-
-    def in_index(self, index: Expr) -> bool:
-        return any(r in self.local for r in rank_vars(index))
-
-
-@dataclass(frozen=True, slots=True)
 class _Window:
     """Positions ``start .. start+length`` of one dim, reshaped into ``ranks`` (outer first)."""
 
     start: int
     length: int
     ranks: tuple[str, ...]
+    offset: Expr | None = None  # a device-only offset added to start (a dynamic slice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,13 +246,27 @@ class ExprLowering:
         indices, shape, device_dims = self._merged(a)
         for d, (index, extent) in enumerate(zip(indices, shape)):
             if self.device is not None and d not in device_dims and self.device.in_index(index):
-                return None  # this device's position inside a data index: a gather
-            plan = self._dim_plan(index, extent)
+                plan = self._dynamic_plan(index, extent)  # else a gather
+            else:
+                plan = self._dim_plan(index, extent)
             if plan is None:
                 return None
             plans.append(plan)
         ranks = [r for p in plans if isinstance(p, _Window) for r in p.ranks]
         return plans if len(set(ranks)) == len(ranks) else None  # None: a diagonal, A[m, m]
+
+    def _dynamic_plan(self, index: Expr, extent: int) -> _Window | None:
+        """A window of plain ranks at this device's offset, in range on every device."""
+        assert self.device is not None
+        parts = self.device.split(index)
+        plan = None if parts is None else self._dim_plan(parts[0], extent)
+        if parts is None or plan is None:
+            return None
+        window = plan if isinstance(plan, _Window) else _Window(plan, 1, ())
+        starts = [window.start + k for k in self.device.offsets(parts[1], self.sizes)]
+        if min(starts) < 0 or max(starts) + window.length > extent:
+            return None
+        return replace(window, offset=parts[1])
 
     def stored_ranks(self, a: Access) -> tuple[str, ...] | None:
         """The ranks of ``a`` in the order its tensor stores them (None: read by a gather)."""
@@ -291,9 +290,14 @@ class ExprLowering:
             node = call("reshape", node, shape=shape)
         items: list[Any] = []
         pads: list[tuple[int, int]] = []
-        for plan, extent in zip(plans, shape):
+        for d, (plan, extent) in enumerate(zip(plans, shape)):
             if isinstance(plan, int):
                 items.append(plan)
+                continue
+            if plan.offset is not None:
+                node = self._dynamic_slice(node, plan, d)
+                items.append(slice(None))
+                pads.append((0, 0))
                 continue
             lo, hi = max(plan.start, 0), min(plan.start + plan.length, extent)
             if hi <= lo:  # entirely outside: all zeros
@@ -316,6 +320,14 @@ class ExprLowering:
             node = call("transpose", node, axes=tuple(ranks.index(r) for r in order))
         self.check(order, a)
         return Val(node, order, _kind(info.dtype), info.dtype)
+
+    def _dynamic_slice(self, node: Node, plan: _Window, dim: int) -> Node:
+        assert plan.offset is not None
+        offset = self.over(tuple(self.device.local) if self.device else ()).index(plan.offset)
+        start = call("index", offset.node, index=(0,) * len(offset.ranks))
+        if plan.start:
+            start = call("add", start, Lit(plan.start))
+        return call("dynamic_slice_in_dim", node, start, slice_size=plan.length, axis=dim)
 
     def _dim_plan(self, index: Expr, extent: int) -> int | _Window | None:
         lin = linearize(index, self.sizes)
