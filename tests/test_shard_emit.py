@@ -86,3 +86,13 @@ def test_a_gathered_view_reads_back_by_floor_division_on_one_device() -> None:
     (got,) = emit_jax(c)(g)
     np.testing.assert_allclose(np.asarray(got), interpret(c, {"G": g})["GT"], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(got), g.reshape(12), rtol=1e-6)
+
+
+def test_a_size_one_rank_beside_a_unit_coefficient_is_a_window_not_a_gather() -> None:
+    """``P[x*T0+t0]`` with ``T0 = 1`` (a reduce-scatter of one row per device) is a reshape."""
+    from einfuse.backends.jax_backend import emit_jax_source
+    from einfuse.ir import parse
+
+    c = parse("ranks x=4, t0=1, d=3\ninputs P[t, d]\nB[x, t0, d] = P[x*T0+t0, d]\noutputs B\n")
+    source = emit_jax_source(c.with_sizes(t=4))
+    assert "gather_or_zero" not in source and "jnp.reshape(P, shape=(4, 1, 3))" in source

@@ -336,7 +336,7 @@ class ExprLowering:
         coeffs, start = lin
         if not coeffs:
             return start if 0 <= start < extent else _Window(start, 1, ())
-        order = sorted(coeffs, key=lambda r: coeffs[r])
+        order = sorted(coeffs, key=lambda r: (coeffs[r], self.sizes[r]))  # size-1 ranks first
         length = 1
         for r in order:  # mixed radix: each coefficient is the product of the inner sizes
             if coeffs[r] != length:
