@@ -43,6 +43,16 @@ from einfuse.ir.dtypes import tensor_dtypes
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import Access, Expr, Var, substitute
 
+# The cascade already says which collectives run (split-tokens splits one all-reduce in two so
+# each half overlaps the other half's compute); XLA's combiners would merge them back into one
+# (on CPU the cpu-all-reduce-combiner does). Unknown pass names are ignored, so one list
+# serves CPU and GPU.
+COMPILER_OPTIONS = {
+    "xla_disable_hlo_passes": (
+        "cpu-all-reduce-combiner,all-reduce-combiner,all-gather-combiner,reduce-scatter-combiner"
+    )
+}
+
 
 def mesh_for(cascade: Cascade, sizes: Mapping[str, int], mesh: Mesh | None = None) -> Mesh:
     """``mesh`` checked against the cascade's axes, or one built from ``jax.devices()``."""
@@ -336,6 +346,8 @@ class ShardedCascade(JaxCascade):
     ) -> None:
         self.mesh = mesh
         super().__init__(cascade, sizes, jit=jit, blockwise=False, **options)
+        if jit:  # under an outer jit (einfuse.jit's) that jit's options apply instead
+            self._run = jax.jit(self._evaluate, compiler_options=COMPILER_OPTIONS)
 
     def _lower(self, bound: dict[str, int]) -> Any:
         key = tuple(sorted(bound.items()))
