@@ -21,6 +21,7 @@ result equals the reference up to that reordering (float32: rtol ~1e-5).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -346,8 +347,23 @@ class ShardedCascade(JaxCascade):
     ) -> None:
         self.mesh = mesh
         super().__init__(cascade, sizes, jit=jit, blockwise=False, **options)
-        if jit:  # under an outer jit (einfuse.jit's) that jit's options apply instead
-            self._run = jax.jit(self._evaluate, compiler_options=COMPILER_OPTIONS)
+        if jit:
+            self._run = self._run_top_level
+
+    def _run_top_level(self, arrays: dict[str, Any]) -> dict[str, jax.Array]:
+        """Compiled with COMPILER_OPTIONS when called on arrays; traced (under einfuse.jit's
+        or a user's jit or grad), JAX allows options only on the outer jit, so plain jit."""
+        if any(isinstance(x, jax.core.Tracer) for x in arrays.values()):
+            return self._nested(arrays)
+        return self._top(arrays)
+
+    @functools.cached_property
+    def _top(self) -> Callable[[dict[str, Any]], dict[str, jax.Array]]:
+        return jax.jit(self._evaluate, compiler_options=COMPILER_OPTIONS)
+
+    @functools.cached_property
+    def _nested(self) -> Callable[[dict[str, Any]], dict[str, jax.Array]]:
+        return jax.jit(self._evaluate)
 
     def _lower(self, bound: dict[str, int]) -> Any:
         key = tuple(sorted(bound.items()))
