@@ -72,6 +72,12 @@ def tp_block(*args: jax.Array) -> jax.Array:
     return f(*args)
 
 
+def tp_block_checked(*args: jax.Array) -> jax.Array:
+    """The same with check_vma=True: JAX's jaxpr then has pvary and psum_invariant."""
+    f = jax.shard_map(block_body, mesh=mesh(), in_specs=SPECS, out_specs=P(), check_vma=True)
+    return f(*args)
+
+
 def unsharded_block(x, g1, wq, wk, wv, wo, g2, wg, wu, wd):
     """The same block on one device: every head, the whole MLP."""
     x = x + attention(rms_norm(x, g1), wq, wk, wv) @ wo
@@ -119,6 +125,11 @@ def check_llama_block() -> dict[str, Any]:
         "vs_shard_map": rel(out, jax.jit(tp_block)(*args)),
         "vs_unsharded": rel(out, jax.jit(unsharded_block)(*args)),
         "fused_vs_shard_map": rel(einfuse.jit(tp_block, passes="fuse")(*args), out),
+        "checked_vma": [
+            [m.kind for m in collectives(r.cascade)]
+            for r in einfuse.jit(tp_block_checked).trace(*args).program.regions
+        ],
+        "checked_vma_vs_shard_map": rel(einfuse.jit(tp_block_checked)(*args), out),
         "grads_vs_shard_map": max(rel(g, w) for g, w in zip(grads, want_grads)),
         "hlo": {k: v["sync"] + v["async_start"] for k, v in summary.items()},
         "explain": jf.explain(*args),

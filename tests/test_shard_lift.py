@@ -25,6 +25,12 @@ def test_llama_block_lifts_into_one_region_with_two_all_reduces(checks: dict) ->
     assert [axis for _, axis in got["devices"][0]] == ["tp", "tp"]
 
 
+def test_a_check_vma_body_lifts_the_same(checks: dict) -> None:
+    got = ok(checks, "llama_block")
+    assert got["checked_vma"] == [["all_reduce", "all_reduce"]]
+    assert got["checked_vma_vs_shard_map"] < RTOL
+
+
 def test_llama_block_equals_the_shard_map_and_the_unsharded_block(checks: dict) -> None:
     got = ok(checks, "llama_block")
     assert got["vs_shard_map"] < RTOL and got["vs_unsharded"] < RTOL

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -33,16 +33,15 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from einfuse.backends.jax_backend import JaxCascade, with_dtype
-from einfuse.backends.jax_device_view import DeviceView
-from einfuse.backends.jax_lower import Names, Policy, lower_einsum
-from einfuse.backends.jax_ops import Assign, Ref, Stmt, call, format_stmt, format_value, run
-from einfuse.backends.jax_values import BackendUnsupported, TensorInfo, canonical_dtype
-from einfuse.ir.cascade import Cascade, Einsum
-from einfuse.ir.devices import REDUCING, Communication, axes, communications
+from einfuse.backends.jax_backend import DEFAULT_MAX_BLOWUP, JaxCascade, with_dtype
+from einfuse.backends.jax_lower import Names, Policy
+from einfuse.backends.jax_ops import Assign, Stmt, call, format_stmt, format_value, run
+from einfuse.backends.jax_shard_body import Body, device_dims, local_shape, lower_on_mesh
+from einfuse.backends.jax_values import TensorInfo, canonical_dtype
+from einfuse.ir.cascade import Cascade
+from einfuse.ir.devices import Communication, axes, communications
 from einfuse.ir.dtypes import tensor_dtypes
 from einfuse.ir.errors import EinfuseError
-from einfuse.ir.expr import Access, Expr, Var, substitute
 
 # The cascade already says which collectives run (split-tokens splits one all-reduce in two so
 # each half overlaps the other half's compute); XLA's combiners would merge them back into one
@@ -137,21 +136,6 @@ class ShardedLowered:
         return "\n".join(lines) + "\n"
 
 
-@dataclass
-class _Body:
-    """What the body lowering knows while it walks the Einsums."""
-
-    cascade: Cascade
-    sizes: Mapping[str, int]
-    policy: Policy
-    names: Names
-    dtypes: dict[str, np.dtype]
-    tensors: dict[str, TensorInfo]
-    dims: dict[str, frozenset[int]]  # tensor -> its device dims (local extent 1)
-    index: dict[str, str]  # axis -> the variable holding lax.axis_index(axis)
-    stmts: list[Stmt]
-
-
 def lower_sharded(
     cascade: Cascade,
     sizes: Mapping[str, int],
@@ -160,7 +144,7 @@ def lower_sharded(
     dtype: Any = None,
     accumulate_dtype: Any = None,
     precision: Any = None,
-    max_blowup: float = 2.0,
+    max_blowup: float = DEFAULT_MAX_BLOWUP,
     wide_dots: bool = False,
 ) -> ShardedLowered:
     """The shard_map of ``cascade`` for concrete ``sizes`` (global, one int per rank)."""
@@ -172,7 +156,7 @@ def lower_sharded(
     names = Names({t.name for t in cascade.inputs} | {e.output for e in cascade.einsums})
     index = {axis: names.fresh(f"{axis}_index") for axis in axes(cascade)}
     stmts: list[Stmt] = [Assign(v, call("axis_index", axis_name=a)) for a, v in index.items()]
-    body = _Body(
+    body = Body(
         cascade,
         sizes,
         Policy(acc, precision, max_blowup, wide_dots),
@@ -185,16 +169,16 @@ def lower_sharded(
     )
     inputs, in_specs = [], []
     for t in cascade.inputs:
-        body.dims[t.name] = _device_dims(cascade, t.ranks)
+        body.dims[t.name] = device_dims(cascade, t.ranks)
         shape = tuple(sizes[r] for r in t.ranks)
-        body.tensors[t.name] = TensorInfo(_local(shape, body.dims[t.name]), dtypes[t.name])
+        body.tensors[t.name] = TensorInfo(local_shape(shape, body.dims[t.name]), dtypes[t.name])
         inputs.append((t.name, TensorInfo(shape, dtypes[t.name])))
         in_specs.append(_spec(cascade, t.ranks))
     by_einsum: dict[str, list[Communication]] = {}
     for comm in communications(cascade):
         by_einsum.setdefault(comm.einsum, []).append(comm)
     for e in cascade.einsums:
-        _lower_on_mesh(body, e, by_einsum.get(e.output, []))
+        lower_on_mesh(body, e, by_einsum.get(e.output, []))
     out_specs = tuple(_spec(cascade, cascade.tensor_ranks(o)) for o in cascade.outputs)
     return ShardedLowered(
         tuple(inputs),
@@ -208,127 +192,8 @@ def lower_sharded(
     )
 
 
-def _device_dims(c: Cascade, ranks: tuple[str, ...]) -> frozenset[int]:
-    return frozenset(d for d, r in enumerate(ranks) if c.device_axis(r) is not None)
-
-
-def _local(shape: tuple[int, ...], dims: frozenset[int]) -> tuple[int, ...]:
-    return tuple(1 if d in dims else n for d, n in enumerate(shape))
-
-
 def _spec(c: Cascade, ranks: tuple[str, ...]) -> P:
     return P(*(c.device_axis(r) for r in ranks))
-
-
-def _local_ranks(comm: Communication) -> set[str]:
-    """The device ranks of ``comm``'s Einsum that stand for this device."""
-    if comm.kind in ("all_reduce", "reduce_scatter"):
-        return {comm.reduced_rank} - {None}  # type: ignore[arg-type]
-    return {comm.self_rank} - {None}  # type: ignore[arg-type]
-
-
-def _lower_on_mesh(body: _Body, e: Einsum, comms: list[Communication]) -> None:
-    moving = [m for m in comms if m.kind != "local"]
-    if len(moving) > 1:
-        kinds = ", ".join(f"{m.kind} on {m.axis}" for m in moving)
-        raise BackendUnsupported(f"einsum {e.output} communicates on two axes ({kinds})")
-    local = {r: body.index[m.axis] for m in comms for r in _local_ranks(m)}
-    sizes = {**body.sizes, **dict.fromkeys(local, 1)}
-    if moving:
-        e = _read_collectives(body, e, moving[0])
-    view = DeviceView(local, dict(body.dims), {r: body.sizes[r] for r in local})
-    policy = replace(body.policy, device=view)
-    dtype = body.dtypes[e.output]
-    if not moving or moving[0].kind not in ("all_reduce", "reduce_scatter"):
-        stmts, info = lower_einsum(e, sizes, body.tensors, policy, body.names, dtype)
-        body.stmts += stmts
-        body.tensors[e.output] = info
-        body.dims[e.output] = _device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
-        return
-    m = moving[0]
-    partial = body.names.fresh(f"{e.output}_partial")
-    stmts, info = lower_einsum(
-        replace(e, output=partial), sizes, body.tensors, policy, body.names, dtype
-    )
-    body.stmts += stmts
-    node = call(REDUCING[e.reduce], Ref(partial), axis_name=m.axis)
-    if m.kind == "reduce_scatter":
-        dim = e.indices.index(Var(m.self_rank))  # type: ignore[arg-type]
-        if e.reduce == "sum":
-            node = call(
-                "psum_scatter", Ref(partial), axis_name=m.axis, scatter_dimension=dim, tiled=True
-            )
-        else:
-            node = call(
-                "dynamic_slice_in_dim", node, Ref(body.index[m.axis]), slice_size=1, axis=dim
-            )
-        info = replace(info, shape=_local(info.shape, frozenset({dim})))
-    body.stmts.append(Assign(e.output, node))
-    body.tensors[e.output] = info
-    body.dims[e.output] = _device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
-
-
-def _read_collectives(body: _Body, e: Einsum, m: Communication) -> Einsum:
-    """Serve the reads that need another device's blocks (all_gather, ppermute, or refuse the
-    self-read of a reduce-scatter); the Einsum then reads the served copies."""
-    c, me, served = body.cascade, m.self_rank, {}
-
-    def serve(x: Expr) -> Expr | None:
-        if not isinstance(x, Access) or x.tensor == e.output:
-            return None
-        dim = c.device_dim(x.tensor, m.axis)
-        if dim is None:
-            return None
-        at = x.indices[dim]
-        if m.kind == "reduce_scatter" and at == Var(me):  # type: ignore[arg-type]
-            raise BackendUnsupported(
-                f"einsum {e.output}: a reduce-scatter that also reads {x.tensor} at its own "
-                f"device rank {me}; split it so the reduction reads only reduced shards"
-            )
-        if m.kind not in ("all_gather", "ppermute") or at == Var(me):  # type: ignore[arg-type]
-            return None
-        if m.kind == "all_gather":
-            key = (x.tensor, "gathered")
-        else:
-            shift = _shift_of(at, me)  # type: ignore[arg-type]
-            key = (x.tensor, f"from{shift[0]}{'ring' if shift[1] else ''}")
-        if key not in served:
-            served[key] = _serve(body, x.tensor, dim, m, key[1], at)
-        name = served[key]
-        if m.kind == "all_gather":
-            return Access(name, x.indices)
-        return Access(name, (*x.indices[:dim], Var(me), *x.indices[dim + 1 :]))  # type: ignore[arg-type]
-
-    expr = substitute(e.expr, serve)
-    init = None if e.init is None else substitute(e.init, serve)
-    return replace(e, expr=expr, init=init)
-
-
-def _serve(body: _Body, tensor: str, dim: int, m: Communication, what: str, at: Expr) -> str:
-    info, dims = body.tensors[tensor], body.dims[tensor]
-    name = body.names.fresh(f"{tensor}_{what}")
-    n = body.sizes[next(iter(axes(body.cascade)[m.axis]))]
-    if m.kind == "all_gather":
-        node = call("all_gather", Ref(tensor), axis_name=m.axis, axis=dim, tiled=True)
-        shape = (*info.shape[:dim], n, *info.shape[dim + 1 :])
-        body.tensors[name] = replace(info, shape=shape)
-        body.dims[name] = dims - {dim}
-    else:
-        shift, wraps = _shift_of(at, m.self_rank)  # type: ignore[arg-type]
-        sources = [(dst + shift, dst) for dst in range(n)]
-        perm = tuple(((s % n), d) if wraps else (s, d) for s, d in sources if wraps or 0 <= s < n)
-        node = call("ppermute", Ref(tensor), axis_name=m.axis, perm=perm)
-        body.tensors[name], body.dims[name] = info, dims
-    body.stmts.append(Assign(name, node))
-    return name
-
-
-def _shift_of(at: Expr, me: str) -> tuple[int, bool]:
-    from einfuse.ir.devices import _ring_shift
-
-    shift = _ring_shift(at, me)
-    assert shift is not None, at
-    return shift
 
 
 class ShardedCascade(JaxCascade):
@@ -396,7 +261,7 @@ def declared_shape(
     """The declared shape of an input given ``shape``: a shard_map's argument has its device
     dim merged into the next (``W[h, d]`` for ``W[x, h0, d]``, ``h = x*H0 + h0``)."""
     ranks = c.tensor_ranks(tensor)
-    dims = sorted(_device_dims(c, ranks))
+    dims = sorted(device_dims(c, ranks))
     if len(dims) != 1 or len(shape) != len(ranks) - 1 or dims[0] >= len(shape):
         return shape
     d = dims[0]
