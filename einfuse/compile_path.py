@@ -71,6 +71,14 @@ def region_sizes(program: Program, region: Region) -> dict[str, int]:
         name: tuple(program.avals[value].shape)
         for name, value in zip(region.input_tensors, region.inputs)
     }
+    if region.mesh is not None:  # a shard_map's arguments: device dims merged into the next
+        from einfuse.backends.jax_shard import declared_shape
+
+        c = region.cascade
+        shapes = {
+            k: declared_shape(c, k, v, lambda r: region.mesh.shape[c.device_axis(r)])
+            for k, v in shapes.items()
+        }
     return infer_sizes(region.cascade, shapes)
 
 

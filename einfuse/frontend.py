@@ -386,6 +386,8 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
             f"at {_lines(r)}"
         )
         lines.append("  from " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
+        if r.cascade.devices:
+            lines.append("  " + _collectives_line(r))
         if fallback:
             lines.append(f"  runs as plain JAX: {fallback}")
         if k < len(traced.tuning):
@@ -399,8 +401,20 @@ def explain_program(traced: Traced, passes: str | None, target: str | None, name
     if opaques:
         lines.append("")
         lines.append("opaque ops (bound unchanged):")
-        lines += [f"  {o.label} at {o.source}" for o in opaques]
+        lines += [
+            f"  {o.label} at {o.source}" + (f": {o.reason}" if o.reason else "") for o in opaques
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _collectives_line(region: Region) -> str:
+    """A sharded region's mesh and what each communicating Einsum needs."""
+    from einfuse.ir.devices import collectives
+
+    mesh = region.mesh.shape if region.mesh is not None else None
+    mesh_text = ", ".join(f"{a}={n}" for a, n in mesh.items()) if mesh else "from jax.devices()"
+    moves = [f"{m.kind} {m.einsum} on {m.axis}" for m in collectives(region.cascade)]
+    return f"shard_map over mesh {mesh_text}; collectives: {', '.join(moves) or 'none'}"
 
 
 def _lines(region: Region) -> str:

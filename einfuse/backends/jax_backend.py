@@ -275,6 +275,7 @@ def emit_jax(
     blockwise: bool = True,
     query_tile: int = 512,
     schedule: Schedule | None = None,
+    mesh: Any = None,
 ) -> JaxCascade:
     """Emit ``cascade`` as a JAX function (see the module docstring for the calling convention).
 
@@ -287,7 +288,21 @@ def emit_jax(
     tiling the query rank by the ``schedule``'s tile of that rank, else by ``query_tile``
     (see ``jax_blockwise``); ``blockwise=False`` emits it Einsum by Einsum instead. Of a
     schedule only that tile changes the program (``einfuse.backends.backend`` says so).
+    A cascade with device ranks runs as one ``shard_map`` over ``mesh`` (``jax_shard``).
     """
+    if cascade.devices:
+        from einfuse.backends.jax_shard import emit_sharded
+
+        return emit_sharded(
+            cascade,
+            sizes,
+            mesh=mesh,
+            jit=jit,
+            dtype=dtype,
+            precision=precision,
+            accumulate_dtype=accumulate_dtype,
+            max_blowup=max_blowup,
+        )
     return JaxCascade(
         cascade,
         sizes,

@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.backends.jax_device_view import DeviceView
 from einfuse.backends.jax_layout import choose_order
 from einfuse.backends.jax_ops import Assign, Lit, Node, Ref, ScanLoop, Stmt, call
 from einfuse.backends.jax_values import (
@@ -49,6 +50,8 @@ class Policy:
     # Every dot of narrow floats accumulates in float32, rounded to its dtype after: what XLA
     # does inside a bf16 dot anyway, spelled out where a kernel compiler (Mosaic) wants it.
     wide_dots: bool = False
+    # Inside a shard_map body: which device ranks are this device's index (jax_shard).
+    device: DeviceView | None = None
 
 
 class Names:
@@ -117,7 +120,7 @@ class _EinsumLowering:
         operands = [math.prod(tensors[t].shape) for t in e.inputs]
         limit = policy.max_blowup * max([*operands, math.prod(shape), 1])
         tensors = {**tensors, e.output: self.out}
-        self.lw = ExprLowering(e.output, sizes, tensors, (), dtype, limit)
+        self.lw = ExprLowering(e.output, sizes, tensors, (), dtype, limit, device=policy.device)
 
     def run(self) -> tuple[list[Stmt], TensorInfo]:
         e = self.e

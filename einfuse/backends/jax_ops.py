@@ -8,6 +8,7 @@ what actually runs. Every op name maps to one ``OpSpec``: the callable and how i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
@@ -104,6 +105,29 @@ def _full(fill_value: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return jnp.full(shape, fill_value, dtype)
 
 
+def _collective_chooser(reduce: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``lax.pmax``/``pmin`` with a derivative (JAX has none): the tangent where each device
+    holds the extremum, averaged over ties, as ``jnp.max``'s own derivative does."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def chooser(x: jax.Array, axis_name: str) -> jax.Array:
+        return reduce(x, axis_name)
+
+    @chooser.defjvp
+    def _(axis_name: str, primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+        (x,), (t,) = primals, tangents
+        y = reduce(x, axis_name)
+        hit = (x == y).astype(x.dtype)
+        return y, lax.psum(hit * t, axis_name) / lax.psum(hit, axis_name)
+
+    return chooser
+
+
+def _ppermute(x: jax.Array, axis_name: str, perm: tuple[tuple[int, int], ...]) -> jax.Array:
+    """``lax.ppermute``; with no (source, destination) pair every device reads zeros."""
+    return lax.ppermute(x, axis_name, perm) if perm else jnp.zeros_like(x)
+
+
 @dataclass(frozen=True, slots=True)
 class OpSpec:
     """How an op runs and prints: ``style`` is call, infix, prefix, method or index."""
@@ -132,6 +156,7 @@ _ELEMENTWISE_CALLS: dict[str, tuple[Callable[..., Any], str]] = {
     "min": (jnp.minimum, "jnp.minimum"),
     "pow": (jnp.power, "jnp.power"),
     "mod": (jnp.mod, "jnp.mod"),
+    "floor_divide": (jnp.floor_divide, "jnp.floor_divide"),
     "where": (jnp.where, "jnp.where"),
 }
 _INFIX: dict[str, tuple[Callable[..., Any], str]] = {
@@ -171,6 +196,15 @@ OPS: dict[str, OpSpec] = {
     "cummax": OpSpec(lax.cummax, "lax.cummax"),
     "cummin": OpSpec(lax.cummin, "lax.cummin"),
     "cumprod": OpSpec(lax.cumprod, "lax.cumprod"),
+    # Collectives, inside a shard_map body (einfuse.backends.jax_shard).
+    "axis_index": OpSpec(lax.axis_index, "lax.axis_index"),
+    "psum": OpSpec(lax.psum, "lax.psum"),
+    "pmax": OpSpec(_collective_chooser(lax.pmax), "lax.pmax"),
+    "pmin": OpSpec(_collective_chooser(lax.pmin), "lax.pmin"),
+    "psum_scatter": OpSpec(lax.psum_scatter, "lax.psum_scatter"),
+    "all_gather": OpSpec(lax.all_gather, "lax.all_gather"),
+    "ppermute": OpSpec(_ppermute, "lax.ppermute"),
+    "dynamic_slice_in_dim": OpSpec(lax.dynamic_slice_in_dim, "lax.dynamic_slice_in_dim"),
 }
 
 

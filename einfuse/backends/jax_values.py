@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from einfuse.backends.jax_device_view import DeviceView
 from einfuse.backends.jax_ops import Lit, Node, Ref, call
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import CAST_OPS, Access, Const, Expr, Op, Size, Var, rank_vars
@@ -70,6 +71,7 @@ class _Window:
     start: int
     length: int
     ranks: tuple[str, ...]
+    offset: Expr | None = None  # a device-only offset added to start (a dynamic slice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ class ExprLowering:
     compute_dtype: np.dtype
     limit: float
     leaves: Mapping[Expr, Val] = field(default_factory=dict)
+    device: DeviceView | None = None
 
     def over(
         self, canonical: tuple[str, ...], leaves: Mapping[Expr, Val] | None = None
@@ -115,15 +118,28 @@ class ExprLowering:
         if isinstance(expr, Var):
             r = self._rank(expr.rank)
             iota = call("iota", dtype=INT32, shape=(self.sizes[r],), dimension=0)
+            if self.device is not None and r in self.device.local:
+                iota = call("add", iota, Ref(self.device.local[r]))
             return Val(iota, (r,), "int", INT32)
         if isinstance(expr, Size):
-            return Val(Lit(self.sizes[expr.rank]), (), "int", None)
+            count = self.device.counts.get(expr.rank) if self.device is not None else None
+            return Val(Lit(count or self.sizes[expr.rank]), (), "int", None)
         if isinstance(expr, Const):
             return Val(Lit(expr.value), (), "int" if isinstance(expr.value, int) else "float", None)
         if isinstance(expr, Access):
             return self.access(expr)
         assert isinstance(expr, Op)
         return self.apply(expr.op, [self.lower(a) for a in expr.args], expr)
+
+    def index(self, expr: Expr) -> Val:
+        """An index expression: integer arithmetic, where ``/`` floors and ``mod`` is integral."""
+        if isinstance(expr, Op) and expr.op in ("div", "mod"):
+            args = [self.as_int(self.index(x)) for x in expr.args]
+            op = "floor_divide" if expr.op == "div" else "mod"
+            return self._combine(op, args, "int", args, expr)
+        if isinstance(expr, Op):
+            return self.apply(expr.op, [self.index(x) for x in expr.args], expr)
+        return self.lower(expr)
 
     def apply(self, op: str, args: list[Val], what: object = None) -> Val:
         """``op`` on lowered operands, converting kinds as the IR's semantics need."""
@@ -207,16 +223,50 @@ class ExprLowering:
         return r
 
     # -- accesses ------------------------------------------------------------
+    def _merged(self, a: Access) -> tuple[tuple[Expr, ...], tuple[int, ...], frozenset[int]]:
+        """``a``'s indices, extents and device dims, where each pair ``T[i/C, mod(i, C)]``
+        over dims of extents (E, C) reads as one dim of extent E*C (a reshape, not a gather:
+        how a gathered tensor reads back as one dim)."""
+        idx, shape = list(a.indices), list(self.tensors[a.tensor].shape)
+        dev = self.device
+        dims = set(dev.dims.get(a.tensor, frozenset())) if dev is not None else set()
+        d = 0
+        while d < len(idx) - 1:
+            i = _split_pair(idx[d], idx[d + 1], shape[d + 1], self.sizes)
+            if i is not None and not {d, d + 1} & dims:
+                idx[d : d + 2], shape[d : d + 2] = [i], [shape[d] * shape[d + 1]]
+                dims = {x - 1 if x > d else x for x in dims}
+            d += 1
+        return tuple(idx), tuple(shape), frozenset(dims)
+
     def _plans(self, a: Access) -> list[int | _Window] | None:
-        """Per dim of ``a``: a fixed position or a window of ranks; None if it needs a gather."""
+        """Per (merged) dim of ``a``: a fixed position or a window of ranks; None if it
+        needs a gather."""
         plans: list[int | _Window] = []
-        for index, extent in zip(a.indices, self.tensors[a.tensor].shape):
-            plan = self._dim_plan(index, extent)
+        indices, shape, device_dims = self._merged(a)
+        for d, (index, extent) in enumerate(zip(indices, shape)):
+            if self.device is not None and d not in device_dims and self.device.in_index(index):
+                plan = self._dynamic_plan(index, extent)  # else a gather
+            else:
+                plan = self._dim_plan(index, extent)
             if plan is None:
                 return None
             plans.append(plan)
         ranks = [r for p in plans if isinstance(p, _Window) for r in p.ranks]
         return plans if len(set(ranks)) == len(ranks) else None  # None: a diagonal, A[m, m]
+
+    def _dynamic_plan(self, index: Expr, extent: int) -> _Window | None:
+        """A window of plain ranks at this device's offset, in range on every device."""
+        assert self.device is not None
+        parts = self.device.split(index)
+        plan = None if parts is None else self._dim_plan(parts[0], extent)
+        if parts is None or plan is None:
+            return None
+        window = plan if isinstance(plan, _Window) else _Window(plan, 1, ())
+        starts = [window.start + k for k in self.device.offsets(parts[1], self.sizes)]
+        if min(starts) < 0 or max(starts) + window.length > extent:
+            return None
+        return replace(window, offset=parts[1])
 
     def stored_ranks(self, a: Access) -> tuple[str, ...] | None:
         """The ranks of ``a`` in the order its tensor stores them (None: read by a gather)."""
@@ -235,11 +285,19 @@ class ExprLowering:
         for r in ranks:
             self._rank(r)
         node: Node = Ref(a.tensor)
+        shape = self._merged(a)[1]
+        if shape != info.shape:
+            node = call("reshape", node, shape=shape)
         items: list[Any] = []
         pads: list[tuple[int, int]] = []
-        for plan, extent in zip(plans, info.shape):
+        for d, (plan, extent) in enumerate(zip(plans, shape)):
             if isinstance(plan, int):
                 items.append(plan)
+                continue
+            if plan.offset is not None:
+                node = self._dynamic_slice(node, plan, d)
+                items.append(slice(None))
+                pads.append((0, 0))
                 continue
             lo, hi = max(plan.start, 0), min(plan.start + plan.length, extent)
             if hi <= lo:  # entirely outside: all zeros
@@ -263,6 +321,14 @@ class ExprLowering:
         self.check(order, a)
         return Val(node, order, _kind(info.dtype), info.dtype)
 
+    def _dynamic_slice(self, node: Node, plan: _Window, dim: int) -> Node:
+        assert plan.offset is not None
+        offset = self.over(tuple(self.device.local) if self.device else ()).index(plan.offset)
+        start = call("index", offset.node, index=(0,) * len(offset.ranks))
+        if plan.start:
+            start = call("add", start, Lit(plan.start))
+        return call("dynamic_slice_in_dim", node, start, slice_size=plan.length, axis=dim)
+
     def _dim_plan(self, index: Expr, extent: int) -> int | _Window | None:
         lin = linearize(index, self.sizes)
         if lin is None:
@@ -270,7 +336,7 @@ class ExprLowering:
         coeffs, start = lin
         if not coeffs:
             return start if 0 <= start < extent else _Window(start, 1, ())
-        order = sorted(coeffs, key=lambda r: coeffs[r])
+        order = sorted(coeffs, key=lambda r: (coeffs[r], self.sizes[r]))  # size-1 ranks first
         length = 1
         for r in order:  # mixed radix: each coefficient is the product of the inner sizes
             if coeffs[r] != length:
@@ -286,10 +352,26 @@ class ExprLowering:
             self._rank(r)
         self.check(ranks, a)
         plain = self.over(self.canonical)
-        indices = [plain.align(plain.lower(i), ranks, full=True) for i in a.indices]
+        at_block = replace(plain, device=None)  # a device dim's local block starts at 0
+        dims = self.device.dims.get(a.tensor, frozenset()) if self.device else frozenset()
+        indices = [
+            plain.align((at_block if d in dims else plain).index(i), ranks, full=True)
+            for d, i in enumerate(a.indices)
+        ]
         info = self.tensors[a.tensor]
         node = call("gather_or_zero", Ref(a.tensor), *indices)
         return Val(node, ranks, _kind(info.dtype), info.dtype)
+
+
+def _split_pair(outer: Expr, inner: Expr, extent: int, sizes: Mapping[str, int]) -> Expr | None:
+    """``i`` when ``outer, inner`` are ``i/C, mod(i, C)`` with C the inner dim's extent."""
+    if not (isinstance(outer, Op) and isinstance(inner, Op)):
+        return None
+    if (outer.op, inner.op) != ("div", "mod") or outer.args != inner.args:
+        return None
+    i, c = outer.args
+    value = c.value if isinstance(c, Const) else sizes.get(c.rank) if isinstance(c, Size) else None
+    return i if value == extent else None
 
 
 def _kind(dtype: np.dtype) -> str:

@@ -70,10 +70,18 @@ class ProgramRunner:
         self._fns: dict[int, RegionFn] = {}
         for k, region in enumerate(program.regions):
             try:
-                self.emitted[k] = self.backend.emit(region.cascade, None, region.schedule)
+                self.emitted[k] = self._emit(region)
             except EinfuseError as exc:
                 self.fallbacks[k] = f"{type(exc).__name__}: {exc}"
             self._fns[k] = _region_fn(region, self.emitted.get(k), program.avals, k)
+
+    def _emit(self, region: Region) -> JaxCascade:
+        """A lifted shard_map runs on its own mesh, as the JAX backend's shard_map."""
+        if region.mesh is not None:
+            from einfuse.backends.jax_shard import emit_sharded
+
+            return emit_sharded(region.cascade, mesh=region.mesh)
+        return self.backend.emit(region.cascade, None, region.schedule)
 
     def region_hlo(self, k: int) -> str | None:
         """`hlo_fingerprint` of region ``k``'s emitted program alone, lowered as the autotuner's
@@ -135,6 +143,8 @@ def _region_fn(
         outs = []
         for v, t in zip(region.outputs, region.output_tensors):
             x, aval = by_name[t], avals[v]
+            if x.shape != aval.shape:  # a shard_map's output: the device dim merged back
+                x = x.reshape(aval.shape)
             outs.append(x if x.dtype == aval.dtype else x.astype(aval.dtype))
         return tuple(outs)
 

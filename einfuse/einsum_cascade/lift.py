@@ -49,6 +49,7 @@ class Region:
     derivative: str
     primitives: tuple[str, ...]
     schedule: Schedule | None = None  # a tuned mapping the backend follows, if any
+    mesh: Any = None  # a lifted shard_map's jax.sharding.Mesh, which emission runs on
 
     def with_cascade(self, cascade: Cascade, schedule: Schedule | None = None) -> Region:
         """The same region computed by another cascade (after passes), checked to fit."""
@@ -68,6 +69,7 @@ class Opaque:
     """An equation the lifter does not understand, bound unchanged at run time."""
 
     eqn: FlatEqn
+    reason: str = ""  # why an equation that might have lifted (a shard_map) did not
 
     @property
     def primitive(self) -> str:
@@ -119,7 +121,7 @@ def lift(closed: core.ClosedJaxpr, *, check: bool = True) -> Program:
     """Lift a closed jaxpr; ``check`` runs the verifier on every region's cascade."""
     flat = flatten(closed, liftable)
     lifts_at = [liftable(e) for e in flat.eqns]
-    uses, last_use = _uses(flat, lifts_at)
+    uses, last_use = value_uses(flat, lifts_at)
     segments: list[Segment] = []
     builder: RegionBuilder | None = None
     for k, eqn in enumerate(flat.eqns):
@@ -128,7 +130,7 @@ def lift(closed: core.ClosedJaxpr, *, check: bool = True) -> Program:
             segments.extend(_close(builder, last_use, k - 1, check))
             builder = None
         if not lifts:
-            segments.append(Opaque(eqn))
+            segments.append(_shard_map(eqn, check) if eqn.primitive == "shard_map" else Opaque(eqn))
             continue
         if builder is None:
             builder = RegionBuilder(flat.avals, uses)
@@ -145,7 +147,7 @@ def lift(closed: core.ClosedJaxpr, *, check: bool = True) -> Program:
     return Program(flat.inputs, tuple(flat.consts), tuple(segments), flat.outputs, dict(flat.avals))
 
 
-def _uses(flat: FlatProgram, lifts: list[bool]) -> tuple[dict[int, int], dict[int, float]]:
+def value_uses(flat: FlatProgram, lifts: list[bool]) -> tuple[dict[int, int], dict[int, float]]:
     """Reads of each stored value (views count against what they view) and each id's last read."""
     root: dict[int, int] = {}
     uses: Counter[int] = Counter()
@@ -166,6 +168,31 @@ def _uses(flat: FlatProgram, lifts: list[bool]) -> tuple[dict[int, int], dict[in
             uses[root.get(a, a)] += 1
             last[a] = float("inf")
     return dict(uses), last
+
+
+def _shard_map(eqn: FlatEqn, check: bool) -> Segment:
+    """A shard_map as one region in the global view (``lift_shard``), or opaque with why."""
+    from einfuse.einsum_cascade.lift_shard import lift_shard_map
+
+    try:
+        lifted = lift_shard_map(eqn)
+        b = lifted.builder
+        cascade = b.cascade(lifted.outputs, ((b.me, b.axis), (b.other, b.axis)))
+        if check:
+            verify(cascade)
+    except (Decline, EinfuseError) as exc:
+        return Opaque(eqn, reason=f"shard_map not lifted: {exc}")
+    return Region(
+        cascade,
+        lifted.inputs,
+        tuple(d.name for _, d in b.inputs),
+        tuple(v for v in eqn.outvars if isinstance(v, int)),
+        lifted.outputs,
+        (eqn,),
+        "emitted",
+        lifted.primitives,
+        mesh=lifted.mesh,
+    )
 
 
 def _close(b: RegionBuilder, last_use: dict[int, float], end: int, check: bool) -> list[Segment]:
@@ -298,7 +325,8 @@ def format_program(program: Program) -> str:
     k = 0
     for s in program.segments:
         if isinstance(s, Opaque):
-            lines.append(f"# opaque: {s.label} at {s.source}")
+            why = f" ({s.reason})" if s.reason else ""
+            lines.append(f"# opaque: {s.label} at {s.source}{why}")
             continue
         ins = ", ".join(f"%{v}->{t}" for v, t in zip(s.inputs, s.input_tensors))
         outs = ", ".join(f"{t}->%{v}" for v, t in zip(s.outputs, s.output_tensors))

@@ -285,8 +285,9 @@ class RegionBuilder:
         hint = "COPY" if is_input else base.hint
         return self.emit(hint, idx, self.expr(value, idx), base.source, dtype=value.dtype)
 
-    def cascade(self, outputs: Sequence[str]) -> Cascade:
-        """The region's cascade, ranks renamed ``a, b, c, ...`` in order of appearance."""
+    def cascade(self, outputs: Sequence[str], devices: Sequence[tuple[str, str]] = ()) -> Cascade:
+        """The region's cascade, ranks renamed ``a, b, c, ...`` in order of appearance;
+        ``devices`` binds ranks (by their names here) to mesh axes."""
         first: dict[str, Access] = {}
         for e in self.einsums:
             for a in accesses(e.expr):
@@ -315,7 +316,8 @@ class RegionBuilder:
         ]
         decls = tuple(replace(d, ranks=tuple(new[r] for r in d.ranks)) for d in inputs)
         sizes = tuple((new[r], self.sizes[r]) for r in order)
-        return Cascade(decls, tuple(einsums), tuple(dict.fromkeys(outputs)), sizes)
+        bound = tuple((new[r], axis) for r, axis in devices if r in new)
+        return Cascade(decls, tuple(einsums), tuple(dict.fromkeys(outputs)), sizes, devices=bound)
 
     def _named_like(self, decl: TensorDecl, read: Access | None) -> TensorDecl:
         """Declare an input with the ranks of its first plain read, so the text reads as one."""

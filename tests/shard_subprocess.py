@@ -1,0 +1,30 @@
+"""Run a checks module on 8 simulated CPU devices in a subprocess (XLA_FLAGS must be set
+before jax is imported) and read the JSON object it prints last."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_checks(module: str) -> dict[str, Any]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ok(checks: dict[str, Any], name: str) -> Any:
+    """One check's result; a check that raised fails the test with its traceback."""
+    got = checks[name]
+    assert not (isinstance(got, dict) and "error" in got), got.get("error")
+    return got

@@ -1,0 +1,79 @@
+"""The lifter enters shard_map bodies: a hand-written tensor-parallel Llama block lifts into
+one cascade with device ranks whose collectives are its two psums, and through einfuse.jit
+it equals the original function, the unsharded block, and their gradients.
+
+The checks run on 8 simulated CPU devices in one subprocess (tests/shard_lift_checks.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.shard_subprocess import ok, run_checks
+
+RTOL = 2e-5  # float32; the psums add the 8 partial products in another order
+
+
+@pytest.fixture(scope="module")
+def checks() -> dict:
+    return run_checks("tests.shard_lift_checks")
+
+
+def test_llama_block_lifts_into_one_region_with_two_all_reduces(checks: dict) -> None:
+    got = ok(checks, "llama_block")
+    assert got["regions"] == 1 and got["opaque"] == [] and got["fallbacks"] == []
+    assert got["kinds"] == [["all_reduce", "all_reduce"]]
+    assert [axis for _, axis in got["devices"][0]] == ["tp", "tp"]
+
+
+def test_a_check_vma_body_lifts_the_same(checks: dict) -> None:
+    got = ok(checks, "llama_block")
+    assert got["checked_vma"] == [["all_reduce", "all_reduce"]]
+    assert got["checked_vma_vs_shard_map"] < RTOL
+
+
+def test_llama_block_equals_the_shard_map_and_the_unsharded_block(checks: dict) -> None:
+    got = ok(checks, "llama_block")
+    assert got["vs_shard_map"] < RTOL and got["vs_unsharded"] < RTOL
+    assert got["fused_vs_shard_map"] < RTOL  # fuse's online softmax runs inside the body
+
+
+def test_llama_block_gradients_equal_the_shard_maps(checks: dict) -> None:
+    assert ok(checks, "llama_block")["grads_vs_shard_map"] < RTOL
+
+
+def test_llama_block_optimized_hlo_has_exactly_two_all_reduces(checks: dict) -> None:
+    assert ok(checks, "llama_block")["hlo"] == {"all-reduce": 2}
+
+
+def test_explain_names_the_region_and_its_psums(checks: dict) -> None:
+    text = ok(checks, "llama_block")["explain"]
+    assert "lifted 1 region(s)" in text and "psum x2" in text and "0 opaque op(s)" in text
+    assert (
+        "shard_map over mesh tp=8; collectives: all_reduce AR0 on tp, all_reduce AR1 on tp" in text
+    )
+
+
+def test_every_collective_lifts_and_runs_like_jax(checks: dict) -> None:
+    got = ok(checks, "every_collective")
+    assert got["kinds"] == sorted(
+        ["all_reduce", "all_reduce", "all_gather", "reduce_scatter", "ppermute", "ppermute"]
+    )
+    assert got["fallbacks"] == []
+    assert got["values"] < RTOL and got["grads"] < RTOL
+
+
+def test_every_collective_shows_in_the_optimized_hlo(checks: dict) -> None:
+    got = ok(checks, "every_collective")
+    hlo = got["hlo"]
+    assert hlo["all-reduce"] >= 2 and hlo["collective-permute"] == 2, hlo
+    assert hlo["reduce-scatter"] == 1 and hlo["all-gather"] == 1, hlo
+    assert got["gathers"] == 0  # the gathered tensor reads back as one dim by a reshape
+
+
+def test_a_body_the_lifter_does_not_understand_stays_whole_with_the_reason(checks: dict) -> None:
+    got = ok(checks, "not_understood")
+    assert got["opaque"] == [
+        ["shard_map", "shard_map not lifted: cumsum inside the shard_map has no lifting rule"]
+    ]
+    assert got["values"] == 0.0
+    assert "(shard_map not lifted: cumsum" in got["text"]
