@@ -148,8 +148,8 @@ def _serve(body: Body, tensor: str, dim: int, m: Communication, what: str, at: E
 
 
 def _shift_of(at: Expr, me: str) -> tuple[int, bool]:
-    from einfuse.ir.devices import _ring_shift
+    from einfuse.ir.devices import ring_shift
 
-    shift = _ring_shift(at, me)
+    shift = ring_shift(at, me)
     assert shift is not None, at
     return shift

@@ -175,7 +175,7 @@ def _serve(
     index = a.indices[dim]
     if isinstance(index, Var) and index.rank == me:
         return DeviceRead(a.tensor, dim, "local", me)
-    shift = _ring_shift(index, me)
+    shift = ring_shift(index, me)
     if shift is not None:
         return DeviceRead(a.tensor, dim, "ppermute", me, shift[0], shift[1])
     if isinstance(index, Var):
@@ -191,7 +191,7 @@ def _serve(
     )
 
 
-def _ring_shift(index: Expr, me: str | None) -> tuple[int, bool] | None:
+def ring_shift(index: Expr, me: str | None) -> tuple[int, bool] | None:
     """``x + k`` -> (k, False); ``mod(x + k, X)`` -> (k, True), for the output's rank x."""
     if me is None:
         return None
