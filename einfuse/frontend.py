@@ -156,17 +156,24 @@ class JitFunction:
         def staged(*args: Any, **kwargs: Any) -> Any:
             return self._staged(args, kwargs)
 
-        self._jitted = jax.jit(
-            staged,
-            static_argnums=self.static_argnums,
-            static_argnames=tuple(sorted(self.static_argnames)),
-            donate_argnums=_tuple(donate_argnums),
-        )
+        jit_args: dict[str, Any] = {
+            "static_argnums": self.static_argnums,
+            "static_argnames": tuple(sorted(self.static_argnames)),
+            "donate_argnums": _tuple(donate_argnums),
+        }
+        self._jitted = jax.jit(staged, **jit_args)
+        # A top-level call compiles with the options that keep the collectives a cascade wrote
+        # apart and let them overlap (xla_overlap); JAX takes compiler options only on a
+        # top-level jit, so a call under another transformation uses the plain one.
+        from einfuse.backends.xla_overlap import top_level_options
+
+        self._top = jax.jit(staged, compiler_options=top_level_options(), **jit_args)
 
     # -- calling ---------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         misses = self._misses
-        out = self._jitted(*args, **kwargs)
+        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        out = (self._jitted if nested else self._top)(*args, **kwargs)
         self._hits += self._misses == misses
         return out
 
@@ -177,6 +184,7 @@ class JitFunction:
     def clear_cache(self) -> None:
         self._entries.clear()
         self._jitted.clear_cache()
+        self._top.clear_cache()
 
     def _split(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, list[Any], tuple, tuple]:
         """The signature key and the dynamic leaves of one call (tracers or arrays)."""
@@ -334,7 +342,7 @@ class JitFunction:
         """JAX's ``Lowered``; ``lowering_platforms=("cuda",)`` (or ``"tpu"``) lowers for a
         platform this machine lacks: StableHLO to read, not to compile here."""
         if lowering_platforms is None:
-            return self._jitted.lower(*args, **kwargs)
+            return self._top.lower(*args, **kwargs)
         traced = self._jitted.trace(*args, **kwargs)
         return traced.lower(lowering_platforms=tuple(lowering_platforms))
 

@@ -136,6 +136,32 @@ def check_llama_block() -> dict[str, Any]:
     }
 
 
+PASSES = {
+    "split": "split-tokens{force=true,wave=4}",
+    "reorder": "reorder-norm",
+    "chunk": "chunk-collective{chunks=1}",
+    "all": "split-tokens{force=true,wave=4},reorder-norm,chunk-collective{chunks=1}",
+}
+
+
+def check_passes_through_jit() -> dict[str, Any]:
+    """The hand-written shard_map block through einfuse.jit with each overlap pass: values
+    and gradients against the unsharded block, and the collectives XLA kept."""
+    args, n = block_args(), len(block_args())
+    want, want_grads = jax.jit(unsharded_block)(*args), grad(loss(unsharded_block), n)(*args)
+    out = {}
+    for name, pipeline in PASSES.items():
+        jf = einfuse.jit(tp_block, passes=pipeline)
+        summary = inspect_hlo(jf.lower(*args)).as_dict()["collectives"]
+        grads = grad(loss(jf), n)(*args)
+        out[name] = {
+            "values": rel(jf(*args), want),
+            "grads": max(rel(g, w) for g, w in zip(grads, want_grads)),
+            "hlo": {k: v["sync"] + v["async_start"] for k, v in summary.items()},
+        }
+    return out
+
+
 def collectives_fn(with_min: bool) -> Callable[..., tuple[jax.Array, ...]]:
     """A shard_map using every collective (pmin only ``with_min``: JAX cannot differentiate
     it; einfuse's derivative of it is checked against the unsharded one in shard_emit_checks)."""
@@ -206,6 +232,7 @@ def check_not_understood() -> dict[str, Any]:
 def main() -> None:
     checks = {
         "llama_block": check_llama_block,
+        "passes": check_passes_through_jit,
         "every_collective": check_every_collective,
         "not_understood": check_not_understood,
     }

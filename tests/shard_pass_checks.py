@@ -23,8 +23,8 @@ import numpy as np
 
 from einfuse.backends.inspection import hlo_text, inspect_hlo
 from einfuse.backends.jax_backend import emit_jax
-from einfuse.backends.jax_shard import COMPILER_OPTIONS
 from einfuse.backends.reference import interpret
+from einfuse.backends.xla_overlap import top_level_options
 from einfuse.einsum_cascade import tp_block
 from einfuse.passes.manager import run_passes
 
@@ -73,7 +73,7 @@ def check_pipelines() -> dict[str, Any]:
         c = run_passes(base, pipeline).cascade if pipeline else base
         f = emit_jax(c)
         result: dict[str, Any] = {"values": rel(f.as_dict(**arrays)["Y"], want)}
-        lowered = jax.jit(emit_jax(c, jit=False), compiler_options=COMPILER_OPTIONS).lower(*xs)
+        lowered = jax.jit(emit_jax(c, jit=False), compiler_options=top_level_options()).lower(*xs)
         collectives = inspect_hlo(lowered).as_dict()["collectives"]
         result["hlo"] = {k: v["sync"] + v["async_start"] for k, v in collectives.items()}
         result["gathers"] = hlo_text(lowered).count(" gather(")

@@ -45,6 +45,24 @@ def test_llama_block_optimized_hlo_has_exactly_two_all_reduces(checks: dict) -> 
     assert ok(checks, "llama_block")["hlo"] == {"all-reduce": 2}
 
 
+@pytest.mark.parametrize(
+    ("name", "hlo"),
+    [
+        ("split", {"all-reduce": 4}),  # two halves per psum, not merged back by XLA
+        ("reorder", {"reduce-scatter": 2, "all-gather": 2}),
+        ("chunk", {"collective-permute": 14, "all-gather": 2}),  # 2 rings of 7 steps
+        ("all", {"collective-permute": 28, "all-gather": 4}),
+    ],
+)
+def test_overlap_passes_through_jit_keep_values_gradients_and_collectives(
+    checks: dict, name: str, hlo: dict
+) -> None:
+    """The hand-written block, lifted from shard_map, through each pass and all three."""
+    got = ok(checks, "passes")[name]
+    assert got["values"] < RTOL and got["grads"] < RTOL
+    assert got["hlo"] == hlo
+
+
 def test_explain_names_the_region_and_its_psums(checks: dict) -> None:
     text = ok(checks, "llama_block")["explain"]
     assert "lifted 1 region(s)" in text and "psum x2" in text and "0 opaque op(s)" in text

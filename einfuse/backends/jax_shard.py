@@ -38,20 +38,11 @@ from einfuse.backends.jax_lower import Names, Policy
 from einfuse.backends.jax_ops import Assign, Stmt, call, format_stmt, format_value, run
 from einfuse.backends.jax_shard_body import Body, device_dims, local_shape, lower_on_mesh
 from einfuse.backends.jax_values import TensorInfo, canonical_dtype
+from einfuse.backends.xla_overlap import top_level_options
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.devices import Communication, axes, communications
 from einfuse.ir.dtypes import tensor_dtypes
 from einfuse.ir.errors import EinfuseError
-
-# The cascade already says which collectives run (split-tokens splits one all-reduce in two so
-# each half overlaps the other half's compute); XLA's combiners would merge them back into one
-# (on CPU the cpu-all-reduce-combiner does). Unknown pass names are ignored, so one list
-# serves CPU and GPU.
-COMPILER_OPTIONS = {
-    "xla_disable_hlo_passes": (
-        "cpu-all-reduce-combiner,all-reduce-combiner,all-gather-combiner,reduce-scatter-combiner"
-    )
-}
 
 
 def mesh_for(cascade: Cascade, sizes: Mapping[str, int], mesh: Mesh | None = None) -> Mesh:
@@ -216,15 +207,17 @@ class ShardedCascade(JaxCascade):
             self._run = self._run_top_level
 
     def _run_top_level(self, arrays: dict[str, Any]) -> dict[str, jax.Array]:
-        """Compiled with COMPILER_OPTIONS when called on arrays; traced (under einfuse.jit's
-        or a user's jit or grad), JAX allows options only on the outer jit, so plain jit."""
+        """Compiled with ``top_level_options`` (XLA's combiners would merge the collectives
+        the cascade split) when called on arrays; traced (under einfuse.jit's or a user's jit
+        or grad), JAX allows options only on the outer jit, so plain jit."""
         if any(isinstance(x, jax.core.Tracer) for x in arrays.values()):
             return self._nested(arrays)
         return self._top(arrays)
 
     @functools.cached_property
     def _top(self) -> Callable[[dict[str, Any]], dict[str, jax.Array]]:
-        return jax.jit(self._evaluate, compiler_options=COMPILER_OPTIONS)
+        platform = self.mesh.devices.flat[0].platform if self.mesh is not None else None
+        return jax.jit(self._evaluate, compiler_options=top_level_options(platform))
 
     @functools.cached_property
     def _nested(self) -> Callable[[dict[str, Any]], dict[str, jax.Array]]:

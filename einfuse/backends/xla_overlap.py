@@ -66,6 +66,17 @@ def overlap_settings(
     return tuple(settings)
 
 
+def top_level_options(platform: str | None = None) -> dict[str, bool | int | str]:
+    """What einfuse compiles a top-level call with: the collectives a cascade wrote run as
+    written (split-tokens' halves, chunk-collective's rings are not merged back) and may
+    overlap compute. Settings for collectives only: a program without any is unaffected."""
+    import jax
+
+    return compiler_options(
+        overlap_settings(platform or jax.default_backend(), keep_collectives_apart=True)
+    )
+
+
 def compiler_options(settings: tuple[XlaSetting, ...]) -> dict[str, bool | int | str]:
     """For ``Lowered.compile(compiler_options=...)``: one compile, nothing process-wide."""
     return {s.name: s.value for s in settings}
