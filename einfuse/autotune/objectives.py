@@ -315,7 +315,8 @@ def _hybrid_round(job: Job, search: MeasuredSearch, trials: int) -> dict[str, Po
         best_point.setdefault(key, scored.point)
     ordered = [search.default.key, *(k for k in best_point if k != search.default.key)]
     known = search.known()
-    todo = shares.dealt([k for k in ordered[:trials] if k not in known], job.settings.worker)
+    # dealt before dropping what is known: a share must not shift as others finish theirs
+    todo = [k for k in shares.dealt(ordered[:trials], job.settings.worker) if k not in known]
     for start in range(0, len(todo), BATCH):
         if search.expired():
             break

@@ -120,15 +120,17 @@ def retrying(
     raise AssertionError("unreachable")
 
 
-# RDBStorage's calls during a search, retried through a disconnect by `einfuse_rdb_storage`.
+# RDBStorage's calls during a search, retried through a disconnect by `einfuse_rdb_storage`:
+# the private ones a study calls through Optuna's cache, the public ones that do not just
+# call those (a retry inside a retry would wait out a server that stays down many times).
 # Creating a trial is among them: a retry after a commit whose answer was lost adds one
 # RUNNING trial that no worker owns; the sweep gives it a heartbeat, then fails it.
 _RETRIED = (
     "create_new_study",
-    "create_new_trial",
+    "_create_new_trial",
     "get_all_studies",
-    "get_all_trials",
-    "get_best_trial",
+    "_get_trials",
+    "_get_best_trial_id",
     "get_n_trials",
     "get_study_directions",
     "get_study_id_from_name",
@@ -137,9 +139,10 @@ _RETRIED = (
     "get_study_user_attrs",
     "get_trial",
     "get_trial_id_from_study_id_trial_number",
+    "record_heartbeat",
     "set_study_system_attr",
     "set_study_user_attr",
-    "set_trial_param",
+    "_set_trial_param",
     "set_trial_state_values",
     "set_trial_system_attr",
     "set_trial_user_attr",
@@ -198,7 +201,8 @@ def fail_stale(study: optuna.Study) -> None:
 
     import optuna
 
-    if getattr(study._storage, "heartbeat_interval", None):
+    beats = getattr(study._storage, "get_heartbeat_interval", lambda: None)  # Optuna's cache
+    if beats():
         with warnings.catch_warnings():  # Optuna marks fail_stale_trials experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
