@@ -62,7 +62,7 @@ def test_a_worker_stops_at_the_total_counting_what_others_are_measuring(pg_url):
     worker topping the study up to 4 measures exactly one more (it used to measure 4)."""
     cascade = small_attention(256)
     options = dict(target=CPU, objective="measure", trials=4, repeats=1, progress=False)
-    alone = autotune(cascade, storage="memory", **options)
+    alone = autotune(cascade, storage="memory", finalists=1, **options)
     done = [t for t in alone.study.trials if "median_s" in t.user_attrs]
     assert len(done) == 4
     study = TuningStore(pg_url).study(alone.study.study_name)

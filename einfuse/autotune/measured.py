@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from einfuse.autotune.measure import Bench, Failure, Prepared, consumed
 from einfuse.autotune.screen import tile_weight
 from einfuse.autotune.space import Candidate, Point, SearchSpace
+from einfuse.autotune.store_locks import StudyLock
 from einfuse.autotune.store_server import WORKER, Heartbeat, fail_stale
 from einfuse.autotune.timing import Timing
 
@@ -92,7 +93,7 @@ class MeasuredSearch:
         on_trial: Callable[[], None] | None = None,
         fresh: bool = False,
         heartbeat: Heartbeat | None = None,
-        lock: Callable[[str], AbstractContextManager[None]] | None = None,
+        lock: StudyLock | None = None,
     ) -> None:
         self.study, self.space, self.bench = study, space, bench
         kinds = consumed(bench.backend)
@@ -173,6 +174,7 @@ class MeasuredSearch:
             batch: list[tuple[Any, Candidate]] = []
             while len(batch) < BATCH and asks < 4 * trials:
                 with self.lock(self.study.study_name):
+                    fail_stale(self.study)  # a dead worker's claim is not taken
                     if self.taken() >= total:
                         break
                     asks += 1
@@ -199,11 +201,10 @@ class MeasuredSearch:
             self.tell(trial, state=TrialState.PRUNED)
 
     def ask(self) -> tuple[Any, Candidate]:
-        """A new trial and its candidate, after failing the trials of dead workers; it beats
-        until told and names its worker, should it die (`store_server`)."""
+        """A new trial and its candidate; it beats until told and names its worker, should
+        it die (`store_server`)."""
         import warnings
 
-        fail_stale(self.study)
         with warnings.catch_warnings():  # Optuna expects heartbeats with optimize() only
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             trial = self.study.ask()

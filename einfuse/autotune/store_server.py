@@ -191,7 +191,7 @@ def _stale_trial_ids(storage: Any, study_id: int) -> list[int]:
             )
         ]
     for trial_id in orphans:  # a worker beating it first is fine: Optuna ignores the clash
-        storage.record_heartbeat(trial_id)
+        RDBStorage.record_heartbeat(storage, trial_id)  # not retried here: the sweep is
     return RDBStorage._get_stale_trial_ids(storage, study_id)
 
 
