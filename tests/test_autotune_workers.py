@@ -74,13 +74,10 @@ def test_a_worker_stops_at_the_total_counting_what_others_are_measuring(pg_url):
         trial.set_user_attr("candidate", t.user_attrs["candidate"])
         others.append(trial)
     autotune(cascade, storage=pg_url, worker=(1, 2), **options)
-    trials = study.get_trials()
-    mine = [t.user_attrs["candidate"] for t in trials if "median_s" in t.user_attrs]
-    claimed = {t.user_attrs["candidate"] for t in others}
-    assert len(mine) == 1 and mine[0] not in claimed
-    assert [t.state for t in trials if t.number in {o.number for o in others}] == [
-        TrialState.RUNNING
-    ] * 3
+    mine = measured_trials(study)
+    assert len(mine) == 1 and mine[0] not in {t.user_attrs["candidate"] for t in others}
+    numbers = {t.number for t in others}
+    assert [t.state for t in study.trials if t.number in numbers] == [TrialState.RUNNING] * 3
 
 
 def measured_trials(study) -> list[str]:
@@ -125,3 +122,15 @@ def test_hybrid_workers_measure_their_share_of_the_models_list_once(tmp_path, pg
     by_worker = [t.user_attrs["worker"] for t in study.trials if "median_s" in t.user_attrs]
     assert sorted(by_worker.count(w) for w in set(by_worker)) == [2, 2]  # dealt 2 and 2
     assert row["best"]["objective"] == "hybrid" and row["best"]["measured_s"] > 0
+
+
+def test_a_sampler_repeating_itself_is_given_a_free_candidate_not_asked_again():
+    """Measuring the whole of a 5-program space: TPE proposes mostly what was measured;
+    each repeat is recorded once, then a candidate nobody has is taken instead."""
+    options = dict(target=CPU, objective="measure", trials=5, repeats=1, progress=False)
+    result = autotune(small_attention(128), storage="memory", finalists=1, **options)
+    measured = measured_trials(result.study)
+    assert len(measured) == len(set(measured)) == 5
+    duplicates = [t for t in result.study.trials if "duplicate_of" in t.user_attrs]
+    assert len(duplicates) <= len(measured)  # at most one per claim
+    assert {t.state for t in result.study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}

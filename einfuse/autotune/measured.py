@@ -18,6 +18,7 @@ default, then to the smaller tiles.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -104,6 +105,7 @@ class MeasuredSearch:
         self.default = self.candidate(self.searched.default_point())
         self.prepared: dict[str, Prepared | Failure] = {}
         self.racers: dict[str, Candidate] = {}  # the last race's candidates by key
+        self._keys: dict[Point, str] | None = None  # candidate key of each searched point
         self.tally = Tally()
         self.heartbeat = heartbeat  # beats for asked trials until told (`store_server`)
         self.lock = lock or (lambda name: nullcontext())  # the study's (`store_locks`)
@@ -137,7 +139,7 @@ class MeasuredSearch:
                 out.setdefault(key, t)
         return out
 
-    def taken(self) -> int:
+    def held(self) -> set[str]:
         """Candidates the study holds (`known`) or has a worker measuring right now."""
         from optuna.trial import TrialState
 
@@ -146,7 +148,14 @@ class MeasuredSearch:
         for t in trials:
             if t.state == TrialState.RUNNING and "duplicate_of" not in t.user_attrs:
                 keys.add(t.user_attrs.get("candidate"))
-        return len(keys - {None})
+        return keys - {None}
+
+    def unheld(self) -> list[Point]:
+        """Searched points whose candidate nobody holds (`held`), in the space's order."""
+        if self._keys is None:
+            self._keys = {p: self.candidate(p).key for p in self.searched.points()}
+        held = self.held()
+        return [point for point, key in self._keys.items() if key not in held]
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -161,7 +170,7 @@ class MeasuredSearch:
         """Propose and measure until the study holds ``trials`` candidates (a top-up).
 
         Claims are made one at a time under the study's lock (`store_locks`): below the
-        total (what the study holds, and what workers are measuring, `taken`) a worker asks
+        total (what the study holds, and what workers are measuring, `held`) a worker asks
         for a trial and claims its candidate; at the total it stops, the rest being measured
         by others, so the study's total is exact. A proposal measured before (by anyone) is
         recorded as a duplicate, one another worker is measuring is skipped.
@@ -175,7 +184,7 @@ class MeasuredSearch:
             while len(batch) < BATCH and asks < 4 * trials:
                 with self.lock(self.study.study_name):
                     fail_stale(self.study)  # a dead worker's claim is not taken
-                    if self.taken() >= total:
+                    if len(self.held()) >= total:
                         break
                     asks += 1
                     self.propose(batch)
@@ -184,21 +193,31 @@ class MeasuredSearch:
             self.measure(batch)
 
     def propose(self, batch: list[tuple[Any, Candidate]]) -> None:
-        """Ask for a trial; add it to ``batch``, or record it as a duplicate of the trial
-        that has its candidate (finished, or being measured: `shares.claimed_elsewhere`)."""
+        """Ask for a trial and add it to ``batch``. A proposal someone has already (finished,
+        or being measured: `shares.claimed_elsewhere`) is recorded as a duplicate of that
+        trial, and a candidate nobody has is taken instead (a seeded pick): as a discrete
+        space runs out the sampler mostly repeats itself, and asking it again and again would
+        fill the study with duplicates (thousands, seen with 4 workers x 50 trials)."""
         from optuna.trial import TrialState
 
         from einfuse.autotune.shares import claimed_elsewhere
 
-        trial, candidate = self.ask()
-        other = claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
-        if other is None:
-            batch.append((trial, candidate))
-        elif other.state.is_finished():
-            self.tell_duplicate(trial, other)
-        else:
-            trial.set_user_attr("duplicate_of", other.number)
-            self.tell(trial, state=TrialState.PRUNED)
+        tries = 3  # an ask pops an older WAITING trial (the enqueued default) first
+        for attempt in range(tries):
+            trial, candidate = self.ask()
+            other = claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
+            if other is None:
+                batch.append((trial, candidate))
+                return
+            if other.state.is_finished():
+                self.tell_duplicate(trial, other)
+            else:
+                trial.set_user_attr("duplicate_of", other.number)
+                self.tell(trial, state=TrialState.PRUNED)
+            free = self.unheld()
+            if not free or attempt == tries - 1:
+                return
+            self.study.enqueue_trial(dict(random.Random(trial.number).choice(free)))
 
     def ask(self) -> tuple[Any, Candidate]:
         """A new trial and its candidate; it beats until told and names its worker, should
