@@ -94,8 +94,8 @@ def only_study(url: str):
 def test_four_measuring_workers_stop_at_exactly_the_total(tmp_path, pg_url):
     """4 processes measuring one study: exactly --trials candidates measured, none twice,
     none left running, and one stored best: the final race's winner. (The issue's 4 x 50
-    cannot be measured here: the JAX backend's measured space of attention holds at most
-    ~70 distinct programs at any size, and each costs ~0.3-1 s of XLA compile on this CPU.)"""
+    is `benchmarks/tuning_workers_200.py`: 200 distinct programs need a widened space at a
+    size where each costs ~0.3-1.5 s of XLA compile on this CPU, minutes in all.)"""
     spec = tmp_path / "attention.ein"
     spec.write_text(str(small_attention(256)))
     args = [str(spec), "--objective", "measure", "--target", "cpu", "--quiet", "--repeats", "1"]
