@@ -7,7 +7,8 @@ one fresh ``einfuse autotune --workers N`` run (its own process, a new empty sto
 - **model**: the design's attention (``examples/specs/attention_3pass.ein``) at each size,
   ``--trials`` points scored; "finished" is the points scored (the study's ``evaluated``);
 - **measure**: the same attention at a small size; "finished" is the candidates compiled,
-  checked and timed (trials with a median), none measured twice.
+  checked and timed (trials with a median), none measured twice, never more than
+  ``--measure-trials`` (the study's total, however many workers).
 
 Wall time is the whole command: process starts, imports, the workers, and the deciding
 process (the model's ranking, or the measured final race).
@@ -83,6 +84,7 @@ def run(storage: str, workers: int, options: list[str]) -> tuple[float, int]:
         return wall, int(study.user_attrs["evaluated"])
     measured = [t.user_attrs["candidate"] for t in study.trials if "median_s" in t.user_attrs]
     assert len(measured) == len(set(measured)), "a candidate was measured twice"
+    assert len(measured) <= int(options[options.index("--trials") + 1]), "more than --trials"
     return wall, len(measured)
 
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-size", type=int, default=256)
     parser.add_argument("--measure-trials", type=int, default=8)
     parser.add_argument("--no-measure", action="store_true")
+    parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[tuple[str, int, list[str]]] = [
         ("model", n, [*model, "--sizes", f"p={n},m={n}", "--trials", str(args.model_trials)])
         for n in (int(s) for s in args.sizes.split(","))
+        if not args.no_model
     ]
     if not args.no_measure:
         n = args.measure_size

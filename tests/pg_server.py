@@ -3,8 +3,12 @@
 `PgServer.start` runs ``initdb`` in a temporary folder and ``pg_ctl start`` on a free
 loopback port; `stop` (``pg_ctl stop -m immediate``) ends it and removes the folder. The
 ``pg_url`` fixture (session-scoped, one cluster per pytest-xdist worker) stops it at the end
-of the session, also when tests fail. As root (CI), where ``initdb`` refuses to run, the
-server runs as the ``postgres`` system user (``runuser``), its folder chowned to that user.
+of the session, also when tests fail. The server dies with the process that started it
+even when that one cannot stop it (SIGKILLed): a watchdog process (``python pg_server.py
+watch OWNER_PID ROOT PORT``, in a session of its own) polls the owner and stops the server
+and removes its folder once the owner is gone. As root (CI), where ``initdb`` refuses to
+run, the server runs as the ``postgres`` system user (``runuser``), its folder chowned to
+that user.
 
 No mock stands in: a server that cannot start makes the tests that need it FAIL, naming why.
 """
@@ -16,11 +20,13 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 SERVER_USER = "postgres"
+WATCH_INTERVAL_S = 0.2
 
 
 def pg_bin(name: str) -> str | None:
@@ -44,14 +50,16 @@ def free_port() -> int:
 class PgServer:
     """One cluster: its folder, port, and a ``postgresql+psycopg://`` URL to its database."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None, port: int | None = None) -> None:
+        """A new cluster (nothing given), or the one at ``root`` on ``port`` (the watchdog)."""
         self.as_root = os.geteuid() == 0
         # as root the server user must reach the folder: not under a private $TMPDIR
         where = "/tmp" if self.as_root and Path("/tmp").is_dir() else None
-        self.root = Path(tempfile.mkdtemp(prefix="einfuse-pg-", dir=where))
+        self.root = root or Path(tempfile.mkdtemp(prefix="einfuse-pg-", dir=where))
         self.data = self.root / "data"
-        self.port = free_port()
+        self.port = port or free_port()
         self.user = SERVER_USER if self.as_root else "einfuse"
+        self.watchdog: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -90,6 +98,13 @@ class PgServer:
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
         self.pg_ctl("start")
+        self.watchdog = subprocess.Popen(
+            [sys.executable, __file__, "watch", str(os.getpid()), str(self.root), str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not killed with its owner's process group
+        )
         return self
 
     def pg_ctl(self, action: str) -> None:
@@ -130,3 +145,21 @@ class PgServer:
                 self.pg_ctl("stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self.watchdog is not None:  # it sees the folder gone and exits
+                self.watchdog.wait(timeout=10)
+
+
+def watch(owner: int, root: Path, port: int) -> None:
+    """Stop the cluster at ``root`` once process ``owner`` is gone (unless stopped before)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from einfuse.autotune.store_server import process_alive
+
+    server = PgServer(root, port)
+    while server.root.exists() and process_alive(owner):
+        time.sleep(WATCH_INTERVAL_S)
+    if server.root.exists():
+        server.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
+    watch(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))

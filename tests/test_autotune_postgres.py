@@ -5,6 +5,7 @@ server, and a server that cannot be reached."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,40 @@ def test_records_and_tables_of_another_version_are_named_not_misread(pg_server, 
         connection.execute("UPDATE alembic_version SET version_num = 'v1.3.0.a'")
     with pytest.raises(StoreError, match=r"tables of an older Optuna.*optuna storage upgrade"):
         TuningStore(pg_url)
+
+
+def test_the_test_server_dies_with_the_process_that_started_it(tmp_path):
+    """A pytest SIGKILLed cannot stop its throwaway server: the watchdog does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_autotune_store import REPO
+
+    script = (
+        "import time; from tests.pg_server import PgServer; s = PgServer().start(); "
+        "print(s.root, s.port, flush=True); time.sleep(120)"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        root, port = owner.stdout.readline().split()
+        socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+        assert Path(root, "data", "postmaster.pid").exists()
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while Path(root).exists() or listening(int(port)):
+        assert time.monotonic() < deadline, "the server outlived its owner by 10 s"
+        time.sleep(0.1)
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -6,8 +6,10 @@ from optuna.trial import TrialState
 
 from einfuse.autotune.shares import claimed_elsewhere, dealt
 from einfuse.autotune.store import TuningStore
+from einfuse.autotune.store_server import WORKER
+from einfuse.autotune.tuner import autotune
 from einfuse.cli.autotune import main as cli
-from tests.test_autotune_store import small_attention, tune_model
+from tests.test_autotune_store import CPU, small_attention, tune_model
 
 
 def test_four_workers_share_the_screening_and_one_best_is_stored(tmp_path, pg_url, capsys):
@@ -53,3 +55,82 @@ def test_workers_need_a_store_they_can_share(tmp_path, capsys):
     assert "cannot be shared" in capsys.readouterr().err
     assert cli([str(spec), "--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_a_worker_stops_at_the_total_counting_what_others_are_measuring(pg_url):
+    """--trials is the study's total: with 3 candidates being measured by other workers, a
+    worker topping the study up to 4 measures exactly one more (it used to measure 4)."""
+    cascade = small_attention(256)
+    options = dict(target=CPU, objective="measure", trials=4, repeats=1, progress=False)
+    alone = autotune(cascade, storage="memory", finalists=1, **options)
+    done = [t for t in alone.study.trials if "median_s" in t.user_attrs]
+    assert len(done) == 4
+    study = TuningStore(pg_url).study(alone.study.study_name)
+    others = []
+    for t in done[:3]:  # other workers' claims, in progress
+        study.enqueue_trial(t.params)
+        trial = study.ask()
+        trial.set_user_attr("worker", WORKER)
+        trial.set_user_attr("candidate", t.user_attrs["candidate"])
+        others.append(trial)
+    autotune(cascade, storage=pg_url, worker=(1, 2), **options)
+    mine = measured_trials(study)
+    assert len(mine) == 1 and mine[0] not in {t.user_attrs["candidate"] for t in others}
+    numbers = {t.number for t in others}
+    assert [t.state for t in study.trials if t.number in numbers] == [TrialState.RUNNING] * 3
+
+
+def measured_trials(study) -> list[str]:
+    """The candidates measured (compiled, checked and timed) in ``study``, one per trial."""
+    return [t.user_attrs["candidate"] for t in study.trials if "median_s" in t.user_attrs]
+
+
+def only_study(url: str):
+    store = TuningStore(url)
+    (row,) = store.studies()
+    return row, store.find_study(row["study"])
+
+
+def test_four_measuring_workers_stop_at_exactly_the_total(tmp_path, pg_url):
+    """4 processes measuring one study: exactly --trials candidates measured, none twice,
+    none left running, and one stored best: the final race's winner. (The issue's 4 x 50
+    is `benchmarks/tuning_workers_200.py`: 200 distinct programs need a widened space at a
+    size where each costs ~0.3-1.5 s of XLA compile on this CPU, minutes in all.)"""
+    spec = tmp_path / "attention.ein"
+    spec.write_text(str(small_attention(256)))
+    args = [str(spec), "--objective", "measure", "--target", "cpu", "--quiet", "--repeats", "1"]
+    assert cli([*args, "--storage", pg_url, "--workers", "4", "--trials", "8"]) == 0
+    row, study = only_study(pg_url)
+    measured = measured_trials(study)
+    assert len(measured) == len(set(measured)) == 8
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    (chosen,) = [r for r in study.user_attrs["einfuse_race"] if r["chosen"]]
+    assert (row["best"]["pipeline"], row["best"]["schedule"]) == (
+        chosen["pipeline"],
+        chosen["schedule"],
+    )
+
+
+def test_hybrid_workers_measure_their_share_of_the_models_list_once(tmp_path, pg_url):
+    spec = tmp_path / "attention.ein"
+    spec.write_text(str(small_attention(256)))
+    args = [str(spec), "--objective", "hybrid", "--target", "cpu", "--quiet", "--repeats", "1"]
+    assert cli([*args, "--storage", pg_url, "--workers", "2", "--trials", "4"]) == 0
+    row, study = only_study(pg_url)
+    measured = measured_trials(study)
+    assert len(measured) == len(set(measured)) == 4
+    by_worker = [t.user_attrs["worker"] for t in study.trials if "median_s" in t.user_attrs]
+    assert sorted(by_worker.count(w) for w in set(by_worker)) == [2, 2]  # dealt 2 and 2
+    assert row["best"]["objective"] == "hybrid" and row["best"]["measured_s"] > 0
+
+
+def test_a_sampler_repeating_itself_is_given_a_free_candidate_not_asked_again():
+    """Measuring the whole of a 5-program space: TPE proposes mostly what was measured;
+    each repeat is recorded once, then a candidate nobody has is taken instead."""
+    options = dict(target=CPU, objective="measure", trials=5, repeats=1, progress=False)
+    result = autotune(small_attention(128), storage="memory", finalists=1, **options)
+    measured = measured_trials(result.study)
+    assert len(measured) == len(set(measured)) == 5
+    duplicates = [t for t in result.study.trials if "duplicate_of" in t.user_attrs]
+    assert len(duplicates) <= len(measured)  # at most one per claim
+    assert {t.state for t in result.study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}

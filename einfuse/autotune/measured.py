@@ -17,23 +17,25 @@ default, then to the smaller tiles.
 
 from __future__ import annotations
 
-import os
-import socket
+import contextlib
+import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from einfuse.autotune.measure import Bench, Failure, Prepared, consumed
 from einfuse.autotune.screen import tile_weight
 from einfuse.autotune.space import Candidate, Point, SearchSpace
-from einfuse.autotune.store_server import Heartbeat, fail_stale
+from einfuse.autotune.store_locks import StudyLock
+from einfuse.autotune.store_server import WORKER, Heartbeat, fail_stale
 from einfuse.autotune.timing import Timing
 
 ANCHOR = "<default>"
 MIN_TIE = 0.03  # candidates within 3% of the fastest are tied (the tie goes to the default)
 SUSPICIOUS_GAIN = 0.75  # a winner racing 25% faster than it measured is raced again
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
+BATCH = 4  # candidates timed together, interleaved with the anchor
 
 
 @dataclass
@@ -92,6 +94,7 @@ class MeasuredSearch:
         on_trial: Callable[[], None] | None = None,
         fresh: bool = False,
         heartbeat: Heartbeat | None = None,
+        lock: StudyLock | None = None,
     ) -> None:
         self.study, self.space, self.bench = study, space, bench
         kinds = consumed(bench.backend)
@@ -102,8 +105,10 @@ class MeasuredSearch:
         self.default = self.candidate(self.searched.default_point())
         self.prepared: dict[str, Prepared | Failure] = {}
         self.racers: dict[str, Candidate] = {}  # the last race's candidates by key
+        self._keys: dict[Point, str] | None = None  # candidate key of each searched point
         self.tally = Tally()
         self.heartbeat = heartbeat  # beats for asked trials until told (`store_server`)
+        self.lock = lock or (lambda name: nullcontext())  # the study's (`store_locks`)
         # fresh: trials stored before this call are ignored (kept, but re-measured)
         self.first_trial = len(study.get_trials(deepcopy=False)) if fresh else 0
 
@@ -116,20 +121,41 @@ class MeasuredSearch:
         names = {p.name for p in self.searched.params}
         return self.searched.point({k: v for k, v in point if k in names})
 
-    def known(self) -> dict[str, Any]:
-        """Finished, first-hand trials of the study by candidate key (any process, any run)."""
+    def known(self, trials: Sequence[Any] | None = None) -> dict[str, Any]:
+        """Finished, first-hand trials of the study (or of ``trials``, all of its trials) by
+        candidate key (any process, any run)."""
         from optuna.trial import TrialState
 
-        done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+        if trials is None:
+            trials = self.study.get_trials(deepcopy=False)
         out: dict[str, Any] = {}
-        for t in self.study.get_trials(deepcopy=False, states=done):
+        for t in trials:
             key = t.user_attrs.get("candidate")
             fresh = t.number >= self.first_trial
             # failed with no reason: its worker died (`store_server.fail_stale`): measure again
             died = t.state == TrialState.FAIL and "reason" not in t.user_attrs
-            if key is not None and fresh and not died and "duplicate_of" not in t.user_attrs:
+            done = t.state.is_finished() and not died and "duplicate_of" not in t.user_attrs
+            if key is not None and fresh and done:
                 out.setdefault(key, t)
         return out
+
+    def held(self) -> set[str]:
+        """Candidates the study holds (`known`) or has a worker measuring right now."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        keys = set(self.known(trials))
+        for t in trials:
+            if t.state == TrialState.RUNNING and "duplicate_of" not in t.user_attrs:
+                keys.add(t.user_attrs.get("candidate"))
+        return keys - {None}
+
+    def unheld(self) -> list[Point]:
+        """Searched points whose candidate nobody holds (`held`), in the space's order."""
+        if self._keys is None:
+            self._keys = {p: self.candidate(p).key for p in self.searched.points()}
+        held = self.held()
+        return [point for point, key in self._keys.items() if key not in held]
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -140,36 +166,81 @@ class MeasuredSearch:
         return self.prepared[candidate.key]
 
     # -- trials -----------------------------------------------------------------
-    def ask(self) -> tuple[Any, Candidate]:
-        """A new trial and its candidate; with a heartbeat, trials of dead workers fail first."""
-        import warnings
+    def top_up(self, trials: int, worker: tuple[int, int] | None) -> None:
+        """Propose and measure until the study holds ``trials`` candidates (a top-up).
 
-        if self.heartbeat is None:
-            trial = self.study.ask()
-        else:
-            fail_stale(self.study)
-            with warnings.catch_warnings():  # Optuna expects heartbeats with optimize() only
-                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                trial = self.study.ask()
-            self.heartbeat.add(trial._trial_id)
-        candidate = self.candidate(self.searched.suggest(trial))
-        trial.set_user_attr("candidate", candidate.key)  # what it measures, should it die
-        return trial, candidate
+        Claims are made one at a time under the study's lock (`store_locks`): below the
+        total (what the study holds, and what workers are measuring, `held`) a worker asks
+        for a trial and claims its candidate; at the total it stops, the rest being measured
+        by others, so the study's total is exact. A proposal measured before (by anyone) is
+        recorded as a duplicate, one another worker is measuring is skipped.
+        """
+        total = min(trials, self.searched.size())
+        if self.default.key not in self.known() and (worker is None or worker[0] == 0):
+            self.study.enqueue_trial(dict(self.searched.default_point()))
+        asks = 0
+        while not self.expired():
+            batch: list[tuple[Any, Candidate]] = []
+            while len(batch) < BATCH and asks < 4 * trials:
+                with self.lock(self.study.study_name):
+                    fail_stale(self.study)  # a dead worker's claim is not taken
+                    if len(self.held()) >= total:
+                        break
+                    asks += 1
+                    self.propose(batch)
+            if not batch:
+                return
+            self.measure(batch)
 
-    def tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
-        """Finish an asked trial (a value, or a state) and stop its heartbeat."""
-        if value is None:
-            self.study.tell(trial, state=state)
-        else:
-            self.study.tell(trial, value)
-        if self.heartbeat is not None:
-            self.heartbeat.discard(trial._trial_id)
+    def propose(self, batch: list[tuple[Any, Candidate]]) -> None:
+        """Ask for a trial and add it to ``batch``. A proposal someone has already (finished,
+        or being measured: `shares.claimed_elsewhere`) is recorded as a duplicate of that
+        trial, and a candidate nobody has is taken instead (a seeded pick): as a discrete
+        space runs out the sampler mostly repeats itself, and asking it again and again would
+        fill the study with duplicates (thousands, seen with 4 workers x 50 trials)."""
+        from optuna.trial import TrialState
 
-    def claimed(self, trial: Any, candidate: Candidate) -> Any:
-        """Among workers: the trial that has ``candidate`` already (`shares`), else None."""
         from einfuse.autotune.shares import claimed_elsewhere
 
-        return claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
+        tries = 3  # an ask pops an older WAITING trial (the enqueued default) first
+        for attempt in range(tries):
+            trial, candidate = self.ask()
+            other = claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
+            if other is None:
+                batch.append((trial, candidate))
+                return
+            if other.state.is_finished():
+                self.tell_duplicate(trial, other)
+            else:
+                trial.set_user_attr("duplicate_of", other.number)
+                self.tell(trial, state=TrialState.PRUNED)
+            free = self.unheld()
+            if not free or attempt == tries - 1:
+                return
+            self.study.enqueue_trial(dict(random.Random(trial.number).choice(free)))
+
+    def ask(self) -> tuple[Any, Candidate]:
+        """A new trial and its candidate; it beats until told and names its worker, should
+        it die (`store_server`)."""
+        import warnings
+
+        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize() only
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = self.study.ask()
+        if self.heartbeat is not None:
+            self.heartbeat.add(trial._trial_id)
+        trial.set_user_attr("worker", WORKER)
+        return trial, self.candidate(self.searched.suggest(trial))
+
+    def tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
+        """Finish an asked trial (a value, or a state) and stop its heartbeat. One failed
+        meanwhile (by others, who took its worker for dead) stays failed."""
+        if value is None:
+            self.study.tell(trial, state=state, skip_if_finished=True)
+        else:
+            self.study.tell(trial, value, skip_if_finished=True)
+        if self.heartbeat is not None:
+            self.heartbeat.discard(trial._trial_id)
 
     def tell_duplicate(self, trial: Any, original: Any) -> None:
         """A sampler proposal measured before: record its earlier outcome, measure nothing."""
@@ -213,8 +284,12 @@ class MeasuredSearch:
                 )
             )
             return
-        for name, v in attrs.items():
-            trial.set_user_attr(name, v)
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        # failed by others meanwhile (they took its worker for dead): its candidate is free
+        with contextlib.suppress(UpdateFinishedTrialError):
+            for name, v in attrs.items():
+                trial.set_user_attr(name, v)
         self.tell(trial, value, state)
 
     def measure(self, batch: Sequence[tuple[Any, Candidate]]) -> None:

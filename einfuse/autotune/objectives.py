@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from einfuse.autotune import shares
 from einfuse.autotune.key import TuningKey
 from einfuse.autotune.measure import Bench
-from einfuse.autotune.measured import WORKER, MeasuredSearch
+from einfuse.autotune.measured import BATCH, WORKER, MeasuredSearch
 from einfuse.autotune.result import TuneResult
 from einfuse.autotune.screen import ModelEvaluator, Screening, screen
-from einfuse.autotune.space import Candidate, Point, SearchSpace, SpaceOptions
+from einfuse.autotune.space import Point, SearchSpace, SpaceOptions
 from einfuse.autotune.store import BEST_ATTR, RACE_ATTR, BestRecord, TuningStore
 from einfuse.backends.backend import Backend
 from einfuse.ir.cascade import Cascade
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 DEFAULT_MODEL_TRIALS = 20_000
 DEFAULT_MEASURED_TRIALS = 8
 MODEL_TRIALS_KEPT = 16
-BATCH = 4
 
 
 class TuningError(EinfuseError):
@@ -235,13 +234,14 @@ def tune_measured(job: Job) -> TuneResult:
         on_trial=lambda: bar.update(1),
         fresh=s.fresh,
         heartbeat=store.heartbeat,
+        lock=store.lock,
     )
     model_points: dict[str, Point] = {}
     with store.guard(), bar:
         if s.objective == "hybrid":
             model_points = _hybrid_round(job, search, trials)
         else:
-            _measure_round(search, trials, s.worker)
+            search.top_up(trials, s.worker)
         if s.worker is not None:  # the deciding process races, on one device
             counts = dict(trials=search.tally.trials, failed=search.tally.failed)
             counts.update(measurements=search.tally.measurements, failures=search.tally.failures)
@@ -295,46 +295,6 @@ def _check_measurable(target: Target) -> None:
         )
 
 
-def _measure_round(search: MeasuredSearch, trials: int, worker: shares.Worker | None) -> None:
-    """TPE proposes until the study holds ``trials`` measured candidates (a top-up).
-
-    Proposals measured before (by anyone) are recorded as duplicates, never re-measured;
-    among workers, one being measured by another is skipped (`shares.claimed_elsewhere`).
-    """
-    distinct = search.searched.size()
-    known = search.known()
-    if search.default.key not in known and (worker is None or worker[0] == 0):
-        search.study.enqueue_trial(dict(search.searched.default_point()))
-    asks = 0
-    while len(known) < min(trials, distinct) and not search.expired() and asks < 4 * trials:
-        batch: list[tuple[Any, Candidate]] = []
-        while len(batch) < min(BATCH, trials - len(known)) and asks < 4 * trials:
-            asks += 1
-            trial, candidate = search.ask()
-            if candidate.key in known:
-                search.tell_duplicate(trial, known[candidate.key])
-            elif same := [t for t, c in batch if c.key == candidate.key]:
-                trial.set_user_attr("duplicate_of", same[0].number)
-                search.tell(trial, state=_pruned())
-            elif worker is not None and (other := search.claimed(trial, candidate)) is not None:
-                if other.state.is_finished():  # another worker measured it meanwhile
-                    search.tell_duplicate(trial, other)
-                else:
-                    trial.set_user_attr("duplicate_of", other.number)
-                    search.tell(trial, state=_pruned())
-            else:
-                batch.append((trial, candidate))
-        if batch:
-            search.measure(batch)
-        known = search.known()
-
-
-def _pruned() -> Any:
-    from optuna.trial import TrialState
-
-    return TrialState.PRUNED
-
-
 def _hybrid_round(job: Job, search: MeasuredSearch, trials: int) -> dict[str, Point]:
     """Screen with the model, then measure the best ``trials`` distinct programs it found.
 
@@ -355,7 +315,8 @@ def _hybrid_round(job: Job, search: MeasuredSearch, trials: int) -> dict[str, Po
         best_point.setdefault(key, scored.point)
     ordered = [search.default.key, *(k for k in best_point if k != search.default.key)]
     known = search.known()
-    todo = shares.dealt([k for k in ordered[:trials] if k not in known], job.settings.worker)
+    # dealt before dropping what is known: a share must not shift as others finish theirs
+    todo = [k for k in shares.dealt(ordered[:trials], job.settings.worker) if k not in known]
     for start in range(0, len(todo), BATCH):
         if search.expired():
             break

@@ -8,10 +8,11 @@ choice; afterwards one process (``workers=N``) does, from what all of them store
 - model: worker ``i`` scores every N-th point of a space the budget covers, or samples its
   ``1/N`` of the budget with its own seed; the deciding process ranks all stored model
   trials (`finish_model`).
-- measure: each worker's TPE (own seed) tops the study up to ``trials`` candidates; a
-  candidate another worker is measuring right now is skipped (`claimed_elsewhere`), one
-  finished before is never measured again; the deciding process races the finalists on
-  its one device, as a single process would.
+- measure: each worker's TPE (own seed) tops the study up to exactly ``trials``
+  candidates, claiming them one at a time under the study's lock
+  (`MeasuredSearch.top_up`); a candidate another worker is measuring right now is skipped
+  (`claimed_elsewhere`), one finished before is never measured again; the deciding process
+  races the finalists on its one device, as a single process would.
 - hybrid: the model's ordered list of programs to measure is dealt out round-robin.
 """
 
@@ -52,9 +53,9 @@ def evaluated_attr(worker: Worker) -> str:
 def claimed_elsewhere(study: Any, trial: Any, key: str, since: int = 0) -> Any:
     """Claim ``key`` for ``trial``; the trial that has it already, if any, else None.
 
-    That is a trial finished since trial number ``since`` (measured by another worker while
-    this one asked), or an older running one: of two workers asking for one candidate at
-    once, the later-numbered trial yields. Trials of dead workers and duplicates don't count.
+    That is a trial finished since trial number ``since``, or a running one: claims are
+    made one at a time under the study's lock (`store_locks`), so a running trial with the
+    key claimed it first. Trials of dead workers and duplicates don't count.
     """
     from optuna.trial import TrialState
 
@@ -62,13 +63,13 @@ def claimed_elsewhere(study: Any, trial: Any, key: str, since: int = 0) -> Any:
     for other in study.get_trials(deepcopy=False):
         if other.number == trial.number or other.user_attrs.get("candidate") != key:
             continue
+        if "duplicate_of" in other.user_attrs or other.state == TrialState.WAITING:
+            continue
         if other.state == TrialState.RUNNING:
-            if other.number < trial.number:
-                return other
-        elif other.number >= since and "duplicate_of" not in other.user_attrs:
-            died = other.state == TrialState.FAIL and "reason" not in other.user_attrs
-            if not died and other.state != TrialState.WAITING:
-                return other
+            return other
+        died = other.state == TrialState.FAIL and "reason" not in other.user_attrs
+        if other.number >= since and not died:
+            return other
     return None
 
 

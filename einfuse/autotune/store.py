@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from einfuse.autotune.key import SCHEMA, TuningKey
 from einfuse.autotune.store_errors import DEFAULT_BUSY_TIMEOUT_S, StoreError, storage_errors
+from einfuse.autotune.store_locks import study_lock
 from einfuse.autotune.store_server import (
     DEFAULT_HEARTBEAT_S,
     Heartbeat,
+    einfuse_rdb_storage,
     engine_kwargs,
-    is_server_url,
-    retrying_rdb_storage,
     server_url,
 )
 
@@ -227,8 +227,9 @@ def _rdb_storage(url: str, kwargs: dict[str, Any], heartbeat_s: int) -> optuna.s
         try:
             with warnings.catch_warnings():  # Optuna marks heartbeats experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                kind = retrying_rdb_storage() if is_server_url(url) else optuna.storages.RDBStorage
-                return kind(url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat_s)))
+                return einfuse_rdb_storage()(
+                    url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat_s))
+                )
         except Exception as exc:
             racing = "alembic_version" in str(exc) or "already exists" in str(exc)
             if not racing or attempt == 4:
@@ -262,6 +263,9 @@ class TuningStore:
                 storage, busy_timeout_s=busy_timeout_s, heartbeat_s=heartbeat_s
             )
         self.heartbeat = Heartbeat.of(self.storage)
+        # claiming a measured candidate, one worker at a time (`store_locks`)
+        url = storage_url(storage) if storage is None or isinstance(storage, str) else ""
+        self.lock = study_lock(self.storage, url)
 
     def guard(self) -> Any:
         """Context manager: low-level database failures become `StoreError` naming the store."""
