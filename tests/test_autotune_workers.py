@@ -35,6 +35,24 @@ def test_four_workers_share_the_screening_and_one_best_is_stored(tmp_path, pg_ur
     assert best["predicted_s"] == alone.predicted_s
 
 
+def test_four_workers_by_fifty_trials_end_with_two_hundred_and_one_best(tmp_path, pg_url):
+    """The issue's 4 x 50: a Pallas schedule space of 208 points on the H100 model, --trials
+    200 shared by 4 workers: 200 scored, 50 each, one stored best. (A model score is cheap
+    and deterministic, so the searching workers may score a point twice; measured candidates
+    never are: `test_four_measuring_workers_stop_at_exactly_the_total`.)"""
+    spec = tmp_path / "attention.ein"
+    spec.write_text(str(small_attention(4096)))
+    args = [str(spec), "--backend", "pallas", "--target", "h100", "--objective", "model"]
+    args += ["--quiet", "--storage", pg_url, "--trials", "200"]
+    assert cli([*args, "--workers", "4"]) == 0
+    store = TuningStore(pg_url)
+    (row,) = store.studies()
+    study = store.find_study(row["study"])
+    assert study.user_attrs["evaluated"] == 200
+    assert [study.user_attrs[f"evaluated_{i}_of_4"] for i in range(4)] == [50, 50, 50, 50]
+    assert row["best"]["pipeline"].startswith("fuse")  # one best, a fused kernel schedule
+
+
 def test_a_candidate_another_worker_is_measuring_is_not_claimed_twice(pg_url):
     study = TuningStore(pg_url).study("claims")
     first, second, third = study.ask(), study.ask(), study.ask()
