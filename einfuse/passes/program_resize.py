@@ -159,13 +159,15 @@ def resize_opaque(op: Opaque, avals: MutableMapping[int, core.ShapedArray]) -> O
         params["limit_indices"] = _sliced(old[0].shape, new[0].shape, params, where)
     flat = replace(eqn, eqn=eqn.eqn.replace(params=params))
     try:
-        outs = jax.eval_shape(lambda *xs: _bind(flat, xs), *new)
+        closed = jax.make_jaxpr(lambda *xs: _bind(flat, xs))(*new)
     except Exception as exc:  # any failure means: this op cannot follow the new shapes
         raise PruneError(f"{where} cannot run on the pruned shapes: {exc}") from exc
-    for var, out in zip(eqn.outvars, outs):
+    # The equation traced again holds the new shapes, so a later program pass sees them.
+    eqns = closed.jaxpr.eqns
+    for var, out in zip(eqn.outvars, closed.out_avals):
         if isinstance(var, int):
             avals[var] = avals[var].update(shape=tuple(out.shape))
-    return Opaque(flat)
+    return Opaque(replace(flat, eqn=eqns[0]) if len(eqns) == 1 else flat)
 
 
 def _sliced(old_in: tuple[int, ...], new_in: tuple[int, ...], params: dict, where: str):

@@ -25,6 +25,8 @@ from einfuse.passes.program_resize import (
     with_accumulator,
 )
 from einfuse.passes.prune_attention import AttentionSite, PruneError, add_importance
+from einfuse.passes.prune_heads import OP_PREFIX as HEAD_PREFIX
+from einfuse.passes.prune_heads_rewrite import retrace_head_top_k
 from einfuse.passes.prune_tokens import GATHER_NAME, OP_PREFIX
 
 
@@ -73,7 +75,10 @@ class _Rewrite:
                 invars = tuple(
                     self.rename.get(a, a) if isinstance(a, int) else a for a in eqn.invars
                 )
-                out.append(resize_opaque(Opaque(replace(eqn, invars=invars)), self.avals))
+                op = Opaque(replace(eqn, invars=invars))
+                if str(eqn.params.get("name", "")).startswith(HEAD_PREFIX):
+                    op = retrace_head_top_k(op, self.avals)  # prune-heads ran first
+                out.append(resize_opaque(op, self.avals))
                 continue
             region = replace(seg, inputs=tuple(self.rename.get(v, v) for v in seg.inputs))
             region = resize_region(self._gather_stale(region), self.avals)

@@ -32,7 +32,6 @@ import itertools
 import math
 from typing import TYPE_CHECKING
 
-from einfuse.einsum_cascade.lift import Opaque
 from einfuse.passes.manager import register_program_pass
 from einfuse.passes.prune_attention import PruneError, attention_sites
 
@@ -79,12 +78,6 @@ def prune_tokens(program: Program, keep: float | str = 1.0, start: int = 0) -> P
     layers = sum(len(s) for s in sites)
     if layers == 0:
         raise PruneError("prune-tokens: the program has no softmax attention to prune")
-    if any(
-        str(seg.eqn.params.get("name", "")).startswith("prune_heads")
-        for seg in program.segments
-        if isinstance(seg, Opaque)
-    ):
-        raise PruneError("prune-tokens: cannot follow prune-heads in one pipeline (not supported)")
     ratios = keep_schedule(keep, start, layers)
     causal = {s[0].causal for s in sites if s}
     if len(causal) != 1:
