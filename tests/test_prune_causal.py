@@ -28,7 +28,7 @@ def inputs(seed: int, batch: int, seq: int, cfg: llama.Config = TINY):
     return params, tokens
 
 
-def check_definition(cfg: llama.Config, params, tokens, passes: str) -> dict[int, np.ndarray]:
+def check_definition(cfg: llama.Config, params, tokens, passes: str):
     """The pruned program's logits are the dense model's on the kept tokens (original
     positions, causal among themselves), which are the top-k of the accumulated importance
     with the first and the last token always kept."""
@@ -50,7 +50,7 @@ def check_definition(cfg: llama.Config, params, tokens, passes: str) -> dict[int
         if len(dropped) and free:
             assert importances[layer][free].min() >= importances[layer][dropped].max() - 1e-5
         present = kept[layer]
-    return kept
+    return kept, f
 
 
 def test_keep_one_is_the_dense_program_exactly() -> None:
@@ -66,16 +66,20 @@ def test_keep_one_is_the_dense_program_exactly() -> None:
 def test_later_layers_run_on_the_kept_tokens_at_their_positions() -> None:
     cfg = dataclasses.replace(TINY, layers=3)
     params, tokens = inputs(1, 2, 9, cfg)
-    kept = check_definition(cfg, params, tokens, "prune-tokens{keep=1:0.6:0.4}")
+    kept, f = check_definition(cfg, params, tokens, "prune-tokens{keep=1:0.6:0.4}")
     assert {k: v.shape for k, v in kept.items()} == {1: (6,), 2: (4,)}
+    text = f.explain(params, tokens)
+    assert "layer 1 keeps 6 of 9, layer 2 keeps 4 of 6" in text
+    gone = sorted(set(kept[1].tolist()) - set(kept[2].tolist()))
+    assert f"pruned by layer 2 (every row): {gone}" in text
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     seed=st.integers(0, 1000),
     batch=st.integers(1, 2),
-    seq=st.integers(3, 9),
-    layers=st.integers(1, 3),
+    seq=st.integers(2, 9),
+    layers=st.integers(1, 2),
     data=st.data(),
 )
 def test_pruning_matches_the_reference_for_any_schedule(seed, batch, seq, layers, data) -> None:
@@ -85,16 +89,8 @@ def test_pruning_matches_the_reference_for_any_schedule(seed, batch, seq, layers
     cfg = dataclasses.replace(TINY, layers=layers)
     params, tokens = inputs(seed, batch, seq, cfg)
     keep = ":".join(f"{r:.3f}" for r in ratios)
-    kept = check_definition(cfg, params, tokens, f"prune-tokens{{keep={keep}}}")
+    kept, _ = check_definition(cfg, params, tokens, f"prune-tokens{{keep={keep}}}")
     counts = [seq, *(max(1, math.ceil(float(f"{r:.3f}") * seq)) for r in ratios)]
     assert {k: len(v) for k, v in kept.items()} == {
         i: counts[i + 1] for i in range(layers) if counts[i + 1] < counts[i]
     }
-
-
-def test_explain_says_which_tokens_every_row_lost() -> None:
-    params, tokens = inputs(2, 2, 8)
-    f = einfuse.jit(model(TINY), passes="prune-tokens{keep=0.75:0.5}")
-    text = f.explain(params, tokens)
-    assert "layer 0 keeps 6 of 8, layer 1 keeps 4 of 6" in text
-    assert "pruned by layer 1 (every row): [" in text
