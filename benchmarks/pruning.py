@@ -35,6 +35,7 @@ SCHEDULES = (
     "prune-tokens{keep=1:1:0.9:0.8:0.7:0.6}",
     "prune-tokens{keep=0.5,start=4}",
     "prune-tokens{keep=0.4,start=1}",
+    "random:prune-tokens{keep=0.4,start=1}",
     "prune-heads{keep=0.75,start=2}",
     "random:prune-heads{keep=0.75,start=2}",
     "prune-heads{keep=0.5,start=2}",
