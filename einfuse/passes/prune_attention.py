@@ -18,7 +18,7 @@ import networkx as nx
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
 from einfuse.ir.dtypes import cast, tensor_dtypes
 from einfuse.ir.errors import EinfuseError
-from einfuse.ir.expr import Access, Expr, Op, Size, Var
+from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var
 from einfuse.passes.defer import unique_name
 
 
@@ -131,7 +131,9 @@ def add_importance(
     ``accumulate``); returns the cascade, the output and the input tensor names. ``shared``
     (causal models): ``ACC[key]``, summed over the batch rows too, and each layer's sum
     divided by the number of queries that see the key (``n - m`` under a causal mask), so
-    late tokens, which few queries see, are not pruned for that alone."""
+    late tokens, which few queries see, are not pruned for that alone. Otherwise the sum runs
+    over the real queries only, those that themselves receive attention: a padded query still
+    attends to the real keys, and with short texts padded long most queries are padding."""
     taken = {t.name for t in c.inputs} | {e.output for e in c.einsums}
     imp = unique_name("IMPORTANCE", taken)
     acc = unique_name("ACCUMULATED", taken | {imp})
@@ -139,10 +141,17 @@ def add_importance(
     kept_ranks = (site.key,) if shared else (site.batch, site.key)
     left = tuple(Var(r) for r in kept_ranks if r is not None)
     received: Expr = Access(site.probs, tuple(Var(r) for r in c.tensor_ranks(site.probs)))
+    einsums = list(c.einsums)
     if shared:
         seen_by = cast(site.dtype, Op("sub", (Size(site.key), Var(site.key))))
         received = Op("div", (received, seen_by))
-    einsums = [*c.einsums, Einsum(imp, left, received)]
+    else:
+        every = unique_name("RECEIVED", taken | {imp, acc, acc_in})
+        einsums.append(Einsum(every, left, received))
+        query = tuple(Var(r) for r in (site.batch, site.query) if r is not None)
+        real = Op("gt", (Access(every, query), Const(0.0)))
+        received = Op("mul", (received, Op("where", (real, Const(1.0), Const(0.0)))))
+    einsums.append(Einsum(imp, left, received))
     inputs = list(c.inputs)
     if accumulate:
         inputs.append(TensorDecl(acc_in, tuple(v.rank for v in left), site.dtype))
