@@ -174,7 +174,7 @@ def _token_axes(
 ) -> dict[int, tuple[int | None, int]]:
     """(batch axis, token axis) of every value an attention region reads or writes with a
     token rank: what a pruning point must gather if it is read later (``shared``: the batch
-    axis does not matter, and a value over two token axes is left to ``_gather_full_length``)."""
+    axis does not matter, and a value over two token axes is left to ``_gather_stale``)."""
     axes: dict[int, tuple[int | None, int]] = {}
     for region, site in zip(program.regions, sites):
         if site is None:
