@@ -9,6 +9,8 @@ embedding to the dense embedding (mean and min) over the evaluation texts of
 split is not used here). ``real kept``:
 the share of real (unpadded) tokens still present after the last pruning point; padding
 receives no attention, so it is pruned first (1.00 for head pruning, which keeps every token).
+A ``random:`` schedule is the control: the same pipeline keeping random tokens (among the real
+ones) or random heads (``benchmarks/pruning_random.py``).
 
     python -m benchmarks.pruning                 # the table in benchmarks/RESULTS.md
     python -m benchmarks.pruning --texts 64 --repeats 3
@@ -26,21 +28,27 @@ import numpy as np
 SCHEDULES = (
     "",
     "prune-tokens{keep=0.5,start=2}",
+    "random:prune-tokens{keep=0.5,start=2}",
     "prune-tokens{keep=0.7,start=2}",
     "prune-tokens{keep=1:1:0.8:0.6:0.5:0.5}",
     "prune-tokens{keep=1:0.9:0.8:0.7:0.6:0.5}",
     "prune-tokens{keep=1:1:0.9:0.8:0.7:0.6}",
     "prune-tokens{keep=0.5,start=4}",
     "prune-tokens{keep=0.4,start=1}",
+    "random:prune-tokens{keep=0.4,start=1}",
     "prune-heads{keep=0.75,start=2}",
+    "random:prune-heads{keep=0.75,start=2}",
     "prune-heads{keep=0.5,start=2}",
+    "random:prune-heads{keep=0.5,start=2}",
     "prune-heads{keep=1:1:0.75:0.75:0.5:0.5}",
+    "prune-heads{keep=0.9,start=4},prune-tokens{keep=0.5,start=2}",
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     import einfuse
     from benchmarks.pruning_corpus import DATA
+    from benchmarks.pruning_random import build
     from einfuse.autotune.timing import time_interleaved
     from examples import minilm
 
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         (ids[i : i + args.batch], mask[i : i + args.batch])
         for i in range(0, len(texts), args.batch)
     ]
-    fns = {s: einfuse.jit(minilm.encode, passes=s or None) for s in schedules}
+    fns = {s: build(s, einfuse.jit, minilm.encode) for s in schedules}
     rows: dict[str, dict[str, Any]] = {}
     dense = np.concatenate([np.asarray(fns[""](params, *b)) for b in batches])
     for s, f in fns.items():

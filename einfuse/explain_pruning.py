@@ -2,7 +2,8 @@
 
 A pruned program (``prune-tokens``) holds one top-k op per pruning point, named
 ``prune_tokens_layer<i>_keep<k>``; its second output is the original positions of the kept
-tokens. The counts are static; which tokens a call pruned needs the call's values.
+tokens (``[batch, kept]``, or ``[kept]`` for a causal model, the same for every row). The
+counts are static; which tokens a call pruned needs the call's values.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def describe_pruning(program: Program, kept: Sequence[np.ndarray] | None = None)
         return [*lines, "  (call explain with arrays, not shapes, to see which tokens went)"]
     before = [set(range(points[0].before))] * ROWS_SHOWN
     for p, positions in zip(points, kept):
+        if positions.ndim == 1:  # causal models: the same tokens for every row
+            lines.append(
+                f"  pruned by layer {p.layer} (every row): "
+                f"{sorted(before[0] - set(positions.tolist()))}"
+            )
+            before = [set(positions.tolist())] * ROWS_SHOWN
+            continue
         rows = []
         for b, row in enumerate(positions[:ROWS_SHOWN]):
             rows.append(f"row {b}: {sorted(before[b] - set(row.tolist()))}")

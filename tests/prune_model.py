@@ -109,7 +109,9 @@ def reference(
         scores = scores + ((1 - m) * np.finfo(np.float32).min)[:, None, None, :]
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        acc = acc + probs.sum(axis=(1, 2))
+        computed = probs * alive[None, :, None, None]
+        real = computed.sum(axis=(1, 2)) > 0  # queries that receive attention: not padding
+        acc = acc + np.einsum("bhqk,bq->bk", computed, real)
         importances.append(acc.copy())
         ctx = np.einsum("bhqk,bkhd->bqhd", probs, v) * alive[:, None]
         head_acc = head_acc + np.abs(ctx).sum(axis=(0, 1, 3))

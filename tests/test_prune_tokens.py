@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -149,3 +150,21 @@ def test_explain_says_which_tokens_each_layer_pruned() -> None:
     assert "layer 0 keeps 3 of 6" in text
     gone = sorted(set(range(6)) - set(kept[0][1].tolist()))
     assert f"row 1: {gone}" in text
+
+
+def test_positions_computed_after_pruning_are_refused_not_miscounted() -> None:
+    """An ALiBi-style bias from an integer iota in a later layer would count kept tokens."""
+
+    def alibi(x: jax.Array, w: jax.Array) -> jax.Array:
+        for _ in range(2):
+            s = x.shape[1]
+            bias = jnp.abs(jnp.arange(s)[None, :] - jnp.arange(s)[:, None]).astype(x.dtype)
+            scores = jnp.einsum("bqd,bkd->bqk", x @ w, x) - bias
+            x = jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(scores, axis=-1), x)
+            x = jnp.sort(x, axis=-1)  # opaque: one region per layer
+        return x.sum(1)
+
+    x = np.random.default_rng(0).normal(size=(2, 6, 4)).astype(np.float32)
+    f = einfuse.jit(alibi, passes="prune-tokens{keep=0.5}")
+    with pytest.raises(PruneError, match="uses the index of the pruned rank"):
+        f(x, np.eye(4, dtype=np.float32))

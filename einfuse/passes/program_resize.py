@@ -11,7 +11,7 @@ derivative rules (softmax's stop_gradient), have the old shapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import replace
 
 import jax
@@ -20,9 +20,9 @@ from jax._src import core
 from einfuse.einsum_cascade.lift import Opaque, Region
 from einfuse.einsum_cascade.lift_flatten import FlatEqn
 from einfuse.ir.cascade import Cascade
-from einfuse.ir.expr import Const, Var, accesses
+from einfuse.ir.expr import Const, Expr, Op, Var, accesses
 from einfuse.ir.verify import verify
-from einfuse.passes.prune_attention import PruneError
+from einfuse.passes.prune_attention import COMPARISONS, PruneError
 
 # Shapes these primitives produce come from their parameters, not their inputs.
 _SHAPE_PARAMS = frozenset({"iota", "full", "broadcast", "rng_uniform", "random_bits"})
@@ -42,6 +42,7 @@ def resize_region(
         return region
     follow_accesses(c, sizes)
     _refuse_baked_counts(c, sizes)
+    _refuse_index_values(c, sizes)
     cascade = verify(c.with_sizes(**sizes))
     for value, tensor in zip(region.outputs, region.output_tensors):
         shape = tuple(int(n) for n in cascade.tensor_shape(tensor))
@@ -103,6 +104,36 @@ def _refuse_baked_counts(c: Cascade, sizes: dict[str, int]) -> None:
                     )
 
 
+def _refuse_index_values(c: Cascade, sizes: dict[str, int]) -> None:
+    """Refuse a resized rank's index used as a value (rotary angles or ALiBi from an int
+    ``iota``): it would count the kept entries, not their original positions. A comparison of
+    two resized ranks (a causal mask ``r >= j``) keeps its meaning: kept entries stay in order."""
+    for e in c.einsums:
+        for parent, var in _index_values(e.expr, None):
+            if var.rank not in sizes:
+                continue
+            both = (
+                parent is not None
+                and parent.op in COMPARISONS
+                and all(isinstance(a, Var) and a.rank in sizes for a in parent.args)
+            )
+            if not both:
+                raise PruneError(
+                    f"prune: {e.output} uses the index of the pruned rank {var.rank} as a "
+                    "value (positions from an integer iota); it would count the kept entries, "
+                    "not their original positions"
+                )
+
+
+def _index_values(expr: Expr, parent: Op | None) -> Iterator[tuple[Op | None, Var]]:
+    """Rank variables read as values (not as tensor indices), with the op reading each."""
+    if isinstance(expr, Var):
+        yield parent, expr
+    elif isinstance(expr, Op):
+        for a in expr.args:
+            yield from _index_values(a, expr)
+
+
 def resize_opaque(op: Opaque, avals: MutableMapping[int, core.ShapedArray]) -> Opaque:
     """``op`` at the shapes ``avals`` now gives its inputs; updates its outputs' avals."""
     eqn = op.eqn
@@ -124,15 +155,33 @@ def resize_opaque(op: Opaque, avals: MutableMapping[int, core.ShapedArray]) -> O
             if old[0].shape[j] != new[0].shape[j]:
                 shape[d] = new[0].shape[j]
         params["shape"] = tuple(shape)
+    elif op.primitive == "slice":
+        params["limit_indices"] = _sliced(old[0].shape, new[0].shape, params, where)
     flat = replace(eqn, eqn=eqn.eqn.replace(params=params))
     try:
-        outs = jax.eval_shape(lambda *xs: _bind(flat, xs), *new)
+        closed = jax.make_jaxpr(lambda *xs: _bind(flat, xs))(*new)
     except Exception as exc:  # any failure means: this op cannot follow the new shapes
         raise PruneError(f"{where} cannot run on the pruned shapes: {exc}") from exc
-    for var, out in zip(eqn.outvars, outs):
+    # The equation traced again holds the new shapes, so a later program pass sees them.
+    eqns = closed.jaxpr.eqns
+    for var, out in zip(eqn.outvars, closed.out_avals):
         if isinstance(var, int):
             avals[var] = avals[var].update(shape=tuple(out.shape))
-    return Opaque(flat)
+    return Opaque(replace(flat, eqn=eqns[0]) if len(eqns) == 1 else flat)
+
+
+def _sliced(old_in: tuple[int, ...], new_in: tuple[int, ...], params: dict, where: str):
+    """A slice's new limits: a resized axis must have been taken whole (rotate-half slices
+    the head dimension, not the tokens)."""
+    limits = list(params["limit_indices"])
+    strides = params.get("strides") or (1,) * len(limits)
+    for j, (o, n) in enumerate(zip(old_in, new_in)):
+        if o == n:
+            continue
+        if params["start_indices"][j] != 0 or limits[j] != o or strides[j] != 1:
+            raise PruneError(f"{where} slices the pruned axis; it cannot be resized")
+        limits[j] = n
+    return tuple(limits)
 
 
 def _bind(flat: FlatEqn, xs: tuple) -> list:

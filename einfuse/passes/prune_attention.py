@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import networkx as nx
 
 from einfuse.ir.cascade import Cascade, Einsum, TensorDecl
-from einfuse.ir.dtypes import tensor_dtypes
+from einfuse.ir.dtypes import cast, tensor_dtypes
 from einfuse.ir.errors import EinfuseError
-from einfuse.ir.expr import Access, Op, Var
+from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var
 from einfuse.passes.defer import unique_name
 
 
@@ -33,6 +33,7 @@ class AttentionSite:
     query: str
     batch: str | None  # None when the batch has one row (the lifter drops size-1 axes' ranks)
     dtype: str
+    causal: bool = False  # the scores are masked by comparing the query and key ranks
 
 
 def attention_sites(c: Cascade) -> list[AttentionSite]:
@@ -70,7 +71,28 @@ def _site(c: Cascade, p: Einsum) -> AttentionSite | None:
             "(heads as a compound index)"
         )
     b = batch[0] if batch else None
-    return AttentionSite(p.output, key, query[0], b, tensor_dtypes(c)[p.output])
+    causal = _compares(c, maxima[0].output, query[0], key)
+    return AttentionSite(p.output, key, query[0], b, tensor_dtypes(c)[p.output], causal)
+
+
+COMPARISONS = frozenset({"ge", "gt", "le", "lt", "eq", "ne"})
+
+
+def _compares(c: Cascade, before: str, query: str, key: str) -> bool:
+    """Whether the scores are masked by a comparison of the query and key indices (``r >= j``,
+    a causal mask): the one mask form that keeps its meaning among kept tokens in order."""
+    up = nx.ancestors(c.graph(), before) | {before}
+    for e in c.einsums:
+        if e.output not in up:
+            continue
+        for x in e.expr.walk():
+            if (
+                isinstance(x, Op)
+                and x.op in COMPARISONS
+                and {a.rank for a in x.args if isinstance(a, Var)} == {query, key}
+            ):
+                return True
+    return False
 
 
 def _scores(c: Cascade, before: str, key: str) -> Einsum | None:
@@ -102,16 +124,34 @@ def _plain(a: Access) -> set[str]:
     return {i.rank for i in a.indices if isinstance(i, Var)}
 
 
-def add_importance(c: Cascade, site: AttentionSite, accumulate: bool) -> tuple[Cascade, str, str]:
+def add_importance(
+    c: Cascade, site: AttentionSite, accumulate: bool, shared: bool = False
+) -> tuple[Cascade, str, str]:
     """``c`` with ``ACC[batch, key]`` = received attention (+ the ``ACC_IN`` input if
-    ``accumulate``); returns the cascade, the output and the input tensor names."""
+    ``accumulate``); returns the cascade, the output and the input tensor names. ``shared``
+    (causal models): ``ACC[key]``, summed over the batch rows too, and each layer's sum
+    divided by the number of queries that see the key (``n - m`` under a causal mask), so
+    late tokens, which few queries see, are not pruned for that alone. Otherwise the sum runs
+    over the real queries only, those that themselves receive attention: a padded query still
+    attends to the real keys, and with short texts padded long most queries are padding."""
     taken = {t.name for t in c.inputs} | {e.output for e in c.einsums}
     imp = unique_name("IMPORTANCE", taken)
     acc = unique_name("ACCUMULATED", taken | {imp})
     acc_in = unique_name("ACCUMULATED_IN", taken | {imp, acc})
-    left = tuple(Var(r) for r in (site.batch, site.key) if r is not None)
-    probs = Access(site.probs, tuple(Var(r) for r in c.tensor_ranks(site.probs)))
-    einsums = [*c.einsums, Einsum(imp, left, probs)]
+    kept_ranks = (site.key,) if shared else (site.batch, site.key)
+    left = tuple(Var(r) for r in kept_ranks if r is not None)
+    received: Expr = Access(site.probs, tuple(Var(r) for r in c.tensor_ranks(site.probs)))
+    einsums = list(c.einsums)
+    if shared:
+        seen_by = cast(site.dtype, Op("sub", (Size(site.key), Var(site.key))))
+        received = Op("div", (received, seen_by))
+    else:
+        every = unique_name("RECEIVED", taken | {imp, acc, acc_in})
+        einsums.append(Einsum(every, left, received))
+        query = tuple(Var(r) for r in (site.batch, site.query) if r is not None)
+        real = Op("gt", (Access(every, query), Const(0.0)))
+        received = Op("mul", (received, Op("where", (real, Const(1.0), Const(0.0)))))
+    einsums.append(Einsum(imp, left, received))
     inputs = list(c.inputs)
     if accumulate:
         inputs.append(TensorDecl(acc_in, tuple(v.rank for v in left), site.dtype))

@@ -12,8 +12,10 @@ computes only ``k`` heads: a pruned head stays pruned. Pruning heads after layer
 attention is the dense model with those heads' outputs zeroed from layer ``i`` on.
 
 Options as ``prune-tokens``: ``keep=0.5,start=2`` or per layer ``keep=1:1:0.75:0.5``;
-``k = ceil(keep * heads)``; ``keep=1`` leaves the program unchanged. It cannot be combined
-with ``prune-tokens`` in one pipeline (refused by name).
+``k = ceil(keep * heads)``; ``keep=1`` leaves the program unchanged. With ``prune-tokens``
+it goes first (``prune-heads{...},prune-tokens{...}``; the other order is refused): both
+importances are carried, a later layer computes the kept heads on the kept tokens, and the
+token importance sums the kept heads' attention.
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ def prune_heads(program: Program, keep: float | str = 1.0, start: int = 0) -> Pr
         for s in program.segments
         if isinstance(s, Opaque)
     ):
-        raise PruneError("prune-heads: cannot follow prune-tokens in one pipeline (not supported)")
+        raise PruneError(
+            "prune-heads: write it before prune-tokens in one pipeline "
+            "(prune-heads{...},prune-tokens{...}): prune-tokens' top-k ops gather values at "
+            "the full head count"
+        )
     sites = [attention_sites(r.cascade) for r in program.regions]
     if any(len(s) > 1 for s in sites):
         raise PruneError("prune-heads: a region holds several attentions; it needs one per layer")

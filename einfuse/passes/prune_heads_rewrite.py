@@ -181,6 +181,25 @@ class _Rewrite:
         return Opaque(FlatEqn(eqn, tuple(args), tuple(outs), source=eqn.source_info)), outs
 
 
+def retrace_head_top_k(op: Opaque, avals: dict[int, jax.core.ShapedArray]) -> Opaque:
+    """A head top-k op of an earlier ``prune-heads`` traced again at the shapes ``avals`` now
+    gives its inputs (``prune-tokens`` gathered its context over fewer tokens); updates its
+    outputs' avals. Its axis is the one where the context loses heads."""
+    eqn = op.eqn
+    args = [a for a in eqn.invars if isinstance(a, int)]
+    context_in, context_out = eqn.in_avals()[-1], eqn.out_avals()[-1]
+    axis = next(d for d, (a, b) in enumerate(zip(context_in.shape, context_out.shape)) if a != b)
+    k = context_out.shape[axis]
+    name = str(eqn.params["name"])
+    fn = _top_k_heads(k, axis, first=len(args) == 2, name=name)
+    closed = jax.make_jaxpr(fn)(*(avals[a] for a in args))
+    (new,) = closed.jaxpr.eqns
+    outs = tuple(eqn.outvars)
+    for var, out in zip(outs, new.outvars):
+        avals[var] = out.aval
+    return Opaque(FlatEqn(new, tuple(args), outs, source=eqn.source))
+
+
 def _top_k_heads(k: int, axis: int, first: bool, name: str):
     """A jitted op: ``(acc, [pos,] context) -> (acc, pos, context)`` on the ``k`` kept heads
     (``lax.top_k`` keeps the lower index on ties; kept heads stay in their order)."""

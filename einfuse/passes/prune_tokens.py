@@ -15,6 +15,15 @@ Options: ``keep=0.5,start=2`` (layers ``start`` on keep half the tokens) or a pe
 attention; non-increasing, since a pruned token stays pruned). ``k = ceil(keep * length)``.
 ``keep=1`` leaves the program unchanged. It changes results by design and never runs unless
 named in a pipeline.
+
+Causal models (scores masked by comparing query and key indices, ``r >= j``): a pruned token
+leaves every later layer's queries *and* keys/values. The kept tokens are the same for every
+batch row (importance summed over rows), because positional values such as rotary tables are
+computed once for all rows; a later layer reads them gathered at the kept tokens' original
+positions. Each layer's received attention is divided by the number of queries that see the
+token (``n - m``: the mean received probability), else the earliest tokens would always win.
+The last token (its output predicts the next token) and the first (the attention sink) are
+always kept. The causal mask stays right among kept tokens because they keep their order.
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import itertools
 import math
 from typing import TYPE_CHECKING
 
-from einfuse.einsum_cascade.lift import Opaque
 from einfuse.passes.manager import register_program_pass
 from einfuse.passes.prune_attention import PruneError, attention_sites
 
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
     from einfuse.einsum_cascade.lift import Program
 
 OP_PREFIX = "prune_tokens_layer"  # the top-k ops' names: prune_tokens_layer<i>_keep<k>
+GATHER_NAME = "prune_tokens_positions"  # ops gathering a full-length value at kept positions
 
 
 def keep_schedule(
@@ -69,17 +78,14 @@ def prune_tokens(program: Program, keep: float | str = 1.0, start: int = 0) -> P
     layers = sum(len(s) for s in sites)
     if layers == 0:
         raise PruneError("prune-tokens: the program has no softmax attention to prune")
-    if any(
-        str(seg.eqn.params.get("name", "")).startswith("prune_heads")
-        for seg in program.segments
-        if isinstance(seg, Opaque)
-    ):
-        raise PruneError("prune-tokens: cannot follow prune-heads in one pipeline (not supported)")
     ratios = keep_schedule(keep, start, layers)
+    causal = {s[0].causal for s in sites if s}
+    if len(causal) != 1:
+        raise PruneError("prune-tokens: some attention layers are causal and some are not")
     length = next(int(r.cascade.size(s[0].key)) for r, s in zip(program.regions, sites) if s)
     kept = [max(1, math.ceil(r * length)) for r in ratios]
     if all(k == length for k in kept):
         return program
     from einfuse.passes.prune_rewrite import prune_program
 
-    return prune_program(program, [s[0] if s else None for s in sites], kept)
+    return prune_program(program, [s[0] if s else None for s in sites], kept, causal.pop())
