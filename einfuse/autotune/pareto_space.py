@@ -69,12 +69,12 @@ class PruningSpace:
 
     def pipeline(self, params: Mapping[str, Any]) -> str:
         """The program pipeline of ``params`` (empty for the dense program)."""
-        passes = []
+        passes = []  # heads first: prune-tokens' top-k gathers at the heads then computed
+        if "heads" in params["prune"]:
+            passes.append(f"prune-heads{{{schedule_options(self._ratios(params, 'heads'))}}}")
         if "tokens" in params["prune"]:
             ratios = self._ratios(params, "tokens")
             passes.append(f"prune-tokens{{{schedule_options(ratios)}}}")
-        if "heads" in params["prune"]:
-            passes.append(f"prune-heads{{{schedule_options(self._ratios(params, 'heads'))}}}")
         return ",".join(passes)
 
     def _ratios(self, params: Mapping[str, Any], kind: str) -> list[float]:
