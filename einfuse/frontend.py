@@ -162,12 +162,15 @@ class JitFunction:
             "donate_argnums": _tuple(donate_argnums),
         }
         self._jitted = jax.jit(staged, **jit_args)
-        # A top-level call compiles with the options that keep the collectives a cascade wrote
-        # apart and let them overlap (xla_overlap); JAX takes compiler options only on a
-        # top-level jit, so a call under another transformation uses the plain one.
-        from einfuse.backends.xla_overlap import top_level_options
+        # A top-level call compiles with the options that let collectives overlap compute and,
+        # where the pipeline (or a stored one) may split them, keep them apart (xla_overlap);
+        # JAX takes compiler options only on a top-level jit, so a call under another
+        # transformation uses the plain one.
+        from einfuse.backends.xla_overlap import splits_collectives, top_level_options
 
-        self._top = jax.jit(staged, compiler_options=top_level_options(), **jit_args)
+        apart = splits_collectives(passes) or autotune is not None
+        options = top_level_options(keep_collectives_apart=apart)
+        self._top = jax.jit(staged, compiler_options=options, **jit_args)
 
     # -- calling ---------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

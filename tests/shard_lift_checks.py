@@ -152,9 +152,13 @@ def check_passes_through_jit() -> dict[str, Any]:
     out = {}
     for name, pipeline in PASSES.items():
         jf = einfuse.jit(tp_block, passes=pipeline)
-        summary = inspect_hlo(jf.lower(*args)).as_dict()["collectives"]
+        inspected = inspect_hlo(jf.lower(*args))
+        summary = inspected.as_dict()["collectives"]
+        kinds = {op.name: op.kind for op in inspected.collective_ops}
+        waits = [sorted(kinds[c] for c in deps) for _, deps in inspected.matmul_deps]
         grads = grad(loss(jf), n)(*args)
         out[name] = {
+            "matmul_waits": waits,  # per matmul, the kinds of the collectives it waits on
             "values": rel(jf(*args), want),
             "grads": max(rel(g, w) for g, w in zip(grads, want_grads)),
             "hlo": {k: v["sync"] + v["async_start"] for k, v in summary.items()},

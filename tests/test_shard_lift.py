@@ -6,6 +6,8 @@ The checks run on 8 simulated CPU devices in one subprocess (tests/shard_lift_ch
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from tests.shard_subprocess import ok, run_checks
@@ -61,6 +63,24 @@ def test_overlap_passes_through_jit_keep_values_gradients_and_collectives(
     got = ok(checks, "passes")[name]
     assert got["values"] < RTOL and got["grads"] < RTOL
     assert got["hlo"] == hlo
+
+
+RING = {"collective-permute": 7, "all-gather": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "most"), [("split", {"all-reduce": 1}), ("chunk", RING), ("all", RING)]
+)
+def test_no_matmul_waits_on_the_other_half_or_on_its_own_rings_steps(
+    checks: dict, name: str, most: dict
+) -> None:
+    """In the optimized HLO: a matmul of one half waits on at most its own half's first
+    all-reduce; a ring step's matmul on no permute of its ring, so the most any matmul waits
+    on is the one earlier ring (7 steps on 8 devices) and its all-gather. Some matmul does
+    wait on that much: the check sees through the fusions."""
+    waits = [Counter(w) for w in ok(checks, "passes")[name]["matmul_waits"]]
+    assert all(all(w[k] <= most[k] for k in w) and set(w) <= set(most) for w in waits)
+    assert any(w == Counter(most) for w in waits)
 
 
 def test_explain_names_the_region_and_its_psums(checks: dict) -> None:

@@ -56,6 +56,10 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
     targets: Counter[str] = Counter()
     collectives: dict[str, Counter[str]] = {}
     ops: list[CollectiveOp] = []
+    matmuls: list[tuple[str, tuple[str, ...]]] = []
+    fused = {name for c in all_computations for i in c.instructions if i.opcode == "fusion"
+             for attr, names in computation_refs(i.attributes) if attr == "calls"
+             for name in names}  # fmt: skip
     for computation in all_computations:
         if computation.name in scalar_appliers or computation.name in async_wrapped:
             continue
@@ -64,6 +68,8 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
         for inst in computation.instructions:
             if inst.opcode != "parameter":
                 op_counts[inst.opcode] += 1
+            if computation.name not in fused and _computes_matmul(inst, by_name):
+                matmuls.append((inst.name, tuple(sorted(upstream.get(inst.name, ())))))
             if inst.opcode == "fusion":
                 fusions[_fusion_kind(inst.attributes)] += 1
             elif inst.opcode == "custom-call":
@@ -93,9 +99,24 @@ def summarize_hlo_text(text: str, cost: XlaCost | None, memory: XlaMemory | None
             }
         ),
         collective_ops=tuple(ops),
+        matmul_deps=tuple(matmuls),
         cost=cost,
         memory=memory,
     )
+
+
+_MATMULS = ("dot", "convolution")
+
+
+def _computes_matmul(inst: Instruction, by_name: Mapping[str, Computation]) -> bool:
+    """A dot or convolution, or a fusion whose body (at any depth) holds one."""
+    if inst.opcode in _MATMULS:
+        return True
+    if inst.opcode != "fusion":
+        return False
+    bodies = [c for attr, names in computation_refs(inst.attributes) if attr == "calls"
+              for c in names if c in by_name]  # fmt: skip
+    return any(_computes_matmul(i, by_name) for name in bodies for i in by_name[name].instructions)
 
 
 def _collective_op(

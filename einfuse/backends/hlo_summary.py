@@ -85,6 +85,9 @@ class HloSummary:
     cost: XlaCost | None = None
     memory: XlaMemory | None = None
     collective_ops: tuple[CollectiveOp, ...] = ()
+    # Per matmul (a dot, or a fusion that computes one): the collectives it waits on through
+    # data. T3's promise: no chunk's matmul waits on a ring step's collective-permute.
+    matmul_deps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def num_fusions(self) -> int:
@@ -104,6 +107,7 @@ class HloSummary:
             "custom_call_targets": dict(self.custom_call_targets),
             "collectives": {kind: asdict(c) for kind, c in self.collectives.items()},
             "collective_ops": [asdict(op) for op in self.collective_ops],
+            "matmul_deps": [[name, list(deps)] for name, deps in self.matmul_deps],
             "cost": None if self.cost is None else asdict(self.cost),
             "memory": None if self.memory is None else asdict(self.memory),
         }

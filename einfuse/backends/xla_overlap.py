@@ -66,15 +66,28 @@ def overlap_settings(
     return tuple(settings)
 
 
-def top_level_options(platform: str | None = None) -> dict[str, bool | int | str]:
-    """What einfuse compiles a top-level call with: the collectives a cascade wrote run as
-    written (split-tokens' halves, chunk-collective's rings are not merged back) and may
-    overlap compute. Settings for collectives only: a program without any is unaffected."""
+def top_level_options(
+    platform: str | None = None, keep_collectives_apart: bool = True
+) -> dict[str, bool | int | str]:
+    """What einfuse compiles a top-level call with: collectives may overlap compute, and with
+    ``keep_collectives_apart`` (a pipeline that splits them: split-tokens, chunk-collective)
+    those the cascade wrote run as written, not merged back by XLA's combiners. Settings for
+    collectives only: a program without any is unaffected."""
     import jax
 
     return compiler_options(
-        overlap_settings(platform or jax.default_backend(), keep_collectives_apart=True)
+        overlap_settings(
+            platform or jax.default_backend(), keep_collectives_apart=keep_collectives_apart
+        )
     )
+
+
+SPLITTING_PASSES = ("split-tokens", "chunk-collective")
+
+
+def splits_collectives(pipeline: str | None) -> bool:
+    """Whether a pipeline may split collectives (then XLA must not merge them back)."""
+    return any(name in (pipeline or "") for name in SPLITTING_PASSES)
 
 
 def compiler_options(settings: tuple[XlaSetting, ...]) -> dict[str, bool | int | str]:
