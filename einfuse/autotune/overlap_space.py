@@ -2,11 +2,12 @@
 
 For a cascade with device ranks and a reduction over one (an all-reduce or reduce-scatter),
 on a target with an interconnect, the ``overlap`` provider offers each overlap pass that is
-legal there (its report applies with no cost model asked):
+legal there (its report applies with no cost model asked) and that the model can price, in the
+order they compose (``OVERLAP_PASSES``; the pipeline lists them so):
 
+* ``split-tokens`` on/off and ``split-tokens.offset`` (the cost model's offset, 0, and 64
+  tokens either side of it);
 * ``reorder-norm`` on/off;
-* ``split-tokens`` on/off and ``split-tokens.offset`` (the cost model's offset, 0, and one
-  wave-quarter either side of it);
 * ``chunk-collective`` on/off, ``chunk-collective.chunks`` (1, 2, 4, 8, 16 and the model's
   pick) and ``chunk-collective.bidirectional``.
 
@@ -16,7 +17,9 @@ compute per device (the `CostModel` of the cascade after the pipeline's other pa
 ranks at size 1), plus every all-reduce / reduce-scatter run serially, minus what each overlap
 pass of the pipeline saves where its report says it applied (``chunk_gain`` at the given
 chunk count, ``split_gain`` at the given offset, ``reorder_norm_gain``), each priced on the
-cascade the pass was given. The savings add up: an approximation where passes combine.
+cascade the pass was given. The savings add up: an approximation where passes combine. A
+rewrite the model says does not pay (below ``MIN_GAIN``) costs one launch, so the search
+leaves it off rather than breaking a tie at random.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from einfuse.passes.overlap_report import OVERLAP_PASSES, with_report
 CHUNKS = (1, 2, 4, 8, 16)
 
 
-def _reductions(c: Cascade) -> list[str]:
+def _reductions(c: Cascade, *kinds: str) -> list[str]:
+    """The collectives that sum over devices (of ``kinds`` when given)."""
     from einfuse.ir.devices import collectives
 
-    return [m.einsum for m in collectives(c) if m.kind in ("all_reduce", "reduce_scatter")]
+    kinds = kinds or ("all_reduce", "reduce_scatter")
+    return [m.einsum for m in collectives(c) if m.kind in kinds]
 
 
 def bound(cascade: Cascade, sizes: dict[str, int]) -> Cascade:
@@ -51,39 +56,45 @@ def priced(ctx_target: Any) -> bool:
 
 @register_space("overlap")
 def overlap_params(ctx: SpaceContext) -> Sequence[Param]:
-    """The overlap passes legal on this cascade and priced by the model, defaults the model's."""
-    c = ctx.cascade
-    if not c.devices or not priced(ctx.target) or not _reductions(c):
+    """The overlap passes legal on this cascade and priced by the model, in the order they
+    compose (split-tokens, reorder-norm, chunk-collective); each default is the model's
+    choice on the cascade the earlier passes' defaults make."""
+    if not ctx.cascade.devices or not priced(ctx.target) or not _reductions(ctx.cascade):
         return ()
     from einfuse.cost_model import overlap_choice as oc
 
-    c = bound(c, dict(ctx.sizes))
-    reports = {name: with_report(name) for name in OVERLAP_PASSES}
-    names = _reductions(c)
+    first = cur = bound(ctx.cascade, dict(ctx.sizes))
+    split, reorder, chunk = (with_report(n) for n in OVERLAP_PASSES)
     params: list[Param] = []
-    if reports["reorder-norm"](c)[1].applied and _prices(oc.norm_shape, c, names):
-        pays = oc.pays_for(ctx.target)
-        on = any(pays(c, name)[0] for name in names)
-        params.append(_toggle("reorder-norm", on))
-        if on:  # the later passes' defaults: on the cascade reorder-norm makes by default
-            c = reports["reorder-norm"](c, pays)[0]
-            names = _reductions(c)
-    split = reports["split-tokens"](c, 0)[1]
-    rank = split.decisions[0].target
-    if split.applied and _prices(oc.layer_shape, c, [rank]):
-        offset, _ = oc.offset_for(ctx.target)(c, rank)
+    report = split(first, 0)[1]
+    rank = report.decisions[0].target
+    if report.applied and _prices(oc.layer_shape, first, [rank]):
+        offset, _ = oc.offset_for(ctx.target)(first, rank)
         params.append(_toggle("split-tokens", offset is not None))
         best = int(offset or 0)  # type: ignore[call-overload]
         choices = tuple(sorted({0, best, best - 64, best + 64}))
         params.append(_option("split-tokens", "offset", choices, best))
-    if reports["chunk-collective"](c, 1)[1].applied and _prices(oc.collective_shape, c, names):
+        if offset is not None:
+            cur = split(cur, best)[0]
+    if _legal(reorder, first, cur) and _prices(oc.norm_shape, cur, _reductions(cur)):
+        pays = oc.pays_for(ctx.target)
+        on = any(pays(cur, name)[0] for name in _reductions(cur, "all_reduce"))
+        params.append(_toggle("reorder-norm", on))
+        if on:
+            cur = reorder(cur, pays)[0]
+    if _legal(chunk, first, cur) and _prices(oc.collective_shape, cur, _reductions(cur)):
         choose = oc.chunks_for(ctx.target)
-        picks = [n for name in names if (n := choose(c, name)[0]) is not None]
+        picks = [n for name in _reductions(cur) if (n := choose(cur, name)[0]) is not None]
         best = int(max(picks)) if picks else 1  # type: ignore[call-overload]
         params.append(_toggle("chunk-collective", bool(picks)))
         params.append(_option("chunk-collective", "chunks", tuple(sorted({*CHUNKS, best})), best))
         params.append(_option("chunk-collective", "bidirectional", (False, True), False))
     return params
+
+
+def _legal(report: Callable[..., Any], *cascades: Cascade) -> bool:
+    """Whether the pass applies (its defaults, no cost model asked) to one of ``cascades``."""
+    return any(report(c)[1].applied for c in cascades)
 
 
 def _prices(shape: Callable[[Cascade, str], object], c: Cascade, names: list[str]) -> bool:
@@ -116,6 +127,10 @@ class OverlapPriced:
         self.notes = notes
 
     def estimate(self, schedule: object = None, without: frozenset[str] = frozenset()) -> float:
+        """A schedule that tiles nothing (a space of the overlap passes alone) is priced at
+        the model's default tiles, which fit the target, as untuned code runs."""
+        if schedule is not None and not getattr(schedule, "tiles", True):
+            schedule = None
         return float(self.compute.estimate(schedule, without)) + self.comm_s
 
     def __getattr__(self, name: str) -> Any:  # report, cascade, sizes: the compute's

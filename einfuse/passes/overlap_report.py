@@ -7,7 +7,8 @@ from typing import Any
 
 from einfuse.ir.cascade import Cascade
 
-OVERLAP_PASSES = ("reorder-norm", "split-tokens", "chunk-collective")
+# In the order they compose: split-tokens first (reorder-norm leaves no single token rank)
+OVERLAP_PASSES = ("split-tokens", "reorder-norm", "chunk-collective")
 
 
 def with_report(name: str) -> Callable[..., Any]:
