@@ -160,7 +160,7 @@ def overlap_model(
     overlap = ",".join(str(s) for s in specs if s.name in OVERLAP_PASSES)
     if ("comm", overlap) not in cache:
         chosen = [s for s in specs if s.name in OVERLAP_PASSES]
-        cache["comm", overlap] = overlap_comm_s(bound(cascade, sizes), chosen, target)
+        cache["comm", overlap] = overlap_comm_s(bound(cascade, sizes), chosen, target, cache)
     if ("compute", rest) not in cache:
         compute = run_passes(cascade, rest, check=False).cascade if rest else cascade
         one = {r: 1 for r, _ in compute.devices}
@@ -172,23 +172,34 @@ def overlap_model(
     return OverlapPriced(cache["compute", rest], comm, notes)
 
 
-def overlap_comm_s(c: Cascade, specs: list[Any], target: Any) -> tuple[float, tuple[str, ...]]:
-    """Collective seconds left after the overlap passes ``specs``, and each pass's verdicts."""
+def overlap_comm_s(
+    c: Cascade, specs: list[Any], target: Any, cache: dict[Any, Any] | None = None
+) -> tuple[float, tuple[str, ...]]:
+    """Collective seconds left after the overlap passes ``specs``, and each pass's verdicts
+    (``cache`` keeps every prefix of the passes: pipelines share their first rewrites)."""
     from einfuse.cost_model.overlap_choice import serial_comm_s
     from einfuse.passes.overlap_common import cost_target
 
-    total = serial_comm_s(c, target)
-    notes: list[str] = []
-    for spec in specs:
+    cache = {} if cache is None else cache
+    key: tuple[str, ...] = ()
+    if ("prefix", key) not in cache:
+        cache["prefix", key] = (c, serial_comm_s(c, target), ())
+    for k, spec in enumerate(specs):
+        before, total, notes = cache["prefix", key]
+        key = (*key, str(spec))
+        if ("prefix", key) in cache:
+            continue
         options = dict(spec.options)
-        before = c
+        if spec.name == "chunk-collective" and k == len(specs) - 1:
+            options["plan_only"] = True  # last: its decisions are priced, its ring unused
         with cost_target(target):
-            c, report = with_report(spec.name)(c, **options)
-        notes.append(report.explain())
+            after, report = with_report(spec.name)(before, **options)
         for d in report.decisions:
             if d.applied:
-                total -= _saving(before, spec.name, d.target, options, target)
-    return max(total, 0.0), tuple(notes)
+                total -= _saving(before, spec.name, d.target, dict(spec.options), target)
+        cache["prefix", key] = (after, total, (*notes, report.explain()))
+    _, total, notes = cache["prefix", key]
+    return max(total, 0.0), notes
 
 
 def _saving(c: Cascade, name: str, what: str, options: dict[str, Any], target: Any) -> float:

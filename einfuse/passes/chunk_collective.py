@@ -80,10 +80,12 @@ def chunk_collective_with_report(
     target: str = "",
     chooser: Chooser | None = None,
     cost: str = "",
+    plan_only: bool = False,
 ) -> tuple[Cascade, OverlapReport]:
     """``chunk-collective`` and why each collective was or was not ringed. ``chunks="auto"``
     asks ``chooser(cascade, collective)`` (default: the cost model's on ``cost``) for the
-    count; None skips it."""
+    count; None skips it. ``plan_only`` decides without rewriting (the autotuner prices the
+    decisions; a ring of ``X * chunks`` steps is thousands of Einsums to build)."""
     if chunks != "auto":
         int_option(NAME, "chunks", chunks, 1)
     elif chooser is None:
@@ -100,14 +102,16 @@ def chunk_collective_with_report(
             decisions.append(Decision(name, False, not_paying(why)))
             continue
         comm = next(m for m in collectives(c) if m.einsum == name)
-        c, decision = _one(c, comm, int(n), bidirectional)
+        c, decision = _one(c, comm, int(n), bidirectional, plan_only)
         if why and decision.applied:
             decision = Decision(name, True, f"{decision.reason}; cost model: {why}")
         decisions.append(decision)
     return c, OverlapReport(NAME, tuple(decisions))
 
 
-def _one(c: Cascade, comm: Communication, n: int, both: bool) -> tuple[Cascade, Decision]:
+def _one(
+    c: Cascade, comm: Communication, n: int, both: bool, plan_only: bool = False
+) -> tuple[Cascade, Decision]:
     name = comm.einsum
     if both and n % 2:
         return c, Decision(name, False, f"bidirectional needs an even chunk count, not {n}")
@@ -121,7 +125,7 @@ def _one(c: Cascade, comm: Communication, n: int, both: bool) -> tuple[Cascade, 
     ring = plan_ring(work, comm, n)
     if isinstance(ring, str):
         return c, Decision(name0, False, ring)
-    out = _apply(work, ring, n, both)
+    out = c if plan_only else _apply(work, ring, n, both)
     fused = f"producer {ring.producer.output} chunked" if ring.producer else "producer kept"
     gather = f" (all-reduce {name0}: then an all-gather)" if name0 != comm.einsum else ""
     how = f"{ring.devices - 1}-step ring x {n} chunks{' both ways' if both else ''}"
