@@ -1,9 +1,9 @@
 """The overlap passes in the autotuner: their params, and their price in the model objective.
 
 For a cascade with device ranks and a reduction over one (an all-reduce or reduce-scatter),
-on a target with an interconnect, the ``overlap`` provider offers each overlap pass that is
-legal there (its report applies with no cost model asked) and that the model can price, in the
-order they compose (``OVERLAP_PASSES``; the pipeline lists them so):
+on a target whose collectives run asynchronously, the ``overlap`` provider offers each
+overlap pass that is legal there (its report applies with no cost model asked) and that the
+model can price, in the order they compose (``OVERLAP_PASSES``; the pipeline lists them so):
 
 * ``split-tokens`` on/off and ``split-tokens.offset`` (the cost model's offset, 0, and 64
   tokens either side of it);
@@ -49,9 +49,17 @@ def bound(cascade: Cascade, sizes: dict[str, int]) -> Cascade:
     return cascade.with_sizes(**{r: n for r, n in sizes.items() if r in ranks})
 
 
-def priced(ctx_target: Any) -> bool:
-    target = ctx_target
-    return getattr(target, "interconnect", None) is not None
+def _interconnect(target: Any) -> Any:
+    from einfuse.cost_model.overlap_choice import as_target
+
+    return as_target(target).interconnect
+
+
+def priced(target: Any) -> bool:
+    """Whether overlap can pay on ``target``: its devices run collectives asynchronously
+    (XLA:CPU does not: nothing to search there, every overlap pass would cost launches)."""
+    interconnect = _interconnect(target)
+    return interconnect is not None and bool(interconnect.asynchronous)
 
 
 @register_space("overlap")
@@ -145,11 +153,11 @@ def overlap_model(
     dtype: str | None,
     cache: dict[Any, Any] | None = None,
 ) -> OverlapPriced | None:
-    """The model objective's price of ``pipeline`` on a cascade with collectives to overlap,
-    or None where the cascade has none (or the target no interconnect): the plain model.
+    """The model objective's price of ``pipeline`` on a cascade with collectives (on a target
+    that runs them), or None where the cascade has none: the plain model.
     ``cache`` (one per evaluator) keeps compute models per other-passes pipeline and
     collective times per overlap pipeline."""
-    if not cascade.devices or not priced(target) or not _reductions(cascade):
+    if not cascade.devices or _interconnect(target) is None or not _reductions(cascade):
         return None
     from einfuse.autotune.screen import program_cost_model
     from einfuse.passes.manager import parse_pipeline, run_passes
