@@ -33,6 +33,7 @@ from einfuse.ir.errors import EinfuseError
 from einfuse.passes.overlap_report import OVERLAP_PASSES, with_report
 
 CHUNKS = (1, 2, 4, 8, 16)
+NARROWED = "read only at its own shards"  # reorder-norm's reduce-scatter with no gather
 
 
 def _reductions(c: Cascade, *kinds: str) -> list[str]:
@@ -204,7 +205,9 @@ def overlap_comm_s(
             after, report = with_report(spec.name)(before, **options)
         for d in report.decisions:
             if d.applied:
-                total -= _saving(before, spec.name, d.target, dict(spec.options), target)
+                narrowed = d.reason.startswith(NARROWED)
+                opts = {**dict(spec.options), "narrowed": narrowed}
+                total -= _saving(before, spec.name, d.target, opts, target)
         cache["prefix", key] = (after, total, (*notes, report.explain()))
     _, total, notes = cache["prefix", key]
     return max(total, 0.0), notes

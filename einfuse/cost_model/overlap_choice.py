@@ -245,8 +245,13 @@ def saving_s(
 ) -> float | None:
     """Seconds overlap pass ``name`` with ``options`` saves on ``what`` (a collective, or
     split-tokens' token rank), priced on the cascade it was given; None where the model says
-    it does not pay (below ``MIN_GAIN``)."""
+    it does not pay (below ``MIN_GAIN``). ``narrowed``: reorder-norm made an all-reduce read
+    only at each device's rows a reduce-scatter (half the ring's traffic, no norm moved)."""
     t = as_target(target)
+    if name == "reorder-norm" and options.get("narrowed"):  # a reduce-scatter, no gather
+        tokens, hidden, tp, dtype = norm_shape(c, what)
+        nbytes, ic = tokens * hidden * _itemsize(dtype), interconnect_for(t, tp)
+        return comm_s("all_reduce", nbytes, tp, ic) - comm_s("reduce_scatter", nbytes, tp, ic)
     if name == "reorder-norm":
         tokens, hidden, tp, dtype = norm_shape(c, what)
         r = _reorder_norm_gain(tokens, hidden, tp=tp, target=t, dtype=dtype)

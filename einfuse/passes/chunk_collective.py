@@ -69,7 +69,7 @@ def chunk_collective(
 ) -> Cascade:
     """Every reduce-scatter (and all-reduce) as a ring over its chunked producer; ``target``
     names one collective to ring (default: all); ``chunks=auto`` asks the cost model on the
-    hardware target ``cost`` (or the autotuner's / ``einfuse.jit``'s)."""
+    hardware target ``cost`` (or the one ``cost_target`` sets)."""
     return chunk_collective_with_report(c, chunks, bidirectional, target, cost=cost)[0]
 
 

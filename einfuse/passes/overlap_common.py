@@ -65,7 +65,7 @@ Verdict = bool | tuple[bool, str]  # what a ``pays(cascade, collective)`` veto r
 _CHOOSERS: dict[str, Callable[..., Callable[[Cascade, str], Any]]] = {}
 _CHOOSER_MODULE = "einfuse.cost_model.overlap_choice"
 # The target `auto` options price against when a pass has no ``cost=`` option of its own
-# (the autotuner and ``einfuse.jit`` set it around a pipeline run: ``cost_target``).
+# (``einfuse explain --target`` and the autotuner's pricing set it: ``cost_target``).
 _COST_TARGET: ContextVar[object | None] = ContextVar("einfuse_cost_target", default=None)
 
 
@@ -113,7 +113,7 @@ def not_paying(why: str) -> str:
 def needs_cost_model(pass_name: str, option: str) -> OverlapError:
     return OverlapError(
         f"{pass_name}: {option}=auto needs the cost model's target: add cost=h100 (or another "
-        f"target), run it under einfuse.autotune / einfuse.jit with a target, or give {option}=N"
+        f"target), run it inside cost_target(target) (explain --target does), or give {option}=N"
     )
 
 

@@ -69,7 +69,7 @@ class Plan:
 @register_pass(NAME)
 def reorder_norm(c: Cascade, when: str = "always", cost: str = "") -> Cascade:
     """Every all-reduce followed by a per-token norm becomes reduce-scatter, norm, all-gather;
-    ``when=pays`` only where the cost model (on target ``cost``, or the autotuner's) says so."""
+    ``when=pays`` only where the cost model (on target ``cost``, or ``cost_target``'s) says so."""
     return reorder_norm_with_report(c, when=when, cost=cost)[0]
 
 

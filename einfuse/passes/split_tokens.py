@@ -53,7 +53,7 @@ def split_tokens(
     cost: str = "",
 ) -> Cascade:
     """Split the token rank in two halves carried through the whole cascade (``offset=auto``:
-    the cost model's on the hardware target ``cost``, or the autotuner's)."""
+    the cost model's on the hardware target ``cost``, or ``cost_target``'s)."""
     return split_tokens_with_report(c, offset, wave, force, rank, cost=cost)[0]
 
 
