@@ -111,6 +111,10 @@ class PassStep:
         (spec,) = parse_pipeline(self.spec)
         if spec.name == "fuse":
             return _fuse_verdict(self.before, dict(spec.options), self.changed)
+        from einfuse.passes.overlap_report import OVERLAP_PASSES, overlap_explain
+
+        if spec.name in OVERLAP_PASSES:
+            return overlap_explain(self.before, spec.name, dict(spec.options))
         return f"{self.spec}: {'changed' if self.changed else 'unchanged'}"
 
 

@@ -13,7 +13,8 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from einfuse.autotune.loop_plan import fused_loop, planned_loops
+from einfuse.autotune import overlap_space  # noqa: F401  (registers "overlap" first: its
+from einfuse.autotune.loop_plan import fused_loop, planned_loops  # passes lead the pipeline)
 from einfuse.autotune.space import (
     Choice,
     Param,

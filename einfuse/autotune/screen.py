@@ -81,13 +81,21 @@ class ModelEvaluator:
         self.pallas = PallasPricer(target, compute_dtype(cascade)) if backend == "pallas" else None
         self._models: dict[str, object | str] = {}
         self._by_cascade: dict[tuple[str, tuple[tuple[str, int], ...]], object] = {}
+        self._overlap: dict[object, object] = {}  # overlap_space's cache
 
     def model(self, pipeline: str) -> object | str:
         """The `CostModel` of the cascade after ``pipeline``, or why there is none."""
         if pipeline not in self._models:
+            from einfuse.autotune.overlap_space import overlap_model
             from einfuse.passes.manager import run_passes
 
             try:
+                dtype = compute_dtype(self.cascade)
+                args = (self.cascade, pipeline, self.sizes, self.target, dtype)
+                overlap = overlap_model(*args, self._overlap)
+                if overlap is not None:  # collectives: priced with the overlap passes' gains
+                    self._models[pipeline] = overlap
+                    return overlap
                 transformed = run_passes(self.cascade, pipeline, check=False).cascade
                 sizes = bind_sizes(transformed, self.sizes)
                 same = (transformed.fingerprint(), tuple(sorted(sizes.items())))

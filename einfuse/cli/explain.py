@@ -73,14 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from einfuse.cost_model.errors import CostModelError
     from einfuse.cost_model.target import get_target, load_target
     from einfuse.ir.schedule import Schedule
+    from einfuse.passes.overlap_common import cost_target
 
     get_backend(args.backend)  # the model prices the program this backend emits: JAX's
     sizes = parse_sizes(args.sizes)
     spec = load_spec(args.spec)
-    # the compile path of einfuse.jit and autotune: canonical form, then the pipeline
-    compiled = run_pipeline(canonicalize(spec), args.passes or None)
-    cascade = compiled.cascade
-    check_sizes(sizes, spec, cascade, spec=args.spec)
     if args.target is None:
         from einfuse.targets import resolve_target
 
@@ -91,6 +88,15 @@ def run(args: argparse.Namespace) -> int:
         target = load_target(args.target)
     else:
         target = get_target(args.target, calibrate=not args.nominal)
+    # Passes that read sizes (the overlap passes' legality and cost) see the given ones, as
+    # autotune's do; their `auto` options are priced on --target.
+    ranks = set(spec.all_ranks())
+    spec = spec.with_sizes(**{r: n for r, n in sizes.items() if r in ranks})
+    # the compile path of einfuse.jit and autotune: canonical form, then the pipeline
+    with cost_target(target):
+        compiled = run_pipeline(canonicalize(spec), args.passes or None)
+    cascade = compiled.cascade
+    check_sizes(sizes, spec, cascade, spec=args.spec)
     dtype = args.dtype or compute_dtype(spec)
     model = program_cost_model(cascade, target, sizes, dtype)
     if args.fusemax_mapping and args.schedule is not None:
@@ -108,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
     except CostModelError as exc:
         given = "--dtype" if args.dtype else f"{args.spec}'s declared dtype"
         raise CliError(f"cannot price {given} {model.dtype} on {target.name}: {exc}") from exc
-    for step in compiled.steps:
-        print(step.verdict())
+    with cost_target(target):
+        for step in compiled.steps:
+            print(step.verdict())
     print(f"schedule: {schedule if schedule is not None else _default(model)}")
     print(f"dtype: {model.dtype}; float32 dots at JAX matmul precision {model.precision!r}")
     print(report.table())

@@ -9,6 +9,7 @@ program, after every program pass (``prune-tokens``) and region pass with ``--pr
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from einfuse.cli.args import add_passes_argument
 
@@ -56,7 +57,19 @@ def run(args: argparse.Namespace) -> int:
     if args.why:
         print()
         print(explain_passes(result.cascade))
+        _overlap_reports(result.history)
     return 0
+
+
+def _overlap_reports(history: tuple) -> None:
+    """Each overlap pass's report (what it did per collective, and why)."""
+    from einfuse.passes.manager import parse_pipeline
+    from einfuse.passes.overlap_report import OVERLAP_PASSES, overlap_explain
+
+    for (_, before), (text, _) in itertools.pairwise(history):
+        (spec,) = parse_pipeline(text)
+        if spec.name in OVERLAP_PASSES:
+            print(overlap_explain(before, spec.name, dict(spec.options)))
 
 
 def _run_function(args: argparse.Namespace) -> int:

@@ -143,13 +143,15 @@ def chunk_gain(
     kind: CollectiveKind = "reduce_scatter",
     bidirectional: bool = False,
     max_chunks: int = 16,
+    chunks: int | None = None,
 ) -> ChunkGain:
     """T3 on a ``[tokens, k] @ [k, n]`` producer whose ``[tokens, n]`` partial sums are
     reduced over ``tp`` devices by ``kind``: the best chunk count of the token rows.
 
     Chunks = 1 is the serial GEMM then the library collective. With c chunks, the first chunk
     computes alone, each later one while its predecessor communicates (``stage_s``), and the
-    last chunk's collective ends the pipeline; every chunk pays two launches.
+    last chunk's collective ends the pipeline; every chunk pays two launches. ``chunks``
+    prices that count alone (the autotuner's given choice), still refused below ``MIN_GAIN``.
     """
     ic = interconnect_for(target, tp)
     if min(tokens, n, k) < 1 or max_chunks < 1:
@@ -170,15 +172,16 @@ def chunk_gain(
         why = f"not applied: {target.name} runs collectives synchronously, nothing overlaps; {base}"
         return ChunkGain(serial, serial, 1, full.seconds, comm_full, why)
     best, best_s, detail = 1, serial, ""
-    for chunks in range(2, min(max_chunks, tokens) + 1):
-        rows = -(-tokens // chunks)
+    tried = range(2, min(max_chunks, tokens) + 1) if chunks is None else (chunks,)
+    for count in tried if chunks != 1 else ():
+        rows = -(-tokens // count)
         alone = gemm_time(rows, n, k, dtype, target)
         busy = gemm_during_comm(rows, n, k, dtype, target, ic, bidirectional)
-        m = comm_s(kind, nbytes / chunks, tp, ic, bidirectional) + launch
+        m = comm_s(kind, nbytes / count, tp, ic, bidirectional) + launch
         c, c_busy = alone.seconds + launch, busy.seconds + launch
-        total = c + (chunks - 1) * stage_s(c, c_busy, m) + m
+        total = c + (count - 1) * stage_s(c, c_busy, m) + m
         if total < best_s * (1 - 1e-12):
-            best, best_s = chunks, total
+            best, best_s = count, total
             detail = (
                 f"a chunk's GEMM {_us(c)} alone ({alone.efficiency:.0%} of peak), "
                 f"{_us(c_busy)} while a collective holds {ic.collective_cores} SMs"

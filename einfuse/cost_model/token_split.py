@@ -98,8 +98,10 @@ def split_gain(
     target: Target,
     dtype: object = "bfloat16",
     reorder_norm: bool = False,
+    offset: int | None = None,
 ) -> SplitGain:
-    """TokenWeave's split of ``layer.tokens`` in two, at the best offset (see module docstring)."""
+    """TokenWeave's split of ``layer.tokens`` in two, at the best offset (see module
+    docstring), or at ``offset`` alone (the autotuner's given choice)."""
     ic = interconnect_for(target, tp)
     _check(layer, tp)
     t = layer.tokens
@@ -114,9 +116,12 @@ def split_gain(
     timed = [
         (_simulate(layer, [(0, middle + o), (middle + o, t - middle - o)], tp, target, ic,
                    dtype, reorder_norm), o)
-        for o in offsets(t)
+        for o in (offsets(t) if offset is None else [offset])
         if 0 < middle + o < t
     ]  # fmt: skip
+    if not timed:
+        why = f"not applied: first half {middle}{offset:+d} is not in (0, {t})"
+        return SplitGain(serial, serial, offset or 0, t, why)
     fastest = min(time_s for time_s, _ in timed)
     split, offset = next(x for x in timed if x[0] <= fastest * (1 + OFFSET_TOLERANCE))
     first = middle + offset

@@ -33,11 +33,13 @@ from einfuse.passes.overlap_common import (
     Chooser,
     Decision,
     OverlapReport,
+    chooser_for,
     fresh,
     int_option,
     int_size,
-    needs_cost_model,
+    not_paying,
     taken_names,
+    unpack,
 )
 from einfuse.passes.reorder_norm import Member, Plan, apply_plan
 
@@ -59,11 +61,16 @@ class Ring:
 
 @register_pass(NAME)
 def chunk_collective(
-    c: Cascade, chunks: int | str = 1, bidirectional: bool = False, target: str = ""
+    c: Cascade,
+    chunks: int | str = 1,
+    bidirectional: bool = False,
+    target: str = "",
+    cost: str = "",
 ) -> Cascade:
     """Every reduce-scatter (and all-reduce) as a ring over its chunked producer; ``target``
-    names one collective to ring (default: all)."""
-    return chunk_collective_with_report(c, chunks, bidirectional, target)[0]
+    names one collective to ring (default: all); ``chunks=auto`` asks the cost model on the
+    hardware target ``cost`` (or the one ``cost_target`` sets)."""
+    return chunk_collective_with_report(c, chunks, bidirectional, target, cost=cost)[0]
 
 
 def chunk_collective_with_report(
@@ -72,13 +79,17 @@ def chunk_collective_with_report(
     bidirectional: bool = False,
     target: str = "",
     chooser: Chooser | None = None,
+    cost: str = "",
+    plan_only: bool = False,
 ) -> tuple[Cascade, OverlapReport]:
     """``chunk-collective`` and why each collective was or was not ringed. ``chunks="auto"``
-    asks ``chooser(cascade, collective)`` (the cost model) for the count; None skips it."""
+    asks ``chooser(cascade, collective)`` (default: the cost model's on ``cost``) for the
+    count; None skips it. ``plan_only`` decides without rewriting (the autotuner prices the
+    decisions; a ring of ``X * chunks`` steps is thousands of Einsums to build)."""
     if chunks != "auto":
         int_option(NAME, "chunks", chunks, 1)
     elif chooser is None:
-        raise needs_cost_model(NAME, "chunks")
+        chooser = chooser_for(NAME, "chunks", "chunks", cost, bidirectional=bidirectional)
     decisions = []
     names = [m.einsum for m in collectives(c) if m.kind in ("reduce_scatter", "all_reduce")]
     if target:
@@ -86,17 +97,21 @@ def chunk_collective_with_report(
         if not names:
             return c, OverlapReport(NAME, (Decision(target, False, "not a reduction"),))
     for name in names:
-        n = chooser(c, name) if chunks == "auto" and chooser is not None else chunks
+        n, why = unpack(chooser(c, name)) if chunks == "auto" and chooser else (chunks, "")
         if n is None:
-            decisions.append(Decision(name, False, "the cost model says it does not pay"))
+            decisions.append(Decision(name, False, not_paying(why)))
             continue
         comm = next(m for m in collectives(c) if m.einsum == name)
-        c, decision = _one(c, comm, int(n), bidirectional)
+        c, decision = _one(c, comm, int(n), bidirectional, plan_only)
+        if why and decision.applied:
+            decision = Decision(name, True, f"{decision.reason}; cost model: {why}")
         decisions.append(decision)
     return c, OverlapReport(NAME, tuple(decisions))
 
 
-def _one(c: Cascade, comm: Communication, n: int, both: bool) -> tuple[Cascade, Decision]:
+def _one(
+    c: Cascade, comm: Communication, n: int, both: bool, plan_only: bool = False
+) -> tuple[Cascade, Decision]:
     name = comm.einsum
     if both and n % 2:
         return c, Decision(name, False, f"bidirectional needs an even chunk count, not {n}")
@@ -110,7 +125,7 @@ def _one(c: Cascade, comm: Communication, n: int, both: bool) -> tuple[Cascade, 
     ring = plan_ring(work, comm, n)
     if isinstance(ring, str):
         return c, Decision(name0, False, ring)
-    out = _apply(work, ring, n, both)
+    out = c if plan_only else _apply(work, ring, n, both)
     fused = f"producer {ring.producer.output} chunked" if ring.producer else "producer kept"
     gather = f" (all-reduce {name0}: then an all-gather)" if name0 != comm.einsum else ""
     how = f"{ring.devices - 1}-step ring x {n} chunks{' both ways' if both else ''}"

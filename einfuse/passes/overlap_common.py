@@ -7,8 +7,12 @@ and the tests can say which legality condition failed rather than "no match".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import importlib
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import sympy
 
@@ -49,14 +53,67 @@ class OverlapReport:
 
 
 # A chooser fills an option the caller left as "auto" (chunks, offset) from the cost model;
-# it gets the cascade and the target's name and returns the value, or None for "does not pay".
-Chooser = Callable[[Cascade, str], int | None]
+# it gets the cascade and the target's name and returns the value, or None for "does not pay",
+# alone or with the cost model's why: ``(4, "4 chunks: 521.0 us -> 430.5 us ...")``.
+Chosen = int | None | tuple[int | None, str]
+Chooser = Callable[[Cascade, str], Chosen]
+Verdict = bool | tuple[bool, str]  # what a ``pays(cascade, collective)`` veto returns
+
+# Choosers by kind ("chunks", "offset", "pays"): factory(target, **options) -> chooser. The
+# cost model's side (``einfuse.cost_model.overlap_choice``) fills it when first asked, so the
+# passes import nothing of the cost model.
+_CHOOSERS: dict[str, Callable[..., Callable[[Cascade, str], Any]]] = {}
+_CHOOSER_MODULE = "einfuse.cost_model.overlap_choice"
+# The target `auto` options price against when a pass has no ``cost=`` option of its own
+# (``einfuse explain --target`` and the autotuner's pricing set it: ``cost_target``).
+_COST_TARGET: ContextVar[object | None] = ContextVar("einfuse_cost_target", default=None)
+
+
+def register_chooser(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        _CHOOSERS[kind] = factory
+        return factory
+
+    return deco
+
+
+@contextmanager
+def cost_target(target: object | None) -> Iterator[None]:
+    """Run passes whose ``auto`` options are priced on ``target`` (a name or a Target)."""
+    token = _COST_TARGET.set(target)
+    try:
+        yield
+    finally:
+        _COST_TARGET.reset(token)
+
+
+def chooser_for(pass_name: str, option: str, kind: str, cost: object, **options: Any) -> Any:
+    """The cost model's chooser of ``kind`` on ``cost`` (else the context's target)."""
+    target = cost or _COST_TARGET.get()
+    if not target:
+        raise needs_cost_model(pass_name, option)
+    if kind not in _CHOOSERS:
+        importlib.import_module(_CHOOSER_MODULE)
+    return _CHOOSERS[kind](target, **options)
+
+
+def unpack(result: Any) -> tuple[Any, str]:
+    """A chooser's answer as (value, why); a bare value has no why."""
+    if isinstance(result, tuple):
+        return result[0], str(result[1])
+    return result, ""
+
+
+def not_paying(why: str) -> str:
+    """A decision's reason when the cost model says no (its own "not applied: " dropped)."""
+    why = why.removeprefix("not applied: ")
+    return f"the cost model says it does not pay{': ' if why else ''}{why}"
 
 
 def needs_cost_model(pass_name: str, option: str) -> OverlapError:
     return OverlapError(
-        f"{pass_name}: {option}=auto needs the cost model (einfuse.cost_model.overlap); "
-        f"give {option}=N, or call the pass's *_with_report with a chooser"
+        f"{pass_name}: {option}=auto needs the cost model's target: add cost=h100 (or another "
+        f"target), run it inside cost_target(target) (explain --target does), or give {option}=N"
     )
 
 

@@ -31,12 +31,17 @@ from einfuse.ir.expr import Access, Op, Size, Var, accesses, rank_vars, rename_r
 from einfuse.passes.manager import register_pass
 from einfuse.passes.overlap_common import (
     Decision,
+    OverlapError,
     OverlapReport,
+    Verdict,
+    chooser_for,
     flat,
     fresh,
     int_size,
+    not_paying,
     replace_reads,
     taken_names,
+    unpack,
 )
 from einfuse.passes.shard_reads import narrow
 
@@ -62,24 +67,33 @@ class Plan:
 
 
 @register_pass(NAME)
-def reorder_norm(c: Cascade) -> Cascade:
-    """Every all-reduce followed by a per-token norm becomes reduce-scatter, norm, all-gather."""
-    return reorder_norm_with_report(c)[0]
+def reorder_norm(c: Cascade, when: str = "always", cost: str = "") -> Cascade:
+    """Every all-reduce followed by a per-token norm becomes reduce-scatter, norm, all-gather;
+    ``when=pays`` only where the cost model (on target ``cost``, or ``cost_target``'s) says so."""
+    return reorder_norm_with_report(c, when=when, cost=cost)[0]
 
 
 def reorder_norm_with_report(
-    c: Cascade, pays: Callable[[Cascade, str], bool] | None = None
+    c: Cascade,
+    pays: Callable[[Cascade, str], Verdict] | None = None,
+    when: str = "always",
+    cost: str = "",
 ) -> tuple[Cascade, OverlapReport]:
     """``reorder-norm`` and why per all-reduce; ``pays(cascade, all_reduce)`` (the cost
-    model) may veto a legal rewrite."""
+    model's, on ``cost``, with ``when="pays"``) may veto a legal rewrite."""
+    if when not in ("always", "pays"):
+        raise OverlapError(f"{NAME}: when must be always or pays, got {when!r}")
+    if when == "pays" and pays is None:
+        pays = chooser_for(NAME, "when=pays", "pays", cost)
     decisions = []
     for name in [m.einsum for m in collectives(c) if m.kind == "all_reduce"]:
         comm = next((m for m in collectives(c) if m.einsum == name), None)
         if comm is None or comm.kind != "all_reduce":
             decisions.append(Decision(name, False, "no longer an all-reduce"))
             continue
-        if pays is not None and not pays(c, name):
-            decisions.append(Decision(name, False, "the cost model says it does not pay"))
+        ok, model = unpack(pays(c, name)) if pays is not None else (True, "")
+        if not ok:
+            decisions.append(Decision(name, False, not_paying(model)))
             continue
         plan = plan_reorder(c, comm)
         if isinstance(plan, str):
@@ -97,7 +111,7 @@ def reorder_norm_with_report(
             f"reduce-scatter over {plan.devices} devices ({plan.tokens // plan.devices} tokens "
             f"each), row-local {region} on the shard, all-gather {', '.join(plan.gathered)}"
         )
-        decisions.append(Decision(name, True, why))
+        decisions.append(Decision(name, True, why + (f"; cost model: {model}" if model else "")))
     return c, OverlapReport(NAME, tuple(decisions))
 
 

@@ -29,12 +29,14 @@ from einfuse.passes.overlap_common import (
     Decision,
     OverlapError,
     OverlapReport,
+    chooser_for,
     fresh,
     int_option,
     int_size,
-    needs_cost_model,
+    not_paying,
     replace_reads,
     taken_names,
+    unpack,
 )
 
 NAME = "split-tokens"
@@ -43,10 +45,16 @@ MIN_TOKENS = 1024  # TokenWeave splits only batches of at least this many tokens
 
 @register_pass(NAME)
 def split_tokens(
-    c: Cascade, offset: int | str = 0, wave: int = 256, force: bool = False, rank: str = ""
+    c: Cascade,
+    offset: int | str = 0,
+    wave: int = 256,
+    force: bool = False,
+    rank: str = "",
+    cost: str = "",
 ) -> Cascade:
-    """Split the token rank in two halves carried through the whole cascade."""
-    return split_tokens_with_report(c, offset, wave, force, rank)[0]
+    """Split the token rank in two halves carried through the whole cascade (``offset=auto``:
+    the cost model's on the hardware target ``cost``, or ``cost_target``'s)."""
+    return split_tokens_with_report(c, offset, wave, force, rank, cost=cost)[0]
 
 
 def split_tokens_with_report(
@@ -56,11 +64,13 @@ def split_tokens_with_report(
     force: bool = False,
     rank: str = "",
     chooser: Chooser | None = None,
+    cost: str = "",
 ) -> tuple[Cascade, OverlapReport]:
-    """``split-tokens`` and why. ``offset="auto"`` asks ``chooser(cascade, token_rank)``."""
+    """``split-tokens`` and why. ``offset="auto"`` asks ``chooser(cascade, token_rank)``
+    (default: the cost model's on ``cost``)."""
     int_option(NAME, "wave", wave, 1)
     if offset == "auto" and chooser is None:
-        raise needs_cost_model(NAME, "offset")
+        chooser = chooser_for(NAME, "offset", "offset", cost, wave=wave)
     if offset != "auto" and (isinstance(offset, bool) or not isinstance(offset, int)):
         raise OverlapError(f"{NAME}: offset must be an int or auto, got {offset!r}")
     r = rank or _token_rank(c)
@@ -75,15 +85,16 @@ def split_tokens_with_report(
         return c, OverlapReport(NAME, (Decision(r, False, why_not),))
     tokens = int_size(c, r)
     assert tokens is not None
-    extra = chooser(c, r) if offset == "auto" and chooser is not None else offset
+    extra, model = unpack(chooser(c, r)) if offset == "auto" and chooser else (offset, "")
     if extra is None:
-        return c, OverlapReport(NAME, (Decision(r, False, "the cost model says it does not pay"),))
+        return c, OverlapReport(NAME, (Decision(r, False, not_paying(model)),))
     first = -(-tokens // wave) * wave // 2 + int(extra)
     if not 0 < first < tokens:
         why = f"first half round_up({tokens}, {wave})/2 + {extra} = {first} is not in (0, {tokens})"
         return c, OverlapReport(NAME, (Decision(r, False, why),))
     out, sides = _split(c, r, first, tokens - first)
     why = _describe(c, out, sides, f"{r} = {first} + {tokens - first} tokens")
+    why += f"; cost model: {model}" if model else ""
     return out, OverlapReport(NAME, (Decision(r, True, why),))
 
 
