@@ -282,9 +282,12 @@ class JitFunction:
         looked_up = [self._tuned(program, region) for region in program.regions]
         tuning = self._tuning_notes(looked_up, warn)
         out = []
-        for region, (_, tuned) in zip(program.regions, looked_up):
-            pipeline, schedule = tuned if tuned else (self.region_passes or None, None)
-            out.append(run_pipeline(region.cascade, pipeline, schedule, check=bool(pipeline)))
+        from einfuse.passes.overlap_common import cost_target
+
+        with cost_target(resolve_target(self.target)):  # prices ``chunks=auto`` and the like
+            for region, (_, tuned) in zip(program.regions, looked_up):
+                pipeline, schedule = tuned if tuned else (self.region_passes or None, None)
+                out.append(run_pipeline(region.cascade, pipeline, schedule, check=bool(pipeline)))
         return tuple(out), tuning
 
     def _tuned(self, program: Program, region: Region) -> tuple[Any, tuple[str, Any] | None]:

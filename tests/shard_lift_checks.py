@@ -141,6 +141,8 @@ PASSES = {
     "reorder": "reorder-norm",
     "chunk": "chunk-collective{chunks=1}",
     "all": "split-tokens{force=true,wave=4},reorder-norm,chunk-collective{chunks=1}",
+    # priced on jit's target, this CPU: its collectives do not overlap, so nothing applies
+    "auto": "reorder-norm{when=pays},chunk-collective{chunks=auto}",
 }
 
 

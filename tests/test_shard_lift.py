@@ -54,6 +54,7 @@ def test_llama_block_optimized_hlo_has_exactly_two_all_reduces(checks: dict) -> 
         ("reorder", {"reduce-scatter": 2, "all-gather": 2}),
         ("chunk", {"collective-permute": 14, "all-gather": 2}),  # 2 rings of 7 steps
         ("all", {"collective-permute": 28, "all-gather": 4}),
+        ("auto", {"all-reduce": 2}),
     ],
 )
 def test_overlap_passes_through_jit_keep_values_gradients_and_collectives(
