@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +24,7 @@ from einfuse.ir import parse
 from einfuse.ir.devices import collectives
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.verify import verify
+from tests.shard_subprocess import report
 
 RTOL = ATOL = 1e-5  # float32 against the float64 reference; collectives reorder the sums
 
@@ -166,19 +165,14 @@ def check_too_few_devices() -> str:
 
 
 def main() -> None:
-    checks = {
-        "kinds": check_kinds,
-        "grads": check_grads,
-        "source_and_hlo": check_source_and_hlo,
-        "too_few_devices": check_too_few_devices,
-    }
-    results: dict[str, Any] = {}
-    for name, fn in checks.items():
-        try:
-            results[name] = fn()
-        except Exception:  # reported to the test, which fails naming it
-            results[name] = {"error": traceback.format_exc()}
-    print(json.dumps(results))
+    report(
+        {
+            "kinds": check_kinds,
+            "grads": check_grads,
+            "source_and_hlo": check_source_and_hlo,
+            "too_few_devices": check_too_few_devices,
+        }
+    )
 
 
 if __name__ == "__main__":

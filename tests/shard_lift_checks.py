@@ -7,10 +7,8 @@ partial sums meet in a psum, RMSNorm and residuals on the replicated activations
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import einfuse
 from einfuse.backends.inspection import hlo_text, inspect_hlo
 from einfuse.ir.devices import collectives
+from tests.shard_subprocess import report
 
 T, D, HEADS, DH, F = 8, 32, 8, 4, 64  # tokens, model dim, heads, head dim, MLP dim
 EPS = 1e-5
@@ -137,6 +136,7 @@ def check_llama_block() -> dict[str, Any]:
 
 
 PASSES = {
+    "none": "",
     "split": "split-tokens{force=true,wave=4}",
     "reorder": "reorder-norm",
     "chunk": "chunk-collective{chunks=1}",
@@ -236,19 +236,14 @@ def check_not_understood() -> dict[str, Any]:
 
 
 def main() -> None:
-    checks = {
-        "llama_block": check_llama_block,
-        "passes": check_passes_through_jit,
-        "every_collective": check_every_collective,
-        "not_understood": check_not_understood,
-    }
-    results: dict[str, Any] = {}
-    for name, fn in checks.items():
-        try:
-            results[name] = fn()
-        except Exception:  # reported to the test, which fails naming it
-            results[name] = {"error": traceback.format_exc()}
-    print(json.dumps(results))
+    report(
+        {
+            "llama_block": check_llama_block,
+            "passes": check_passes_through_jit,
+            "every_collective": check_every_collective,
+            "not_understood": check_not_understood,
+        }
+    )
 
 
 if __name__ == "__main__":

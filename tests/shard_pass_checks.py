@@ -7,10 +7,8 @@ optimized HLO shows the collectives each pass promises."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +25,7 @@ from einfuse.backends.reference import interpret
 from einfuse.backends.xla_overlap import top_level_options
 from einfuse.einsum_cascade import tp_block
 from einfuse.passes.manager import run_passes
+from tests.shard_subprocess import report
 
 SPLIT = "split-tokens{wave=2,force=true}"
 CHUNK = "chunk-collective{chunks=2}"
@@ -86,12 +85,7 @@ def check_pipelines() -> dict[str, Any]:
 
 
 def main() -> None:
-    results: dict[str, Any] = {}
-    try:
-        results["pipelines"] = check_pipelines()
-    except Exception:  # reported to the test, which fails naming it
-        results["pipelines"] = {"error": traceback.format_exc()}
-    print(json.dumps(results))
+    report({"pipelines": check_pipelines})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +30,15 @@ def ok(checks: dict[str, Any], name: str) -> Any:
     got = checks[name]
     assert not (isinstance(got, dict) and "error" in got), got.get("error")
     return got
+
+
+def report(checks: dict[str, Callable[[], Any]]) -> None:
+    """In the subprocess: run each check and print every result as one JSON line; a check
+    that raises is reported with its traceback, so the test naming it fails with it."""
+    results: dict[str, Any] = {}
+    for name, fn in checks.items():
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    print(json.dumps(results))

@@ -50,6 +50,7 @@ def test_llama_block_optimized_hlo_has_exactly_two_all_reduces(checks: dict) -> 
 @pytest.mark.parametrize(
     ("name", "hlo"),
     [
+        ("none", {"all-reduce": 2}),
         ("split", {"all-reduce": 4}),  # two halves per psum, not merged back by XLA
         ("reorder", {"reduce-scatter": 2, "all-gather": 2}),
         ("chunk", {"collective-permute": 14, "all-gather": 2}),  # 2 rings of 7 steps
@@ -70,7 +71,14 @@ RING = {"collective-permute": 7, "all-gather": 1}
 
 
 @pytest.mark.parametrize(
-    ("name", "most"), [("split", {"all-reduce": 1}), ("chunk", RING), ("all", RING)]
+    ("name", "most"),
+    [
+        ("none", {"all-reduce": 1}),
+        ("split", {"all-reduce": 1}),
+        ("reorder", {"reduce-scatter": 1, "all-gather": 1}),
+        ("chunk", RING),
+        ("all", RING),
+    ],
 )
 def test_no_matmul_waits_on_the_other_half_or_on_its_own_rings_steps(
     checks: dict, name: str, most: dict
