@@ -72,10 +72,14 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_others_finish(tmp_p
     assert done.returncode == 0, done.stderr.decode()
     by_number = {t.number: t for t in trials(store)}
     assert all(by_number[n].state == TrialState.FAIL for n in killed)
-    # one it was creating when killed (no heartbeat yet) is failed a grace period after
-    # the first sweep saw it: nothing stays RUNNING
+    # one it was creating when killed (no heartbeat yet) is failed a grace period after a
+    # sweep first saw it (the workers' sweeps, or this one): nothing stays RUNNING. Swept
+    # with the workers' 1 s heartbeat, so a 2 s grace period.
+    beating = TuningStore(pg_url, heartbeat_s=1)
+    study = beating.find_study(beating.studies()[0]["study"])
+    fail_stale(study)
     time.sleep(2.5)
-    fail_stale(store.find_study(store.studies()[0]["study"]))
+    fail_stale(study)
     assert not [t for t in trials(store) if t.state == TrialState.RUNNING]
     measured = [t.user_attrs["candidate"] for t in by_number.values() if "median_s" in t.user_attrs]
     assert len(measured) == len(set(measured)) == 2  # the total; none measured twice
