@@ -66,6 +66,50 @@ def test_a_candidate_another_worker_is_measuring_is_not_claimed_twice(pg_url):
     assert dealt(list(range(7)), (1, 3)) == [1, 4] and dealt([1, 2], None) == [1, 2]
 
 
+def test_fresh_workers_of_one_run_count_each_others_trials_not_an_earlier_runs(pg_url):
+    """--fresh --workers: every worker gets the run's start (--fresh-since), so a worker that
+    starts late still counts what the others measured in this run; an earlier run's trial is
+    measured again."""
+    import argparse
+    from datetime import datetime, timedelta
+
+    from einfuse.cli.autotune import _fresh, _worker_command, add_arguments
+
+    study = TuningStore(pg_url).study("fresh")
+    earlier = study.ask()
+    claimed_elsewhere(study, earlier, "fuse{tile=64}|")
+    study.tell(earlier, 1.0)
+    run_start = datetime.now()
+    this_run = study.ask()
+    claimed_elsewhere(study, this_run, "|")
+    study.tell(this_run, 2.0)
+    late_start = datetime.now() + timedelta(seconds=5)  # a worker's own start: too late
+
+    def probe(key: str, start: datetime):
+        """Who has ``key`` for a worker counting trials since ``start``; the probe itself is
+        then set aside (a duplicate) so the next probe does not see its claim."""
+        trial = study.ask()
+        other = claimed_elsewhere(study, trial, key, lambda t: t.datetime_start >= start)
+        trial.set_user_attr("duplicate_of", -1)
+        study.tell(trial, state=TrialState.FAIL)
+        return other
+
+    assert probe("|", run_start).number == this_run.number
+    assert probe("|", late_start) is None  # the old bug: a late worker measured it again
+    assert probe("fuse{tile=64}|", run_start) is None  # an earlier run's: measured again
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["spec.ein", "--fresh", "--workers", "2"])
+    args.fresh_since = run_start.isoformat()
+    command = _worker_command(args)
+    assert command[command.index("--fresh-since") + 1] == run_start.isoformat()
+    assert _fresh(args, {"worker": (1, 2)}) == run_start  # a worker: the run's start
+    assert _fresh(args, {"workers": 2}) is False  # deciding after them: what they measured
+    single = argparse.Namespace(fresh=True, fresh_since=None)
+    assert _fresh(single, {}) is True
+
+
 def test_workers_need_a_store_they_can_share(tmp_path, capsys):
     spec = tmp_path / "attention.ein"
     spec.write_text(str(small_attention(64)))

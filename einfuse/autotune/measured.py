@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from einfuse.autotune.measure import Bench, Failure, Prepared, consumed
@@ -92,7 +93,7 @@ class MeasuredSearch:
         seed: int,
         deadline: float | None,
         on_trial: Callable[[], None] | None = None,
-        fresh: bool = False,
+        fresh: bool | datetime = False,
         heartbeat: Heartbeat | None = None,
         lock: StudyLock | None = None,
     ) -> None:
@@ -109,8 +110,17 @@ class MeasuredSearch:
         self.tally = Tally()
         self.heartbeat = heartbeat  # beats for asked trials until told (`store_server`)
         self.lock = lock or (lambda name: nullcontext())  # the study's (`store_locks`)
-        # fresh: trials stored before this call are ignored (kept, but re-measured)
-        self.first_trial = len(study.get_trials(deepcopy=False)) if fresh else 0
+        # fresh: trials started before this run are ignored (kept, but measured again). Workers
+        # of one run get its start time (`--workers`), so one that starts late still counts
+        # what the others measured in the same run.
+        self.since: datetime | None = None
+        if fresh:
+            self.since = fresh if isinstance(fresh, datetime) else datetime.now()
+
+    def current(self, trial: Any) -> bool:
+        """A trial of this run (with ``fresh``), or any trial."""
+        start = trial.datetime_start
+        return self.since is None or (start is not None and start >= self.since)
 
     # -- candidates -------------------------------------------------------------
     def candidate(self, searched_point: Point) -> Candidate:
@@ -131,7 +141,7 @@ class MeasuredSearch:
         out: dict[str, Any] = {}
         for t in trials:
             key = t.user_attrs.get("candidate")
-            fresh = t.number >= self.first_trial
+            fresh = self.current(t)
             # failed with no reason: its worker died (`store_server.fail_stale`): measure again
             died = t.state == TrialState.FAIL and "reason" not in t.user_attrs
             done = t.state.is_finished() and not died and "duplicate_of" not in t.user_attrs
@@ -205,7 +215,7 @@ class MeasuredSearch:
         tries = 3  # an ask pops an older WAITING trial (the enqueued default) first
         for attempt in range(tries):
             trial, candidate = self.ask()
-            other = claimed_elsewhere(self.study, trial, candidate.key, self.first_trial)
+            other = claimed_elsewhere(self.study, trial, candidate.key, self.current)
             if other is None:
                 batch.append((trial, candidate))
                 return

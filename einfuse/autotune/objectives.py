@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from einfuse.autotune import shares
@@ -58,7 +59,7 @@ class Settings:
     finalists: int | None
     model_trials: int
     compile_timeout: float
-    fresh: bool
+    fresh: bool | datetime  # a datetime: trials started before it are not this run's
     worker: tuple[int, int] | None = None  # this process's share (`shares`)
     workers: int = 1  # >1 with no worker: decide from the workers' trials
 

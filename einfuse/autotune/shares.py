@@ -18,7 +18,7 @@ choice; afterwards one process (``workers=N``) does, from what all of them store
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from einfuse.autotune.screen import Score, rank_scores
@@ -50,12 +50,14 @@ def evaluated_attr(worker: Worker) -> str:
     return f"evaluated_{worker[0]}_of_{worker[1]}"
 
 
-def claimed_elsewhere(study: Any, trial: Any, key: str, since: int = 0) -> Any:
+def claimed_elsewhere(
+    study: Any, trial: Any, key: str, current: Callable[[Any], bool] = lambda t: True
+) -> Any:
     """Claim ``key`` for ``trial``; the trial that has it already, if any, else None.
 
-    That is a trial finished since trial number ``since``, or a running one: claims are
-    made one at a time under the study's lock (`store_locks`), so a running trial with the
-    key claimed it first. Trials of dead workers and duplicates don't count.
+    That is a ``current`` finished trial (of this run, with ``--fresh``), or a running one:
+    claims are made one at a time under the study's lock (`store_locks`), so a running trial
+    with the key claimed it first. Trials of dead workers and duplicates don't count.
     """
     from optuna.trial import TrialState
 
@@ -68,7 +70,7 @@ def claimed_elsewhere(study: Any, trial: Any, key: str, since: int = 0) -> Any:
         if other.state == TrialState.RUNNING:
             return other
         died = other.state == TrialState.FAIL and "reason" not in other.user_attrs
-        if other.number >= since and not died:
+        if current(other) and not died:
             return other
     return None
 

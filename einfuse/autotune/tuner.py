@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from einfuse.autotune.key import TuningKey
@@ -70,7 +71,7 @@ def autotune(
     finalists: int | None = None,
     model_trials: int = DEFAULT_MODEL_TRIALS,
     compile_timeout: float = 300.0,
-    fresh: bool = False,
+    fresh: bool | datetime = False,
     worker: tuple[int, int] | None = None,
     workers: int = 1,
 ) -> TuneResult | ProgramTuneResult:
@@ -83,7 +84,8 @@ def autotune(
     URL, ``journal:PATH``, ``memory``, a ``.json`` export to replay, or None for the per-user
     SQLite file. ``timeout`` bounds the
     measuring (seconds). ``fresh`` tunes again even where a choice is stored (stored trials
-    are kept; new ones are added). A function is lifted and each distinct cascade tuned.
+    are kept; new ones are added); a datetime: the start of the run this worker is part of.
+    A function is lifted and each distinct cascade tuned.
     ``backend`` (a name, default ``jax``) emits the candidates; it is part of the key.
     ``worker=(i, N)`` does worker ``i``'s share of a study N processes share and stores no
     choice; ``workers=N`` then decides from what they stored (see `shares`).

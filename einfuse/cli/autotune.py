@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "measuring; --trials is the study's total), then this one decides",
     )
     parser.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)  # one of them
+    # with --fresh: the run's start, so a worker that starts late counts the others' trials
+    parser.add_argument("--fresh-since", metavar="ISO", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write history/importance PNGs")
@@ -169,6 +172,8 @@ def _run_workers(args: argparse.Namespace, store: Any) -> None:
     from contextlib import ExitStack
 
     count, failed = args.workers, []
+    if args.fresh:  # one start for every worker of this run (see `MeasuredSearch.current`)
+        args.fresh_since = datetime.now().isoformat()
     with ExitStack() as files:
         procs = []
         for i in range(1, count):
@@ -209,7 +214,16 @@ def _worker_command(args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "einfuse.cli.autotune", args.subject, "--quiet"]
     command += [str(x) for name, v in options.items() if v is not None for x in (name, v)]
     flags = (("--no-calibrate", args.no_calibrate), ("--fresh", args.fresh))
-    return command + [flag for flag, on in flags if on]
+    since = ["--fresh-since", args.fresh_since] if args.fresh_since else []
+    return command + [flag for flag, on in flags if on] + since
+
+
+def _fresh(args: argparse.Namespace, share: dict[str, Any]) -> bool | datetime:
+    """--fresh for this process: a worker's is its run's start; the deciding process after
+    the workers uses what they measured (not fresh)."""
+    if not args.fresh or share.get("workers", 1) > 1:
+        return False
+    return datetime.fromisoformat(args.fresh_since) if args.fresh_since else True
 
 
 def _tune(args: argparse.Namespace, store: Any, **share: Any) -> Any:
@@ -230,7 +244,7 @@ def _tune(args: argparse.Namespace, store: Any, **share: Any) -> Any:
         progress=not args.quiet,
         seed=args.seed,
         repeats=args.repeats,
-        fresh=args.fresh and not share.get("workers", 1) > 1,  # the workers did it
+        fresh=_fresh(args, share),
         backend=args.backend,
         **share,
     )
