@@ -161,24 +161,38 @@ class JitFunction:
             "static_argnames": tuple(sorted(self.static_argnames)),
             "donate_argnums": _tuple(donate_argnums),
         }
+        self._staged_fn, self._jit_args = staged, jit_args
         self._jitted = jax.jit(staged, **jit_args)
-        # A top-level call compiles with the options that let collectives overlap compute and,
-        # where the pipeline (or a stored one) may split them, keep them apart (xla_overlap);
-        # JAX takes compiler options only on a top-level jit, so a call under another
-        # transformation uses the plain one.
+
+    @functools.cached_property
+    def _top(self) -> Any:
+        """The jit a top-level call uses: with the options that let collectives overlap compute
+        and, where the pipeline (or a stored one) may split them, keep them apart
+        (xla_overlap); None where there are none (this CPU, nothing split). Built at the first
+        call, not at decoration: the options depend on the backend JAX initializes. JAX takes
+        compiler options only on a top-level jit, so a call under a transformation uses the
+        plain one."""
         from einfuse.backends.xla_overlap import splits_collectives, top_level_options
 
-        apart = splits_collectives(passes) or autotune is not None
+        apart = splits_collectives(self.passes) or self.autotune is not None
         options = top_level_options(keep_collectives_apart=apart)
-        self._top = jax.jit(staged, compiler_options=options, **jit_args)
+        if not options:
+            return None
+        return jax.jit(self._staged_fn, compiler_options=options, **self._jit_args)
 
     # -- calling ---------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         misses = self._misses
-        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
-        out = (self._jitted if nested else self._top)(*args, **kwargs)
+        out = self._for_call(args, kwargs)(*args, **kwargs)
         self._hits += self._misses == misses
         return out
+
+    def _for_call(self, args: tuple, kwargs: dict) -> Any:
+        """The jit with the compile options at top level; the plain one under a trace."""
+        if self._top is None:
+            return self._jitted
+        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        return self._jitted if nested else self._top
 
     def cache_info(self) -> CacheInfo:
         """Calls served without tracing (hits), specializations traced (misses)."""
@@ -187,7 +201,8 @@ class JitFunction:
     def clear_cache(self) -> None:
         self._entries.clear()
         self._jitted.clear_cache()
-        self._top.clear_cache()
+        if self.__dict__.get("_top") is not None:
+            self._top.clear_cache()
 
     def _split(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, list[Any], tuple, tuple]:
         """The signature key and the dynamic leaves of one call (tracers or arrays)."""
@@ -348,7 +363,7 @@ class JitFunction:
         """JAX's ``Lowered``; ``lowering_platforms=("cuda",)`` (or ``"tpu"``) lowers for a
         platform this machine lacks: StableHLO to read, not to compile here."""
         if lowering_platforms is None:
-            return self._top.lower(*args, **kwargs)
+            return (self._top or self._jitted).lower(*args, **kwargs)
         traced = self._jitted.trace(*args, **kwargs)
         return traced.lower(lowering_platforms=tuple(lowering_platforms))
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.dtypes import keep_output_dtypes
@@ -196,12 +197,22 @@ class PassResult:
         return "\n".join(out)
 
 
+def apply_pass(spec: PassSpec, subject: Any) -> Any:
+    """One registered pass on its subject (a cascade, or a program for a program pass); a
+    TypeError or ValueError it raises (an option value it cannot take) names the pass."""
+    try:
+        return registered_passes()[spec.name](subject, **dict(spec.options))
+    except EinfuseError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"pass {spec}: {exc}") from exc
+
+
 def run_passes(
     cascade: Cascade, pipeline: str | list[PassSpec], *, check: bool = True
 ) -> PassResult:
     """Run a pipeline; with ``check`` the verifier runs before and after every pass."""
     specs = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-    passes = registered_passes()
     if check:
         verify(cascade)
     history = [("input", cascade)]
@@ -212,14 +223,8 @@ def run_passes(
                 f"{spec.name} is a program pass: it runs on a whole lifted program "
                 "(einfuse.jit, or `einfuse passes FILE.py:FUNCTION --args ...`), not on one cascade"
             )
-        try:
-            with _recording() as sink:
-                out = passes[spec.name](cascade, **dict(spec.options))
-            cascade = keep_output_dtypes(cascade, out)
-        except EinfuseError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise PipelineError(f"pass {spec}: {exc}") from exc
+        with _recording() as sink:
+            cascade = keep_output_dtypes(cascade, apply_pass(spec, cascade))
         if check:
             verify(cascade)
         history.append((str(spec), cascade))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.verify import verify
-from einfuse.passes.manager import PassSpec, PipelineError, parse_pipeline, registered_passes
+from einfuse.passes.manager import PassSpec, PipelineError, parse_pipeline
 
 if TYPE_CHECKING:
     from einfuse.einsum_cascade.lift import Program
@@ -77,22 +77,16 @@ def run_program_passes(
     program: Program, pipeline: str | list[PassSpec], *, check: bool = True
 ) -> ProgramPassResult:
     """Run program passes in order; with ``check`` the program verifier runs around each."""
-    from einfuse.passes.manager import is_program_pass
+    from einfuse.passes.manager import apply_pass, is_program_pass
 
     specs = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-    passes = registered_passes()
     if check:
         verify_program(program)
     history = [("input", program)]
     for spec in specs:
         if not is_program_pass(spec.name):
             raise PipelineError(f"{spec.name} is a region pass, not a program pass")
-        try:
-            program = passes[spec.name](program, **dict(spec.options))
-        except EinfuseError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise PipelineError(f"pass {spec}: {exc}") from exc
+        program = apply_pass(spec, program)
         if check:
             verify_program(program)
         history.append((str(spec), program))
