@@ -191,8 +191,7 @@ class JitFunction:
         """The jit with the compile options at top level; the plain one under a trace."""
         if self._top is None:
             return self._jitted
-        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
-        return self._jitted if nested else self._top
+        return self._top if core.trace_state_clean() else self._jitted
 
     def cache_info(self) -> CacheInfo:
         """Calls served without tracing (hits), specializations traced (misses)."""

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core  # trace_state_clean: is this call under a transformation?
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -210,9 +211,7 @@ class ShardedCascade(JaxCascade):
         """Compiled with ``top_level_options`` (XLA's combiners would merge the collectives
         the cascade split) when called on arrays; traced (under einfuse.jit's or a user's jit
         or grad), JAX allows options only on the outer jit, so plain jit."""
-        if any(isinstance(x, jax.core.Tracer) for x in arrays.values()):
-            return self._nested(arrays)
-        return self._top(arrays)
+        return (self._top if core.trace_state_clean() else self._nested)(arrays)
 
     @functools.cached_property
     def _top(self) -> Callable[[dict[str, Any]], dict[str, jax.Array]]:

@@ -16,10 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from einfuse.autotune.store_server import DEFAULT_HEARTBEAT_S  # imports no optuna
 from einfuse.cli.args import add_backend_argument, add_sizes_argument, check_sizes, parse_sizes
 from einfuse.cli.errors import CliError, is_user_error
-
-DEFAULT_HEARTBEAT_S = 30  # einfuse.autotune.store_server's, without importing optuna here
 
 OBJECTIVES = ("model", "measure", "hybrid", "pareto")
 

@@ -164,8 +164,8 @@ def chunk_gain(
     nbytes = tokens * n * dtype_bytes(dtype)
     comm_full = comm_s(kind, nbytes, tp, ic) if tp > 1 else 0.0
     serial = full.seconds + comm_full + 2 * launch
-    base = f"GEMM {_us(full.seconds)} ({full.bound}-bound, {full.efficiency:.0%} of peak) then "
-    base += f"{kind.replace('_', '-')} {_us(comm_full)} on {tp} devices"
+    base = f"GEMM {micros(full.seconds)} ({full.bound}-bound, {full.efficiency:.0%} of peak) then "
+    base += f"{kind.replace('_', '-')} {micros(comm_full)} on {tp} devices"
     if tp == 1:
         return ChunkGain(serial, serial, 1, full.seconds, 0.0, "one device: no collective")
     if not ic.asynchronous:
@@ -183,14 +183,14 @@ def chunk_gain(
         if total < best_s * (1 - 1e-12):
             best, best_s = count, total
             detail = (
-                f"a chunk's GEMM {_us(c)} alone ({alone.efficiency:.0%} of peak), "
-                f"{_us(c_busy)} while a collective holds {ic.collective_cores} SMs"
+                f"a chunk's GEMM {micros(c)} alone ({alone.efficiency:.0%} of peak), "
+                f"{micros(c_busy)} while a collective holds {ic.collective_cores} SMs"
             )
     gain = 1 - best_s / serial
     if best == 1 or gain < MIN_GAIN:
         why = f"not applied: best is {best} chunk(s), saving {gain:.1%} < {MIN_GAIN:.0%}; {base}"
         return ChunkGain(serial, serial, 1, full.seconds, comm_full, why)
-    why = f"{best} chunks: {_us(serial)} -> {_us(best_s)} (-{gain:.1%}); {base}; {detail}"
+    why = f"{best} chunks: {micros(serial)} -> {micros(best_s)} (-{gain:.1%}); {base}; {detail}"
     return ChunkGain(serial, best_s, best, full.seconds, comm_full, why)
 
 
@@ -221,13 +221,13 @@ def reorder_norm_gain(
     reordered = split + 2 * launch + norm_shard
     gain = 1 - reordered / serial
     numbers = (
-        f"all-reduce {_us(all_reduce)} + norm {_us(norm_full)} = {_us(serial)} against "
-        f"reduce-scatter + all-gather {_us(split + 2 * launch)} + norm on 1/{tp} "
-        f"{_us(norm_shard)} = {_us(reordered)} (memory-bound norm)"
+        f"all-reduce {micros(all_reduce)} + norm {micros(norm_full)} = {micros(serial)} against "
+        f"reduce-scatter + all-gather {micros(split + 2 * launch)} + norm on 1/{tp} "
+        f"{micros(norm_shard)} = {micros(reordered)} (memory-bound norm)"
     )
     verdict = f"saves {gain:.1%}" if gain >= MIN_GAIN else f"not applied: saves {gain:.1%}"
     return ReorderNormGain(serial, reordered, f"{verdict}; {numbers}")
 
 
-def _us(seconds: float) -> str:
+def micros(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us"

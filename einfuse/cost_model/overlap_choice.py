@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from einfuse.cost_model.errors import CostModelError
+from einfuse.cost_model.gemm import dtype_bytes
 from einfuse.cost_model.overlap import ChunkGain, chunk_gain, comm_s, interconnect_for
 from einfuse.cost_model.overlap import reorder_norm_gain as _reorder_norm_gain
 from einfuse.cost_model.target import Target, get_target
@@ -226,18 +227,12 @@ def serial_comm_s(c: Cascade, target: object) -> float:
         if m.kind not in ("all_reduce", "reduce_scatter"):
             continue
         ranks = _plain(c, c.tensor_ranks(m.einsum))
-        nbytes = math.prod(_size(c, r) for r in ranks) * _itemsize(tensor_dtypes(c)[m.einsum])
+        nbytes = math.prod(_size(c, r) for r in ranks) * dtype_bytes(tensor_dtypes(c)[m.einsum])
         tp = _size(c, m.reduced_rank or "")
         if m.kind == "reduce_scatter":
             nbytes *= tp  # the shard's output: the collective moves the whole
         total += comm_s(m.kind, nbytes, tp, interconnect_for(t, tp))
     return total
-
-
-def _itemsize(dtype: str) -> int:
-    from einfuse.cost_model.gemm import dtype_bytes
-
-    return int(dtype_bytes(dtype))
 
 
 def saving_s(
@@ -250,7 +245,7 @@ def saving_s(
     t = as_target(target)
     if name == "reorder-norm" and options.get("narrowed"):  # a reduce-scatter, no gather
         tokens, hidden, tp, dtype = norm_shape(c, what)
-        nbytes, ic = tokens * hidden * _itemsize(dtype), interconnect_for(t, tp)
+        nbytes, ic = tokens * hidden * dtype_bytes(dtype), interconnect_for(t, tp)
         return comm_s("all_reduce", nbytes, tp, ic) - comm_s("reduce_scatter", nbytes, tp, ic)
     if name == "reorder-norm":
         tokens, hidden, tp, dtype = norm_shape(c, what)

@@ -33,6 +33,7 @@ from einfuse.cost_model.overlap import (
     gemm_during_comm,
     interconnect_for,
     launch_s,
+    micros,
 )
 from einfuse.cost_model.target import Interconnect, Target
 
@@ -127,7 +128,7 @@ def split_gain(
     first = middle + offset
     gain = 1 - split / serial
     numbers = (
-        f"{_us(serial)} -> {_us(split)} per layer ({-gain:+.1%}) with halves {first} + "
+        f"{micros(serial)} -> {micros(split)} per layer ({-gain:+.1%}) with halves {first} + "
         f"{t - first} (round_up({t}, {WAVE_ROUNDING})/2 {offset:+d})"
     )
     if gain < MIN_GAIN:
@@ -277,7 +278,3 @@ def _attention_s(
     occupancy = programs / (math.ceil(programs / cores) * cores)
     rate = matrix_rate(target, dtype) * cores / total * ATTENTION_EFFICIENCY * occupancy
     return macs / rate
-
-
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f} us"

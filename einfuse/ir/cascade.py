@@ -175,13 +175,17 @@ class Cascade:
             seen.setdefault(r)
         return tuple(seen)
 
+    @cached_property
+    def _device_axes(self) -> dict[str, str]:
+        return dict(self.devices)
+
     def device_axis(self, rank: str) -> str | None:
         """The mesh axis a device rank is bound to; None for an ordinary rank."""
-        return dict(self.devices).get(rank)
+        return self._device_axes.get(rank)
 
     def device_dim(self, tensor: str, axis: str) -> int | None:
         """The dim of ``tensor`` sharded over ``axis`` (its device rank's), or None."""
-        axes = dict(self.devices)
+        axes = self._device_axes
         dims = [d for d, r in enumerate(self.tensor_ranks(tensor)) if axes.get(r) == axis]
         return dims[0] if dims else None
 

@@ -102,7 +102,7 @@ def split_pipeline(pipeline: str | None) -> tuple[list[PassSpec], str]:
     if late:
         raise PipelineError(
             f"program pass {late[0]} must come before the region passes "
-            f"({', '.join(s.name for s in specs[:n] + specs[n:] if s.name not in _PROGRAM_PASSES)})"
+            f"({', '.join(s.name for s in specs if s.name not in _PROGRAM_PASSES)})"
             ": program passes run first, on the whole lifted program"
         )
     return specs[:n], ",".join(str(s) for s in specs[n:])

@@ -8,7 +8,7 @@ and the tests can say which legality condition failed rather than "no match".
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -129,8 +129,7 @@ def int_size(c: Cascade, rank: str) -> int | None:
     return int(size) if isinstance(size, int | sympy.Integer) else None
 
 
-def fresh(base: str, taken: Collection[str]) -> str:
-    return unique_name(base, set(taken))
+fresh = unique_name  # a name not in ``taken``
 
 
 def taken_names(c: Cascade) -> set[str]:
@@ -140,9 +139,9 @@ def taken_names(c: Cascade) -> set[str]:
     return names | ranks | {r.upper() for r in ranks}
 
 
-def flat(outer: Expr, inner: str, inner_size: str) -> Expr:
+def flat(outer: Expr, inner: str) -> Expr:
     """``outer*T0 + t0``: the global index of shard row ``t0`` of block ``outer``."""
-    return Op("add", (Op("mul", (outer, Size(inner_size))), Var(inner)))
+    return Op("add", (Op("mul", (outer, Size(inner))), Var(inner)))
 
 
 def replace_reads(expr: Expr, fn: Callable[[Access], Expr | None]) -> Expr:

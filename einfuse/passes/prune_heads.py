@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from einfuse.einsum_cascade.lift import Opaque
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Access, Var
 from einfuse.passes.manager import register_program_pass
@@ -74,6 +73,8 @@ def head_site(c: Cascade, site: AttentionSite) -> HeadSite:
 @register_program_pass("prune-heads")
 def prune_heads(program: Program, keep: float | str = 1.0, start: int = 0) -> Program:
     """Prune heads by accumulated output magnitude; see the module docstring."""
+    from einfuse.einsum_cascade.lift import Opaque  # imports jax: not at pass registration
+
     if any(
         str(s.eqn.params.get("name", "")).startswith(TOKEN_PREFIX)
         for s in program.segments

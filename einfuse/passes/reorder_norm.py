@@ -212,7 +212,7 @@ def apply_plan(c: Cascade, plan: Plan) -> Cascade:
     rewritten: dict[str, list[Einsum]] = {}
     for m in plan.members:
         e = m.einsum
-        expr = rename_ranks(replace_reads(e.expr, sharded_read), {m.rank: flat(Var(x), t0, t0)})
+        expr = rename_ranks(replace_reads(e.expr, sharded_read), {m.rank: flat(Var(x), t0)})
         left = list(e.indices)
         left[m.dim] = Var(t0)
         out = [Einsum(shard[e.output], (Var(x), *left), expr, e.reduce, loc=e.loc)]

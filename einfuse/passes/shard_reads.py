@@ -27,8 +27,11 @@ def narrow(c: Cascade, comm: Communication) -> tuple[Cascade, str] | str:
         return f"{e.output} is an output, unread, or read by a recurrence"
     devices = int_size(c, comm.reduced_rank or "")
     found: set[tuple[int, int]] = set()
+    selves: dict[str, str | None] = {}  # each Einsum's device rank, classified once
+    for m in communications(c):
+        selves.setdefault(m.einsum, m.self_rank)
     for r in readers:
-        me = next((m.self_rank for m in communications(c) if m.einsum == r.output), None)
+        me = selves.get(r.output)
         for a in (a for a in accesses(r.expr) if a.tensor == e.output):
             at = [(d, _shard_of(i, me, c)) for d, i in enumerate(a.indices)]
             hits = [(d, size) for d, size in at if size is not None]
@@ -71,7 +74,7 @@ def _rewrite(
     name = fresh(f"{e.output}_SH", taken | {t0, t0.upper()})
     left = list(e.indices)
     left[dim] = Var(t0)
-    body = rename_ranks(e.expr, {rank: flat(Var(x), t0, t0)})
+    body = rename_ranks(e.expr, {rank: flat(Var(x), t0)})
     scatter = Einsum(name, (Var(x), *left), body, e.reduce, loc=e.loc)
 
     def own_rows(a: Access) -> Access | None:
