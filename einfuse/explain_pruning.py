@@ -55,13 +55,18 @@ def kept_positions(
     return [np.asarray(v) for v in values]
 
 
-def describe_pruning(program: Program, kept: Sequence[np.ndarray] | None = None) -> list[str]:
-    """``explain``'s lines: per pruning point the counts, and with ``kept`` which tokens went."""
-    points = pruning_points(program)
+def _counts(points: Sequence[PruningPoint]) -> str:
+    return ", ".join(f"layer {p.layer} keeps {p.kept} of {p.before}" for p in points)
+
+
+def describe_pruning(
+    points: Sequence[PruningPoint], kept: Sequence[np.ndarray] | None = None
+) -> list[str]:
+    """``explain``'s lines: per token pruning point the counts, and with ``kept`` which tokens
+    went."""
     if not points:
         return []
-    counts = ", ".join(f"layer {p.layer} keeps {p.kept} of {p.before}" for p in points)
-    lines = [f"token pruning (tokens per row after each layer's attention): {counts}"]
+    lines = [f"token pruning (tokens per row after each layer's attention): {_counts(points)}"]
     if kept is None:
         return [*lines, "  (call explain with arrays, not shapes, to see which tokens went)"]
     before = [set(range(points[0].before))] * ROWS_SHOWN
@@ -98,10 +103,9 @@ def pruning_lines(
         return ""
     concrete = all(not isinstance(x, jax.ShapeDtypeStruct | core.Tracer) for x in leaves)
     kept = kept_positions(points, environment, leaves) if concrete and points else None
-    lines = describe_pruning(program, kept)
+    lines = describe_pruning(points, kept)
     if heads:
-        counts = ", ".join(f"layer {p.layer} keeps {p.kept} of {p.before}" for p in heads)
-        lines.append(f"head pruning (heads after each layer's attention): {counts}")
+        lines.append(f"head pruning (heads after each layer's attention): {_counts(heads)}")
         if concrete:
             for p, which in zip(heads, kept_positions(heads, environment, leaves)):
                 lines.append(f"  heads kept by layer {p.layer}: {which.tolist()}")

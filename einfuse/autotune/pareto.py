@@ -244,22 +244,14 @@ def _open_study(
 
     budget = trials or DEFAULT_PARETO_TRIALS
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, budget // 2)))
+    study = store.study(name, key, sampler, directions=["minimize", "minimize"])
     with store.guard():
-        study = optuna.create_study(
-            storage=store.storage,
-            study_name=name,
-            directions=["minimize", "minimize"],
-            sampler=sampler,
-            load_if_exists=True,
-        )
         stored = study.user_attrs.get(KEY_ATTR)
-        if len(study.directions) != 2 or (stored and TuningKey.from_dict(stored) != key):
-            raise StoreError(
-                f"study {name!r} in {store.where} holds another search (not this program's "
-                "Pareto search); pick another --study"
-            )
-        if stored is None:
-            study.set_user_attr(KEY_ATTR, key.to_dict())
+    if len(study.directions) != 2 or TuningKey.from_dict(stored) != key:
+        raise StoreError(
+            f"study {name!r} in {store.where} holds another search (not this program's "
+            "Pareto search); pick another --study"
+        )
     return study
 
 

@@ -18,7 +18,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -271,14 +271,25 @@ class TuningStore:
         """Context manager: low-level database failures become `StoreError` naming the store."""
         return storage_errors(self.where, self.busy_timeout_s)
 
-    def study(self, name: str, key: TuningKey | None = None, sampler: Any = None) -> optuna.Study:
-        """Create or load a study (several processes may race to create it: both succeed)."""
+    def study(
+        self,
+        name: str,
+        key: TuningKey | None = None,
+        sampler: Any = None,
+        directions: Sequence[str] | None = None,
+    ) -> optuna.Study:
+        """Create or load a study (several processes may race to create it: both succeed);
+        ``directions`` for a multi-objective one (a loaded study keeps its own)."""
         import optuna
 
         with self.guard(), quiet_optuna():
             try:
                 study = optuna.create_study(
-                    storage=self.storage, study_name=name, sampler=sampler, load_if_exists=True
+                    storage=self.storage,
+                    study_name=name,
+                    sampler=sampler,
+                    directions=directions,
+                    load_if_exists=True,
                 )
             except optuna.exceptions.DuplicatedStudyError:  # lost a creation race
                 study = optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)

@@ -60,16 +60,22 @@ def lower_on_mesh(body: Body, e: Einsum, comms: list[Communication]) -> None:
     sizes = {**body.sizes, **dict.fromkeys(local, 1)}
     if moving:
         e = _read_collectives(body, e, moving[0])
-    view = DeviceView(local, dict(body.dims), {r: body.sizes[r] for r in local})
+    view = DeviceView(local, body.dims, {r: body.sizes[r] for r in local})
     policy = replace(body.policy, device=view)
     dtype = body.dtypes[e.output]
-    if not moving or moving[0].kind not in ("all_reduce", "reduce_scatter"):
+    if moving and moving[0].kind in ("all_reduce", "reduce_scatter"):
+        info = _reduce_on_mesh(body, e, moving[0], sizes, policy, dtype)
+    else:
         stmts, info = lower_einsum(e, sizes, body.tensors, policy, body.names, dtype)
         body.stmts += stmts
-        body.tensors[e.output] = info
-        body.dims[e.output] = device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
-        return
-    m = moving[0]
+    body.tensors[e.output] = info
+    body.dims[e.output] = device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
+
+
+def _reduce_on_mesh(
+    body: Body, e: Einsum, m: Communication, sizes: dict[str, int], policy: Policy, dtype: np.dtype
+) -> TensorInfo:
+    """The local partial of ``e``, then the collective that reduces it over ``m.axis``."""
     partial = body.names.fresh(f"{e.output}_partial")
     stmts, info = lower_einsum(
         replace(e, output=partial), sizes, body.tensors, policy, body.names, dtype
@@ -88,8 +94,7 @@ def lower_on_mesh(body: Body, e: Einsum, comms: list[Communication]) -> None:
             )
         info = replace(info, shape=local_shape(info.shape, frozenset({dim})))
     body.stmts.append(Assign(e.output, node))
-    body.tensors[e.output] = info
-    body.dims[e.output] = device_dims(body.cascade, body.cascade.tensor_ranks(e.output))
+    return info
 
 
 def _read_collectives(body: Body, e: Einsum, m: Communication) -> Einsum:
