@@ -48,15 +48,20 @@ def collective_latency_s(kind: CollectiveKind, n_devices: int, interconnect: Int
 
 
 def collective_transfer_s(
-    kind: CollectiveKind, n_bytes: float, n_devices: int, interconnect: Interconnect
+    kind: CollectiveKind,
+    n_bytes: float,
+    n_devices: int,
+    interconnect: Interconnect,
+    bidirectional: bool = True,
 ) -> float:
-    """The bandwidth part of a collective: bytes on the busiest link over its bandwidth."""
+    """The bandwidth part of a collective: bytes on the busiest link over its bandwidth (a
+    one-way ring, ``bidirectional=False``, gets half a ring or torus link: `ring_bandwidth`)."""
     _check(kind, n_bytes, n_devices)
     n = n_devices
     share = (n - 1) / n  # fraction of the buffer each device sends (or receives)
     if kind == "all_to_all" and interconnect.topology in ("ring", "torus_2d"):
         share = (n * n // 4) / n  # shortest-path hops summed over destinations, per device
-    return _STEP_FACTOR[kind] * share * n_bytes / ring_bandwidth(interconnect)
+    return _STEP_FACTOR[kind] * share * n_bytes / ring_bandwidth(interconnect, bidirectional)
 
 
 def ring_bandwidth(interconnect: Interconnect, bidirectional: bool = True) -> float:
@@ -74,11 +79,15 @@ def ring_bandwidth(interconnect: Interconnect, bidirectional: bool = True) -> fl
 
 
 def collective_time(
-    kind: CollectiveKind, n_bytes: float, n_devices: int, interconnect: Interconnect
+    kind: CollectiveKind,
+    n_bytes: float,
+    n_devices: int,
+    interconnect: Interconnect,
+    bidirectional: bool = True,
 ) -> float:
     """Seconds for one collective over `n_devices`; zero for a single device."""
     return collective_latency_s(kind, n_devices, interconnect) + collective_transfer_s(
-        kind, n_bytes, n_devices, interconnect
+        kind, n_bytes, n_devices, interconnect, bidirectional
     )
 
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 from einfuse.cost_model.collectives import (
     CollectiveKind,
-    collective_latency_s,
-    collective_transfer_s,
+    collective_time,
     ring_bandwidth,
 )
 from einfuse.cost_model.errors import CostModelError
@@ -102,16 +101,6 @@ def launch_s(target: Target) -> float:
     return (target.overheads or Overheads.default_for(target.device_kind)).kernel_s
 
 
-def comm_s(
-    kind: CollectiveKind, n_bytes: float, tp: int, ic: Interconnect, bidirectional: bool = True
-) -> float:
-    """A ring collective's seconds; a one-way ring (``bidirectional=False``) on ring/torus links
-    moves at half the bandwidth a library collective gets."""
-    transfer = collective_transfer_s(kind, n_bytes, tp, ic)
-    slowdown = ring_bandwidth(ic) / ring_bandwidth(ic, bidirectional)
-    return collective_latency_s(kind, tp, ic) + transfer * slowdown
-
-
 def gemm_during_comm(
     m: int, n: int, k: int, dtype: object, target: Target, ic: Interconnect, bidirectional: bool
 ) -> GemmTime:
@@ -162,7 +151,7 @@ def chunk_gain(
     launch = launch_s(target)
     full = gemm_time(tokens, n, k, dtype, target)
     nbytes = tokens * n * dtype_bytes(dtype)
-    comm_full = comm_s(kind, nbytes, tp, ic) if tp > 1 else 0.0
+    comm_full = collective_time(kind, nbytes, tp, ic) if tp > 1 else 0.0
     serial = full.seconds + comm_full + 2 * launch
     base = f"GEMM {micros(full.seconds)} ({full.bound}-bound, {full.efficiency:.0%} of peak) then "
     base += f"{kind.replace('_', '-')} {micros(comm_full)} on {tp} devices"
@@ -177,7 +166,7 @@ def chunk_gain(
         rows = -(-tokens // count)
         alone = gemm_time(rows, n, k, dtype, target)
         busy = gemm_during_comm(rows, n, k, dtype, target, ic, bidirectional)
-        m = comm_s(kind, nbytes / count, tp, ic, bidirectional) + launch
+        m = collective_time(kind, nbytes / count, tp, ic, bidirectional) + launch
         c, c_busy = alone.seconds + launch, busy.seconds + launch
         total = c + (count - 1) * stage_s(c, c_busy, m) + m
         if total < best_s * (1 - 1e-12):
@@ -214,8 +203,10 @@ def reorder_norm_gain(
     norm_full = norm_s(tokens, hidden, dtype, target)
     if tp == 1:
         return ReorderNormGain(norm_full, norm_full, "one device: no collective to reorder")
-    all_reduce = comm_s("all_reduce", nbytes, tp, ic) + launch
-    split = comm_s("reduce_scatter", nbytes, tp, ic) + comm_s("all_gather", nbytes, tp, ic)
+    all_reduce = collective_time("all_reduce", nbytes, tp, ic) + launch
+    split = collective_time("reduce_scatter", nbytes, tp, ic) + collective_time(
+        "all_gather", nbytes, tp, ic
+    )
     norm_shard = norm_s(-(-tokens // tp), hidden, dtype, target)
     serial = all_reduce + norm_full
     reordered = split + 2 * launch + norm_shard

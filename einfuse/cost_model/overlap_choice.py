@@ -28,9 +28,10 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from einfuse.cost_model.collectives import collective_time
 from einfuse.cost_model.errors import CostModelError
 from einfuse.cost_model.gemm import dtype_bytes
-from einfuse.cost_model.overlap import ChunkGain, chunk_gain, comm_s, interconnect_for
+from einfuse.cost_model.overlap import ChunkGain, chunk_gain, interconnect_for
 from einfuse.cost_model.overlap import reorder_norm_gain as _reorder_norm_gain
 from einfuse.cost_model.target import Target, get_target
 from einfuse.cost_model.token_split import WAVE_ROUNDING, LayerShape, split_gain
@@ -231,7 +232,7 @@ def serial_comm_s(c: Cascade, target: object) -> float:
         tp = _size(c, m.reduced_rank or "")
         if m.kind == "reduce_scatter":
             nbytes *= tp  # the shard's output: the collective moves the whole
-        total += comm_s(m.kind, nbytes, tp, interconnect_for(t, tp))
+        total += collective_time(m.kind, nbytes, tp, interconnect_for(t, tp))
     return total
 
 
@@ -246,7 +247,9 @@ def saving_s(
     if name == "reorder-norm" and options.get("narrowed"):  # a reduce-scatter, no gather
         tokens, hidden, tp, dtype = norm_shape(c, what)
         nbytes, ic = tokens * hidden * dtype_bytes(dtype), interconnect_for(t, tp)
-        return comm_s("all_reduce", nbytes, tp, ic) - comm_s("reduce_scatter", nbytes, tp, ic)
+        return collective_time("all_reduce", nbytes, tp, ic) - collective_time(
+            "reduce_scatter", nbytes, tp, ic
+        )
     if name == "reorder-norm":
         tokens, hidden, tp, dtype = norm_shape(c, what)
         r = _reorder_norm_gain(tokens, hidden, tp=tp, target=t, dtype=dtype)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from einfuse.cost_model.collectives import ring_bandwidth
+from einfuse.cost_model.collectives import collective_time, ring_bandwidth
 from einfuse.cost_model.errors import CostModelError
 from einfuse.cost_model.gemm import dtype_bytes, gemm_time, matrix_rate, processors
 from einfuse.cost_model.overlap import (
     HBM_BYTES_PER_LINK_BYTE,
     MIN_GAIN,
-    comm_s,
     gemm_during_comm,
     interconnect_for,
     launch_s,
@@ -225,10 +224,12 @@ def _segments(
     gate_bytes = 3 * n * f * elem
     nbytes = n * h * elem
     if reorder_norm:
-        comm = comm_s("reduce_scatter", nbytes, tp, ic) + comm_s("all_gather", nbytes, tp, ic)
+        comm = collective_time("reduce_scatter", nbytes, tp, ic) + collective_time(
+            "all_gather", nbytes, tp, ic
+        )
         comm += 2 * launch
     else:
-        comm = comm_s("all_reduce", nbytes, tp, ic) + launch
+        comm = collective_time("all_reduce", nbytes, tp, ic) + launch
 
     def gemms(shapes: list[tuple[int, int]], busy: bool) -> float:
         if busy:
