@@ -30,7 +30,7 @@ from einfuse.autotune.measure import Bench, Failure, Prepared, consumed
 from einfuse.autotune.screen import tile_weight
 from einfuse.autotune.space import Candidate, Point, SearchSpace
 from einfuse.autotune.store_locks import StudyLock
-from einfuse.autotune.store_server import WORKER, Heartbeat, fail_stale
+from einfuse.autotune.store_server import WORKER, Heartbeat, ask_quietly, fail_stale
 from einfuse.autotune.timing import Timing
 
 ANCHOR = "<default>"
@@ -232,11 +232,7 @@ class MeasuredSearch:
     def ask(self) -> tuple[Any, Candidate]:
         """A new trial and its candidate; it beats until told and names its worker, should
         it die (`store_server`)."""
-        import warnings
-
-        with warnings.catch_warnings():  # Optuna expects heartbeats with optimize() only
-            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            trial = self.study.ask()
+        trial = ask_quietly(self.study)
         if self.heartbeat is not None:
             self.heartbeat.add(trial._trial_id)
         trial.set_user_attr("worker", WORKER)

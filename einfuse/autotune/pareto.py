@@ -46,7 +46,6 @@ from einfuse.autotune.pareto_measure import (
 from einfuse.autotune.pareto_result import ParetoResult, choose, finalists, points_of
 from einfuse.autotune.pareto_space import PRUNABLE, PruningSpace
 from einfuse.autotune.store import (
-    BEST_ATTR,
     KEY_ATTR,
     BestRecord,
     StoreError,
@@ -115,13 +114,8 @@ def tuned_program(
         return key, None
     with quiet_optuna():
         store = storage if isinstance(storage, TuningStore) else TuningStore(storage)
-        study = store.find_study(key.study_name(KIND))
-        if study is not None:
-            with store.guard():
-                data = study.user_attrs.get(BEST_ATTR)
-            if data is not None:
-                return key, BestRecord.from_dict(data)
-        return key, store.best(key)  # a JSON export, or a record imported from one
+        # the search's own choice, else one imported from an export (filed as measured)
+        return key, store.best(key, kinds=(KIND, "measured", "model"))
 
 
 # --------------------------------------------------------------------------- search

@@ -19,6 +19,7 @@ import numpy as np
 from einfuse.autotune.measure import describe_error
 from einfuse.autotune.pareto_result import DIGEST_ATTR, REFUSED, ParetoPoint, points_of
 from einfuse.autotune.pareto_space import PruningSpace
+from einfuse.autotune.store_server import ask_quietly
 from einfuse.ir.errors import EinfuseError
 from einfuse.passes.prune_attention import PruneError
 
@@ -70,7 +71,7 @@ class Search:
                 batch: list[tuple[Any, str]] = []
                 while len(batch) < min(BATCH, budget - len(ran)) and asks < 4 * budget:
                     asks += 1
-                    trial = _ask(study)
+                    trial = ask_quietly(study)
                     pipeline = self.space.pipeline(self.space.suggest(trial))
                     trial.set_user_attr(DIGEST_ATTR, digest)
                     trial.set_user_attr("pipeline", pipeline)
@@ -173,16 +174,6 @@ def _repeat(study: Any, trial: Any, number: int) -> None:
         study.tell(trial, list(earlier.values))
     else:
         study.tell(trial, state=_failed())
-
-
-def _ask(study: Any) -> Any:
-    """``study.ask()``; a database store's heartbeat is meant for ``optimize`` (Optuna warns),
-    and this search beats it no more than the measured objective does."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-        return study.ask()
 
 
 def _failed() -> Any:

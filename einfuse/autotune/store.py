@@ -305,11 +305,14 @@ class TuningStore:
                 return None
             return optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
 
-    def best(self, key: TuningKey) -> BestRecord | None:
-        """The stored choice for ``key``: a measured one if any, else the model's."""
+    def best(
+        self, key: TuningKey, kinds: Sequence[str] = ("measured", "model")
+    ) -> BestRecord | None:
+        """The stored choice for ``key``: from the first study of ``kinds`` that has one (by
+        default a measured one if any, else the model's)."""
         if self._json_records is not None and key.digest() in self._json_records:
             return self._json_records[key.digest()]
-        for kind in ("measured", "model"):
+        for kind in kinds:
             study = self.find_study(key.study_name(kind))
             if study is None:
                 continue

@@ -195,6 +195,16 @@ def _stale_trial_ids(storage: Any, study_id: int) -> list[int]:
     return RDBStorage._get_stale_trial_ids(storage, study_id)
 
 
+def ask_quietly(study: optuna.Study) -> Any:
+    """``study.ask()`` without Optuna's warning that a store's heartbeat is meant for
+    ``optimize``: einfuse beats its asked trials itself (`Heartbeat`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        return study.ask()
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail the study's trials whose worker died (see the module docstring)."""
     import warnings
