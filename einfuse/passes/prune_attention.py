@@ -11,7 +11,9 @@ over heads and queries, accumulated with the importance of earlier layers.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
@@ -20,6 +22,9 @@ from einfuse.ir.dtypes import cast, tensor_dtypes
 from einfuse.ir.errors import EinfuseError
 from einfuse.ir.expr import Access, Const, Expr, Op, Size, Var
 from einfuse.passes.defer import unique_name
+
+if TYPE_CHECKING:
+    from einfuse.einsum_cascade.lift import Program
 
 
 class PruneError(EinfuseError):
@@ -159,3 +164,43 @@ def add_importance(
     else:
         acc = imp
     return c.with_einsums(einsums, inputs=tuple(inputs), outputs=(*c.outputs, acc)), acc, acc_in
+
+
+def layer_sites(
+    program: Program, name: str, keep: float | str, start: int
+) -> tuple[list[AttentionSite | None], list[float]]:
+    """Each region's attention (None: a region without one) and the keep ratio after each
+    layer, for a pruning pass ``name``; a region with several attentions, or a program with
+    none, is refused."""
+    found = [attention_sites(r.cascade) for r in program.regions]
+    if any(len(s) > 1 for s in found):
+        raise PruneError(f"{name}: a region holds several attentions; it needs one per layer")
+    layers = sum(len(s) for s in found)
+    if layers == 0:
+        raise PruneError(f"{name}: the program has no softmax attention to prune")
+    return [s[0] if s else None for s in found], keep_schedule(keep, start, layers, name)
+
+
+def keep_schedule(keep: float | str, start: int, layers: int, name: str) -> list[float]:
+    """The fraction of tokens (or heads) kept after each layer's attention."""
+    if isinstance(keep, str):
+        if start:
+            raise PruneError(f"{name}: give start= or a per-layer keep=a:b:..., not both")
+        try:
+            ratios = [float(x) for x in keep.split(":")]
+        except ValueError:
+            raise PruneError(f"{name}: keep={keep!r} is not a list of numbers") from None
+        if len(ratios) != layers:
+            raise PruneError(
+                f"{name}: keep={keep} has {len(ratios)} ratios; the program has "
+                f"{layers} attention layers"
+            )
+    else:
+        if not 0 <= start < layers:
+            raise PruneError(f"{name}: start={start}; the program has layers 0..{layers - 1}")
+        ratios = [1.0] * start + [float(keep)] * (layers - start)
+    if any(not 0 < r <= 1 for r in ratios):
+        raise PruneError(f"{name}: keep ratios must lie in (0, 1]; got {ratios}")
+    if any(b > a for a, b in itertools.pairwise(ratios)):
+        raise PruneError(f"{name}: keep ratios must not grow (pruned ones stay): {ratios}")
+    return ratios

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 from einfuse.ir.cascade import Cascade
 from einfuse.ir.expr import Access, Var
 from einfuse.passes.manager import register_program_pass
-from einfuse.passes.prune_attention import AttentionSite, PruneError, attention_sites
+from einfuse.passes.prune_attention import AttentionSite, PruneError, layer_sites
 from einfuse.passes.prune_tokens import OP_PREFIX as TOKEN_PREFIX
-from einfuse.passes.prune_tokens import keep_schedule
 
 if TYPE_CHECKING:
     from einfuse.einsum_cascade.lift import Program
@@ -85,14 +84,8 @@ def prune_heads(program: Program, keep: float | str = 1.0, start: int = 0) -> Pr
             "(prune-heads{...},prune-tokens{...}): prune-tokens' top-k ops gather values at "
             "the full head count"
         )
-    sites = [attention_sites(r.cascade) for r in program.regions]
-    if any(len(s) > 1 for s in sites):
-        raise PruneError("prune-heads: a region holds several attentions; it needs one per layer")
-    layers = sum(len(s) for s in sites)
-    if layers == 0:
-        raise PruneError("prune-heads: the program has no softmax attention to prune")
-    ratios = keep_schedule(keep, start, layers, name="prune-heads")
-    heads = [head_site(r.cascade, s[0]) if s else None for r, s in zip(program.regions, sites)]
+    sites, ratios = layer_sites(program, "prune-heads", keep, start)
+    heads = [head_site(r.cascade, s) if s else None for r, s in zip(program.regions, sites)]
     counts = {h.heads for h in heads if h is not None}
     if len(counts) != 1:
         raise PruneError(f"prune-heads: the layers have different head counts {sorted(counts)}")
@@ -102,4 +95,4 @@ def prune_heads(program: Program, keep: float | str = 1.0, start: int = 0) -> Pr
         return program
     from einfuse.passes.prune_heads_rewrite import prune_program_heads
 
-    return prune_program_heads(program, [s[0] if s else None for s in sites], heads, kept)
+    return prune_program_heads(program, sites, heads, kept)

@@ -28,12 +28,11 @@ always kept. The causal mask stays right among kept tokens because they keep the
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import TYPE_CHECKING
 
 from einfuse.passes.manager import register_program_pass
-from einfuse.passes.prune_attention import PruneError, attention_sites
+from einfuse.passes.prune_attention import PruneError, layer_sites
 
 if TYPE_CHECKING:
     from einfuse.einsum_cascade.lift import Program
@@ -42,50 +41,17 @@ OP_PREFIX = "prune_tokens_layer"  # the top-k ops' names: prune_tokens_layer<i>_
 GATHER_NAME = "prune_tokens_positions"  # ops gathering a full-length value at kept positions
 
 
-def keep_schedule(
-    keep: float | str, start: int, layers: int, name: str = "prune-tokens"
-) -> list[float]:
-    """The fraction of tokens (or heads) kept after each layer's attention."""
-    if isinstance(keep, str):
-        if start:
-            raise PruneError(f"{name}: give start= or a per-layer keep=a:b:..., not both")
-        try:
-            ratios = [float(x) for x in keep.split(":")]
-        except ValueError:
-            raise PruneError(f"{name}: keep={keep!r} is not a list of numbers") from None
-        if len(ratios) != layers:
-            raise PruneError(
-                f"{name}: keep={keep} has {len(ratios)} ratios; the program has "
-                f"{layers} attention layers"
-            )
-    else:
-        if not 0 <= start < layers:
-            raise PruneError(f"{name}: start={start}; the program has layers 0..{layers - 1}")
-        ratios = [1.0] * start + [float(keep)] * (layers - start)
-    if any(not 0 < r <= 1 for r in ratios):
-        raise PruneError(f"{name}: keep ratios must lie in (0, 1]; got {ratios}")
-    if any(b > a for a, b in itertools.pairwise(ratios)):
-        raise PruneError(f"{name}: keep ratios must not grow (pruned ones stay): {ratios}")
-    return ratios
-
-
 @register_program_pass("prune-tokens")
 def prune_tokens(program: Program, keep: float | str = 1.0, start: int = 0) -> Program:
     """Prune tokens by accumulated received attention; see the module docstring."""
-    sites = [attention_sites(r.cascade) for r in program.regions]
-    if any(len(s) > 1 for s in sites):
-        raise PruneError("prune-tokens: a region holds several attentions; it needs one per layer")
-    layers = sum(len(s) for s in sites)
-    if layers == 0:
-        raise PruneError("prune-tokens: the program has no softmax attention to prune")
-    ratios = keep_schedule(keep, start, layers)
-    causal = {s[0].causal for s in sites if s}
+    sites, ratios = layer_sites(program, "prune-tokens", keep, start)
+    causal = {s.causal for s in sites if s}
     if len(causal) != 1:
         raise PruneError("prune-tokens: some attention layers are causal and some are not")
-    length = next(int(r.cascade.size(s[0].key)) for r, s in zip(program.regions, sites) if s)
+    length = next(int(r.cascade.size(s.key)) for r, s in zip(program.regions, sites) if s)
     kept = [max(1, math.ceil(r * length)) for r in ratios]
     if all(k == length for k in kept):
         return program
     from einfuse.passes.prune_rewrite import prune_program
 
-    return prune_program(program, [s[0] if s else None for s in sites], kept, causal.pop())
+    return prune_program(program, sites, kept, causal.pop())
