@@ -13,15 +13,8 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from einfuse.backends.reference import INDEX_OPS
 from einfuse.ir.expr import Const, Expr, Op, Size, Var, rank_vars
-
-_INT_OPS = {
-    "add": lambda a, b: a + b,
-    "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b,
-    "div": lambda a, b: a // b,
-    "mod": lambda a, b: a % b,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +76,6 @@ def _evaluate(expr: Expr, env: Mapping[str, int], sizes: Mapping[str, int]) -> i
         return sizes[expr.rank]
     if isinstance(expr, Const):
         return int(expr.value)
-    assert isinstance(expr, Op) and expr.op in _INT_OPS, expr
+    assert isinstance(expr, Op) and expr.op in INDEX_OPS, expr
     a, b = (_evaluate(x, env, sizes) for x in expr.args)
-    return _INT_OPS[expr.op](a, b)
+    return int(INDEX_OPS[expr.op](a, b))

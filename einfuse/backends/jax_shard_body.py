@@ -17,7 +17,7 @@ from einfuse.backends.jax_lower import Names, Policy, lower_einsum
 from einfuse.backends.jax_ops import Assign, Ref, Stmt, call
 from einfuse.backends.jax_values import BackendUnsupported, TensorInfo
 from einfuse.ir.cascade import Cascade, Einsum
-from einfuse.ir.devices import REDUCING, Communication, axes
+from einfuse.ir.devices import REDUCING, Communication, axes, ring_shift
 from einfuse.ir.expr import Access, Expr, Var, substitute
 
 
@@ -116,13 +116,11 @@ def _read_collectives(body: Body, e: Einsum, m: Communication) -> Einsum:
             )
         if m.kind not in ("all_gather", "ppermute") or at == Var(me):  # type: ignore[arg-type]
             return None
-        if m.kind == "all_gather":
-            key = (x.tensor, "gathered")
-        else:
-            shift = _shift_of(at, me)  # type: ignore[arg-type]
-            key = (x.tensor, f"from{shift[0]}{'ring' if shift[1] else ''}")
+        shift = (0, False) if m.kind == "all_gather" else _shift_of(at, me)  # type: ignore[arg-type]
+        what = "gathered" if m.kind == "all_gather" else f"from{shift[0]}{'ring' * shift[1]}"
+        key = (x.tensor, what)
         if key not in served:
-            served[key] = _serve(body, x.tensor, dim, m, key[1], at)
+            served[key] = _serve(body, x.tensor, dim, m, what, shift)
         name = served[key]
         if m.kind == "all_gather":
             return Access(name, x.indices)
@@ -133,7 +131,9 @@ def _read_collectives(body: Body, e: Einsum, m: Communication) -> Einsum:
     return replace(e, expr=expr, init=init)
 
 
-def _serve(body: Body, tensor: str, dim: int, m: Communication, what: str, at: Expr) -> str:
+def _serve(
+    body: Body, tensor: str, dim: int, m: Communication, what: str, ring: tuple[int, bool]
+) -> str:
     info, dims = body.tensors[tensor], body.dims[tensor]
     name = body.names.fresh(f"{tensor}_{what}")
     n = body.sizes[next(iter(axes(body.cascade)[m.axis]))]
@@ -143,7 +143,7 @@ def _serve(body: Body, tensor: str, dim: int, m: Communication, what: str, at: E
         body.tensors[name] = replace(info, shape=shape)
         body.dims[name] = dims - {dim}
     else:
-        shift, wraps = _shift_of(at, m.self_rank)  # type: ignore[arg-type]
+        shift, wraps = ring
         sources = [(dst + shift, dst) for dst in range(n)]
         perm = tuple(((s % n), d) if wraps else (s, d) for s, d in sources if wraps or 0 <= s < n)
         node = call("ppermute", Ref(tensor), axis_name=m.axis, perm=perm)
@@ -153,8 +153,6 @@ def _serve(body: Body, tensor: str, dim: int, m: Communication, what: str, at: E
 
 
 def _shift_of(at: Expr, me: str) -> tuple[int, bool]:
-    from einfuse.ir.devices import ring_shift
-
     shift = ring_shift(at, me)
     assert shift is not None, at
     return shift

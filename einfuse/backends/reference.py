@@ -93,7 +93,7 @@ def round_to(x: np.ndarray | float, dtype: str) -> np.ndarray:
 
 
 # Index arithmetic is on integers: ``/`` floors.
-_INDEX_OPS = {
+INDEX_OPS = {
     "add": np.add,
     "sub": np.subtract,
     "mul": np.multiply,
@@ -372,9 +372,9 @@ class _Evaluator:
             return self.sizes[expr.rank]
         if isinstance(expr, Const) and isinstance(expr.value, int):
             return expr.value
-        if isinstance(expr, Op) and expr.op in _INDEX_OPS:
+        if isinstance(expr, Op) and expr.op in INDEX_OPS:
             a, b = (self.index(x, env) for x in expr.args)
-            return _INDEX_OPS[expr.op](a, b)
+            return INDEX_OPS[expr.op](a, b)
         raise EinfuseError(f"einsum {self.e.output}: index {expr} is not affine")
 
     def read(self, access: Access, env: dict[str, np.ndarray]) -> np.ndarray:
