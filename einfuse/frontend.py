@@ -172,9 +172,12 @@ class JitFunction:
         call, not at decoration: the options depend on the backend JAX initializes. JAX takes
         compiler options only on a top-level jit, so a call under a transformation uses the
         plain one."""
-        from einfuse.backends.xla_overlap import splits_collectives, top_level_options
+        from einfuse.backends.xla_overlap import top_level_options
+        from einfuse.passes.manager import parse_pipeline
+        from einfuse.passes.overlap_report import SPLITTING_PASSES
 
-        apart = splits_collectives(self.passes) or self.autotune is not None
+        split = any(s.name in SPLITTING_PASSES for s in parse_pipeline(self.region_passes))
+        apart = split or self.autotune is not None
         options = top_level_options(keep_collectives_apart=apart)
         if not options:
             return None

@@ -82,14 +82,6 @@ def top_level_options(
     )
 
 
-SPLITTING_PASSES = ("split-tokens", "chunk-collective")
-
-
-def splits_collectives(pipeline: str | None) -> bool:
-    """Whether a pipeline may split collectives (then XLA must not merge them back)."""
-    return any(name in (pipeline or "") for name in SPLITTING_PASSES)
-
-
 def compiler_options(settings: tuple[XlaSetting, ...]) -> dict[str, bool | int | str]:
     """For ``Lowered.compile(compiler_options=...)``: one compile, nothing process-wide."""
     return {s.name: s.value for s in settings}

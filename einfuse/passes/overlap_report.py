@@ -9,6 +9,8 @@ from einfuse.ir.cascade import Cascade
 
 # In the order they compose: split-tokens first (reorder-norm leaves no single token rank)
 OVERLAP_PASSES = ("split-tokens", "reorder-norm", "chunk-collective")
+# Those that split one collective into several, which XLA's combiners would merge back.
+SPLITTING_PASSES = ("split-tokens", "chunk-collective")
 
 
 def with_report(name: str) -> Callable[..., Any]:
